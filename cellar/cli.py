@@ -1,0 +1,195 @@
+"""The `cellar` command: `demo`, `measure`, `sql`, `info`.
+
+User mistakes (`schemas.errors.CellarError`) print one line, `cellar: error: ...`, and exit with status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from schemas.errors import CellarError, QueryError, UsageError
+
+OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cellar import demo
+
+    return demo.run(Path(args.dir), workers=args.workers)
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    import measure
+
+    channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
+    result = measure.measure(
+        args.image, args.labels, args.out, channels=channels, level=args.level, timepoint=args.timepoint,
+        workers=args.workers, region_pixels=args.region_pixels, image_name=args.image_name,
+        overwrite=args.overwrite, progress=False if args.quiet else None,
+    )
+    if not args.quiet:
+        print(f"measured {result.n_objects} objects of {result.image}/labels/{result.label_image} "
+              f"({result.n_regions} regions) in {result.elapsed_s:.2f} s -> {result.store}")
+    return 0
+
+
+def _write_atomic(output: Path, overwrite: bool, write) -> None:
+    """Call `write(tmp_path)`, then rename the temporary file to `output`; nothing is left on failure."""
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: directory {output.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=output.suffix, dir=output.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    import query
+    from query.store import one_line
+
+    fmt = args.format
+    if fmt is None:
+        suffix = Path(args.output).suffix.lower().lstrip(".") if args.output else ""
+        fmt = suffix if suffix in ("csv", "json", "parquet") else "table"
+    if fmt == "parquet" and not args.output:
+        raise UsageError("--format parquet needs --output FILE (Parquet is binary)")
+    objs = query.open(args.stores)
+    rel = objs.sql(args.query)
+    if not isinstance(rel, duckdb.DuckDBPyRelation):
+        raise QueryError("the statement returns no rows; cellar sql runs queries (SELECT, WITH, ...)")
+    try:
+        if args.output:
+            output = Path(args.output)
+            if fmt == "table":
+                raise UsageError("--output needs --format csv, json or parquet")
+            if fmt == "csv":
+                _write_atomic(output, args.overwrite, lambda p: rel.write_csv(p, header=True))
+            elif fmt == "parquet":
+                _write_atomic(output, args.overwrite, lambda p: rel.write_parquet(p, compression="zstd"))
+            else:
+                rel.to_view("cellar_result")
+                _write_atomic(output, args.overwrite, lambda p: objs.con.execute(
+                    "COPY cellar_result TO " + "'" + p.replace("'", "''") + "' (FORMAT json, ARRAY true)"))
+            print(f"wrote {len(rel)} rows to {output}", file=sys.stderr)
+        elif fmt == "csv":
+            import pyarrow.csv
+
+            pyarrow.csv.write_csv(rel.to_arrow_table(), sys.stdout.buffer)
+        elif fmt == "json":
+            json.dump(rel.to_arrow_table().to_pylist(), sys.stdout, default=str)
+            print()
+        else:
+            width = shutil.get_terminal_size((160, 24)).columns
+            rel.show(max_width=width, max_rows=args.max_rows)
+    except duckdb.Error as exc:
+        raise QueryError(one_line(exc)) from None
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import query
+
+    objs = query.open(args.store)
+    for _, table in objs.tables:
+        src = table.get("source", {})
+        channels = ", ".join(c["name"] for c in table.get("channels", [])) or "none"
+        spacing = table.get("spacing_um")
+        size = " x ".join(f"{s:g}" for s in spacing) + " um" if spacing else "uncalibrated"
+        print(f"image={table['image']} label_image={table['label_image']}: {table['n_objects']} objects, "
+              f"{len(table.get('columns', []))} columns")
+        print(f"  source  {src.get('url')} (NGFF {src.get('ngff_version')}, level {table.get('level')}, "
+              f"{src.get('label_path')})")
+        print(f"  pixels  {' x '.join(map(str, table.get('shape', [])))} ({', '.join(table.get('axes', []))}), {size}")
+        print(f"  channels {channels}")
+        print(f"  written {table.get('created')} by cellar {table.get('cellar_version')} "
+              f"in {table.get('elapsed_s')} s")
+    if args.columns:
+        objs.sql("SELECT DISTINCT name, dtype, unit, description FROM columns").show(max_rows=10_000, max_width=200)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellar", description="Per-object measurements of OME-Zarr images, stored as Parquet, queried with SQL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="build a demo OME-Zarr image, measure it and run example queries")
+    p.add_argument("--dir", default="cellar-demo", help="where the demo image and store go (default: ./cellar-demo)")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("measure", help="measure every object of a label image into a store")
+    p.add_argument("image", help="OME-Zarr image: local path or URL (file://, http(s)://, s3://)")
+    p.add_argument("--labels", required=True, help="label image name under the image's labels/ group")
+    p.add_argument("--out", required=True, help="store directory (created, or added to if it is a store)")
+    p.add_argument("--channels", help="comma-separated channel names or indices to measure (default: all)")
+    p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")
+    p.add_argument("--timepoint", type=_positive_int, default=0, help="time point for images with a t axis")
+    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--region-pixels", type=_positive_int, default=None,
+                   help="pixels per region read by a worker (default: ~4M; 0 = one chunk per region)")
+    p.add_argument("--image-name", help="name of the image in the store (default: from the metadata or path)")
+    p.add_argument("--overwrite", action="store_true", help="replace this image's table if the store has it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=_cmd_measure)
+
+    p = sub.add_parser("sql", help="run SQL over one or more stores (views: objects, channels, columns)")
+    p.add_argument("stores", nargs="+", metavar="STORE", help="store directories")
+    p.add_argument("query", help='SQL, e.g. "SELECT label_id, area FROM objects WHERE area > 80"')
+    p.add_argument("--format", choices=OUTPUT_FORMATS, help="table (default on screen), csv, json or parquet")
+    p.add_argument("--output", help="write the result to this file (format from --format or the extension)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    p.add_argument("--max-rows", type=_positive_int, default=40, help="rows shown in table format (default: 40)")
+    p.set_defaults(func=_cmd_sql)
+
+    p = sub.add_parser("info", help="describe a store: tables, provenance and (with --columns) the columns")
+    p.add_argument("store")
+    p.add_argument("--columns", action="store_true", help="list every column with dtype, unit and description")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "region_pixels", 0) is None:
+        from measure.run import DEFAULT_REGION_PIXELS
+
+        args.region_pixels = DEFAULT_REGION_PIXELS
+    try:
+        return args.func(args)
+    except CellarError as exc:
+        print(f"cellar: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cellar: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

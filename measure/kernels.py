@@ -1,0 +1,156 @@
+"""Compiled per-chunk kernels: one pass over a region accumulates statistics for all its labels at once.
+
+Regions are handled as (Z, Y, X) arrays (2D images have Z = 1). Labels are first mapped to compact
+indices (`compact_labels`), so the accumulators are small dense arrays indexed by that compact id,
+never dictionaries, and no Python code runs per pixel or per object.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_BIG = np.iinfo(np.int64).max
+# Use a dense lookup table while the label range is at most this many times the region's pixel count.
+_DENSE_FACTOR = 4
+
+
+@njit(cache=True, nogil=True)
+def _range(flat):
+    """(smallest non-zero label, largest label, smallest label); (0, 0, 0) for an all-background region."""
+    lo = flat.dtype.type(0)
+    hi = flat.dtype.type(0)
+    mn = flat.dtype.type(0)
+    found = False
+    for i in range(flat.size):
+        v = flat[i]
+        if v < mn:
+            mn = v
+        if v == 0:
+            continue
+        if not found:
+            lo = v
+            hi = v
+            found = True
+        elif v < lo:
+            lo = v
+        elif v > hi:
+            hi = v
+    return lo, hi, mn
+
+
+@njit(cache=True, nogil=True)
+def _dense_compact(flat, lo, size):
+    """Compact ids through a lookup table over [lo, lo + size): ids ascending, -1 for background."""
+    lut = np.full(size, -1, np.int64)
+    for i in range(flat.size):
+        v = flat[i]
+        if v != 0:
+            lut[v - lo] = 0
+    n = 0
+    for j in range(size):
+        if lut[j] == 0:
+            lut[j] = n
+            n += 1
+    ids = np.empty(n, np.uint64)
+    for j in range(size):
+        if lut[j] >= 0:
+            ids[lut[j]] = np.uint64(lo) + np.uint64(j)
+    idx = np.empty(flat.size, np.int32)
+    for i in range(flat.size):
+        v = flat[i]
+        idx[i] = -1 if v == 0 else lut[v - lo]
+    return ids, idx
+
+
+def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Map a label region to compact indices.
+
+    Returns (ids, idx, smallest value): `ids` the sorted non-zero labels present (uint64), `idx` an int32
+    array of `labels`' shape holding each pixel's position in `ids` (-1 for background), and the smallest
+    value seen, so the caller can reject negative labels.
+    """
+    flat = labels.reshape(-1)
+    lo, hi, mn = _range(flat)
+    if hi == 0:
+        return np.empty(0, np.uint64), np.full(labels.shape, -1, np.int32), int(mn)
+    size = int(hi) - int(lo) + 1
+    if size <= _DENSE_FACTOR * flat.size + 1024:
+        ids, idx = _dense_compact(flat, lo, size)
+    else:  # sparse label values (e.g. hashes or 64-bit ids): sort instead
+        ids, inv = np.unique(flat, return_inverse=True)
+        idx = inv.astype(np.int32)
+        if ids[0] == 0:
+            ids, idx = ids[1:], idx - 1
+        ids = ids.astype(np.uint64)
+    return ids, idx.reshape(labels.shape), int(mn)
+
+
+@njit(cache=True, nogil=True)
+def geometry(idx, n):
+    """Pixel count, coordinate sums and inclusive bounding box per compact label of a (Z, Y, X) region."""
+    count = np.zeros(n, np.int64)
+    coord_sum = np.zeros((n, 3), np.int64)
+    bmin = np.full((n, 3), _BIG, np.int64)
+    bmax = np.full((n, 3), -1, np.int64)
+    nz, ny, nx = idx.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                k = idx[z, y, x]
+                if k < 0:
+                    continue
+                count[k] += 1
+                coord_sum[k, 0] += z
+                coord_sum[k, 1] += y
+                coord_sum[k, 2] += x
+                if z < bmin[k, 0]:
+                    bmin[k, 0] = z
+                if z > bmax[k, 0]:
+                    bmax[k, 0] = z
+                if y < bmin[k, 1]:
+                    bmin[k, 1] = y
+                if y > bmax[k, 1]:
+                    bmax[k, 1] = y
+                if x < bmin[k, 2]:
+                    bmin[k, 2] = x
+                if x > bmax[k, 2]:
+                    bmax[k, 2] = x
+    return count, coord_sum, bmin, bmax
+
+
+@njit(cache=True, nogil=True)
+def intensity(idx, n, img, count):
+    """Sum, min, max and sum of squared deviations from the mean of one channel, per compact label.
+
+    Two passes (sum, then squared deviations from this region's mean) keep the variance exact to
+    rounding; regions are merged later with Chan's formula. NaN propagates to sum, min and max, as in
+    numpy's reductions.
+    """
+    s = np.zeros(n, np.float64)
+    mn = np.full(n, np.inf)
+    mx = np.full(n, -np.inf)
+    nz, ny, nx = idx.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                k = idx[z, y, x]
+                if k < 0:
+                    continue
+                v = np.float64(img[z, y, x])
+                s[k] += v
+                if v < mn[k] or v != v:
+                    mn[k] = v
+                if v > mx[k] or v != v:
+                    mx[k] = v
+    mean = s / np.maximum(count, 1)
+    m2 = np.zeros(n, np.float64)
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                k = idx[z, y, x]
+                if k < 0:
+                    continue
+                d = np.float64(img[z, y, x]) - mean[k]
+                m2[k] += d * d
+    return s, mn, mx, m2

@@ -1,0 +1,317 @@
+"""Open an OME-NGFF image (0.4 on Zarr v2, 0.5 on Zarr v3) and its label images, by path or URL.
+
+Metadata is validated with ome-zarr-models' attribute models, then reduced to small frozen dataclasses
+(`NgffImage`, `Multiscale`, `Level`, `LabelImage`) that are cheap to pickle into worker processes; the
+workers reopen the arrays themselves from the URL (`open_level`), so no array crosses a process boundary.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+import zarr
+from ome_zarr_models.v04.image import ImageAttrs as ImageAttrs04
+from ome_zarr_models.v04.image_label import ImageLabelAttrs as ImageLabelAttrs04
+from ome_zarr_models.v05.image import ImageAttrs as ImageAttrs05
+from ome_zarr_models.v05.image_label import ImageLabelAttrs as ImageLabelAttrs05
+
+from schemas.errors import InvalidImageError
+
+SUPPORTED_VERSIONS = ("0.4", "0.5")
+
+# NGFF length units (UDUNITS-2 names, plus common spellings) in micrometres.
+_UM_PER_UNIT = {
+    "angstrom": 1e-4, "attometer": 1e-12, "centimeter": 1e4, "decimeter": 1e5, "exameter": 1e24,
+    "femtometer": 1e-9, "foot": 304800.0, "gigameter": 1e15, "hectometer": 1e8, "inch": 25400.0,
+    "kilometer": 1e9, "megameter": 1e12, "meter": 1e6, "micrometer": 1.0, "mile": 1.609344e9,
+    "millimeter": 1e3, "nanometer": 1e-3, "parsec": 3.0856775814913673e22, "petameter": 1e21,
+    "picometer": 1e-6, "terameter": 1e18, "yard": 914400.0, "yoctometer": 1e-18, "yottameter": 1e30,
+    "zeptometer": 1e-15, "zettameter": 1e27,
+    "um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "m": 1e6,
+}
+_ROLE_BY_NAME = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str
+    role: str  # "time", "channel" or "space"
+    unit: str | None = None
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level: its array path (relative to the image root) and physical transform."""
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    dtype: str
+    scale: tuple[float, ...]
+    translation: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Multiscale:
+    """A multiscale group (the image, or one label image) reduced to what cellar uses."""
+
+    group: str  # path of the group relative to the image root ("" for the image itself)
+    axes: tuple[Axis, ...]
+    levels: tuple[Level, ...]
+
+    def index(self, role: str) -> int | None:
+        """Position of the (first) axis with this role, or None."""
+        return next((i for i, a in enumerate(self.axes) if a.role == role), None)
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return tuple(i for i, a in enumerate(self.axes) if a.role == "space")
+
+    @property
+    def spatial_names(self) -> tuple[str, ...]:
+        return tuple(self.axes[i].name for i in self.spatial)
+
+    def spatial_shape(self, level: int) -> tuple[int, ...]:
+        return tuple(self.levels[level].shape[i] for i in self.spatial)
+
+    def spatial_chunks(self, level: int) -> tuple[int, ...]:
+        return tuple(self.levels[level].chunks[i] for i in self.spatial)
+
+    def size(self, role: str, level: int = 0) -> int:
+        i = self.index(role)
+        return 1 if i is None else self.levels[level].shape[i]
+
+    def spacing_um(self, level: int) -> tuple[float, ...] | None:
+        """Pixel size per spatial axis in micrometres, or None if any spatial axis lacks a length unit."""
+        factors = [_UM_PER_UNIT.get((self.axes[i].unit or "").strip().lower()) for i in self.spatial]
+        if any(f is None for f in factors):
+            return None
+        return tuple(self.levels[level].scale[i] * f for i, f in zip(self.spatial, factors))
+
+    def origin_um(self, level: int) -> tuple[float, ...] | None:
+        factors = [_UM_PER_UNIT.get((self.axes[i].unit or "").strip().lower()) for i in self.spatial]
+        if any(f is None for f in factors):
+            return None
+        return tuple(self.levels[level].translation[i] * f for i, f in zip(self.spatial, factors))
+
+
+@dataclass(frozen=True)
+class LabelImage:
+    name: str
+    multiscale: Multiscale
+    image_label: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NgffImage:
+    url: str
+    version: str
+    zarr_format: int
+    name: str
+    multiscale: Multiscale
+    channel_names: tuple[str, ...]
+    label_names: tuple[str, ...] | None  # None when the image has no labels group
+
+    def label(self, name: str) -> LabelImage:
+        """Open the label image `labels/<name>`."""
+        if self.label_names is None:
+            raise InvalidImageError(f"{self.url}: no 'labels' group (this image has no label images)")
+        if name not in self.label_names:
+            have = ", ".join(self.label_names) or "none"
+            raise InvalidImageError(f"{self.url}: no label image '{name}' under labels/ (it has: {have})")
+        root = _open_group(self.url)
+        path = f"labels/{name}"
+        try:
+            group = root[path]
+        except KeyError:
+            raise InvalidImageError(f"{self.url}: labels/{name} is listed but missing") from None
+        attrs = _ome_attrs(group, self.version)
+        model = ImageLabelAttrs05 if self.version == "0.5" else ImageLabelAttrs04
+        if "image-label" in attrs:
+            _validate(model, attrs, f"{self.url}/{path}", self.version)
+        multiscale = _multiscale(group, path, attrs, f"{self.url}/{path}", self.version)
+        return LabelImage(name, multiscale, dict(attrs.get("image-label") or {}))
+
+
+def local_path(url: str) -> Path | None:
+    """The filesystem path of a local image (plain path or file:// URL), None for a remote URL."""
+    if url.startswith("file://"):
+        return Path(url[len("file://"):])
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", url):
+        return None
+    return Path(url)
+
+
+def _open_group(url: str) -> zarr.Group:
+    path = local_path(url)
+    if path is not None and not path.exists():
+        raise InvalidImageError(f"{url}: no such file or directory")
+    try:
+        return zarr.open_group(str(path) if path is not None else url, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        raise InvalidImageError(f"{url}: not a Zarr group (no .zgroup or zarr.json found)") from None
+    except ImportError as exc:  # e.g. s3fs not installed for s3:// URLs
+        raise InvalidImageError(f"{url}: cannot open this URL ({exc})") from None
+
+
+def open_level(url: str, path: str) -> zarr.Array:
+    """Open one array of an image (for example `labels/nuclei/0`) in read-only mode."""
+    return _open_group(url)[path]
+
+
+def _ome_attrs(group: zarr.Group, version: str) -> dict[str, Any]:
+    attrs = dict(group.attrs)
+    return dict(attrs.get("ome") or {}) if version == "0.5" else attrs
+
+
+def _validate(model: type[pydantic.BaseModel], attrs: dict, where: str, version: str) -> pydantic.BaseModel:
+    try:
+        return model.model_validate(attrs)
+    except pydantic.ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidImageError(f"{where}: invalid NGFF {version} metadata at {loc}: {msg}") from None
+
+
+def _version(group: zarr.Group, url: str) -> str:
+    attrs = dict(group.attrs)
+    zarr_format = group.metadata.zarr_format
+    if zarr_format == 3 and "ome" in attrs:
+        version = str((attrs.get("ome") or {}).get("version"))
+    elif "multiscales" in attrs:
+        ms = attrs["multiscales"]
+        version = str(ms[0].get("version", "0.4")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else "0.4"
+        if zarr_format == 3 and version == "0.4":
+            raise InvalidImageError(f"{url}: NGFF 0.4 metadata in a Zarr v3 group (0.4 uses Zarr v2, 0.5 Zarr v3)")
+    elif "plate" in attrs or "plate" in (attrs.get("ome") or {}):
+        raise InvalidImageError(f"{url}: an HCS plate, not an image; give one field, e.g. {url}/A/1/0")
+    else:
+        raise InvalidImageError(f"{url}: a Zarr group but not an OME-NGFF image (no 'multiscales' in its attributes)")
+    if version not in SUPPORTED_VERSIONS:
+        raise InvalidImageError(
+            f"{url}: NGFF version {version} is not supported (cellar reads {' and '.join(SUPPORTED_VERSIONS)})"
+        )
+    if (version == "0.5") != (zarr_format == 3):
+        raise InvalidImageError(f"{url}: NGFF {version} metadata in a Zarr v{zarr_format} group")
+    return version
+
+
+def _axes(raw_axes: list, where: str) -> tuple[Axis, ...]:
+    axes = []
+    for a in raw_axes:
+        name = str(a.name)
+        role = a.type if a.type in ("time", "channel", "space") else None
+        if a.type is None:
+            role = _ROLE_BY_NAME.get(name.lower())
+        if role is None:
+            raise InvalidImageError(
+                f"{where}: axis '{name}' has type {a.type!r}; cellar understands 'time', 'channel' and 'space'"
+            )
+        unit = a.unit if isinstance(a.unit, str) else None
+        axes.append(Axis(name, role, unit))
+    n_space = sum(a.role == "space" for a in axes)
+    if n_space not in (2, 3) or sum(a.role != "space" for a in axes) > 2:
+        raise InvalidImageError(f"{where}: axes {[a.name for a in axes]}: expected 2 or 3 spatial axes, at most t and c besides")
+    return tuple(axes)
+
+
+def _vector(transforms, kind: str, ndim: int, where: str) -> np.ndarray:
+    default = np.ones(ndim) if kind == "scale" else np.zeros(ndim)
+    for t in transforms or ():
+        if t.type == kind:
+            values = getattr(t, kind, None)
+            if values is None:
+                raise InvalidImageError(f"{where}: {kind} given by path; cellar needs it inline")
+            return np.asarray(values, np.float64)
+    return default
+
+
+def _multiscale(group: zarr.Group, group_path: str, attrs: dict, where: str, version: str) -> Multiscale:
+    model = ImageAttrs05 if version == "0.5" else ImageAttrs04
+    parsed = _validate(model, {"multiscales": attrs.get("multiscales"), **({"version": "0.5"} if version == "0.5" else {})}, where, version)
+    ms = parsed.multiscales[0]
+    axes = _axes(list(ms.axes), where)
+    ndim = len(axes)
+    ms_scale = _vector(ms.coordinateTransformations, "scale", ndim, where)
+    ms_trans = _vector(ms.coordinateTransformations, "translation", ndim, where)
+    levels = []
+    for ds in ms.datasets:
+        scale = _vector(ds.coordinateTransformations, "scale", ndim, where)
+        trans = _vector(ds.coordinateTransformations, "translation", ndim, where)
+        if np.any(~np.isfinite(scale)) or np.any(scale <= 0):
+            raise InvalidImageError(f"{where}: dataset '{ds.path}' scale {scale.tolist()}: expected positive finite values")
+        try:
+            arr = group[ds.path]
+        except KeyError:
+            raise InvalidImageError(f"{where}: dataset '{ds.path}' listed in multiscales but missing") from None
+        if not isinstance(arr, zarr.Array) or arr.ndim != ndim:
+            raise InvalidImageError(f"{where}/{ds.path}: expected a {ndim}-D array to match the {ndim} axes")
+        levels.append(
+            Level(
+                path=f"{group_path}/{ds.path}".lstrip("/"),
+                shape=tuple(arr.shape),
+                chunks=tuple(arr.chunks),
+                dtype=np.dtype(arr.dtype).str,
+                scale=tuple((scale * ms_scale).tolist()),
+                translation=tuple((trans * ms_scale + ms_trans).tolist()),
+            )
+        )
+    return Multiscale(group_path, axes, tuple(levels))
+
+
+def _channel_names(attrs: dict, n: int) -> tuple[str, ...]:
+    channels = (attrs.get("omero") or {}).get("channels") if isinstance(attrs.get("omero"), dict) else None
+    names = []
+    for i in range(n):
+        label = None
+        if isinstance(channels, list) and i < len(channels) and isinstance(channels[i], dict):
+            label = channels[i].get("label")
+        names.append(str(label) if isinstance(label, (str, int)) and str(label).strip() else f"c{i}")
+    return tuple(names)
+
+
+def _image_name(url: str, ms_attrs: Any) -> str:
+    name = ms_attrs[0].get("name") if isinstance(ms_attrs, list) and ms_attrs and isinstance(ms_attrs[0], dict) else None
+    if isinstance(name, str) and name.strip() and name not in ("image", "0"):
+        return name
+    base = os.path.basename(url.rstrip("/")) or "image"
+    for suffix in (".ome.zarr", ".zarr"):
+        if base.lower().endswith(suffix):
+            return base[: -len(suffix)] or "image"
+    return base
+
+
+def open_image(url: str) -> NgffImage:
+    """Open an OME-NGFF image by local path or URL (file://, http(s)://, s3:// with s3fs)."""
+    url = str(url)
+    group = _open_group(url)
+    version = _version(group, url)
+    attrs = _ome_attrs(group, version)
+    multiscale = _multiscale(group, "", attrs, url, version)
+    label_names: tuple[str, ...] | None = None
+    try:
+        labels = group["labels"]
+    except KeyError:
+        labels = None
+    if isinstance(labels, zarr.Group):
+        listed = _ome_attrs(labels, version).get("labels")
+        if isinstance(listed, list):
+            label_names = tuple(str(n) for n in listed)
+        else:
+            label_names = tuple(sorted(name for name, _ in labels.groups()))
+    return NgffImage(
+        url=url,
+        version=version,
+        zarr_format=group.metadata.zarr_format,
+        name=_image_name(url, attrs.get("multiscales")),
+        multiscale=multiscale,
+        channel_names=_channel_names(attrs, multiscale.size("channel")),
+        label_names=label_names,
+    )

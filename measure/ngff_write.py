@@ -1,0 +1,116 @@
+"""Write small OME-NGFF images with label images (0.4 on Zarr v2, 0.5 on Zarr v3).
+
+Used by `cellar demo`, the tests and the benchmarks to make fixtures; the pyramid is a plain
+nearest-neighbour (stride 2 in y and x) downsampling, which keeps label values intact.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+ROLES = {"t": "time", "c": "channel", "z": "space", "y": "space", "x": "space"}
+
+
+def _axes_json(axes: str, unit: str | None) -> list[dict]:
+    out = []
+    for a in axes:
+        entry: dict[str, Any] = {"name": a, "type": ROLES[a]}
+        if ROLES[a] == "space" and unit:
+            entry["unit"] = unit
+        out.append(entry)
+    return out
+
+
+def _multiscales(axes: str, scale: dict[str, float], translation: dict[str, float], n_levels: int,
+                 unit: str | None, name: str, version: str) -> list[dict]:
+    datasets = []
+    for k in range(n_levels):
+        factor = {a: (2**k if a in "yx" else 1) for a in axes}
+        transforms: list[dict] = [{"type": "scale", "scale": [scale.get(a, 1.0) * factor[a] for a in axes]}]
+        if translation:
+            transforms.append({"type": "translation", "translation": [translation.get(a, 0.0) for a in axes]})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
+    ms: dict[str, Any] = {"name": name, "axes": _axes_json(axes, unit), "datasets": datasets}
+    if version == "0.4":
+        ms["version"] = "0.4"
+    return [ms]
+
+
+def _set_ome(group: zarr.Group, version: str, attrs: dict) -> None:
+    group.attrs.update({"ome": {"version": "0.5", **attrs}} if version == "0.5" else attrs)
+
+
+def _write_levels(group: zarr.Group, data: np.ndarray, axes: str, n_levels: int, chunks: tuple[int, ...]) -> None:
+    for k in range(n_levels):
+        step = tuple(slice(None, None, 2**k) if a in "yx" else slice(None) for a in axes)
+        level = np.ascontiguousarray(data[step])
+        level_chunks = tuple(min(c, s) for c, s in zip(chunks, level.shape))
+        arr = group.create_array(str(k), shape=level.shape, chunks=level_chunks, dtype=level.dtype)
+        arr[...] = level
+
+
+def write_image(
+    path: str | Path,
+    data: np.ndarray,
+    axes: str,
+    *,
+    chunks: tuple[int, ...] | None = None,
+    scale: dict[str, float] | None = None,
+    translation: dict[str, float] | None = None,
+    unit: str | None = "micrometer",
+    channel_names: list[str] | None = None,
+    labels: dict[str, np.ndarray] | None = None,
+    n_levels: int = 1,
+    version: str = "0.5",
+    name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write `data` (axes such as "cyx", "czyx", "tczyx", "zyx") and label images as an OME-NGFF image.
+
+    `labels` maps label-image names to integer arrays with the image's axes minus "c". `chunks` gives the
+    chunk shape of level 0 in the image's axis order (the label images use the same shape without "c").
+    """
+    path = Path(path)
+    if data.ndim != len(axes) or set(axes) - set(ROLES):
+        raise ValueError(f"axes {axes!r} do not fit an array of shape {data.shape}")
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(path)
+        shutil.rmtree(path)
+    scale = scale or {}
+    translation = translation or {}
+    chunks = chunks or tuple(min(s, 256 if a in "zyx" else 1) for a, s in zip(axes, data.shape))
+    zarr_format = 3 if version == "0.5" else 2
+    name = name or path.name.split(".")[0]
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    attrs: dict[str, Any] = {"multiscales": _multiscales(axes, scale, translation, n_levels, unit, name, version)}
+    if "c" in axes:
+        n_c = data.shape[axes.index("c")]
+        names = channel_names or [f"c{i}" for i in range(n_c)]
+        attrs["omero"] = {
+            "channels": [{"label": n, "color": "FFFFFF", "active": True} for n in names],
+            **({"version": version} if version == "0.4" else {}),
+        }
+    _set_ome(root, version, attrs)
+    _write_levels(root, data, axes, n_levels, chunks)
+    if labels:
+        label_axes = axes.replace("c", "")
+        label_chunks = tuple(c for a, c in zip(axes, chunks) if a != "c")
+        lgroup = root.create_group("labels")
+        _set_ome(lgroup, version, {"labels": list(labels)})
+        for lname, lab in labels.items():
+            g = lgroup.create_group(lname)
+            image_label: dict[str, Any] = {"colors": [], "source": {"image": "../../"}}
+            if version == "0.4":
+                image_label["version"] = "0.4"
+            _set_ome(g, version, {
+                "multiscales": _multiscales(label_axes, scale, translation, n_levels, unit, lname, version),
+                "image-label": image_label,
+            })
+            _write_levels(g, lab, label_axes, n_levels, label_chunks)
+    return path

@@ -1,0 +1,123 @@
+"""Write one (image, label image) table into a cellar store, atomically.
+
+A new store is assembled in a temporary sibling directory and renamed into place. Adding to (or, with
+`overwrite`, replacing in) an existing store writes the Parquet file under a temporary name, renames it to a
+name unique to this run, then swaps the manifest; files the manifest no longer lists are removed last. A
+reader therefore always sees either the old or the new table, and a crash leaves at most unlisted files
+that the next write removes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import schemas
+from schemas import store as layout
+from schemas.errors import StoreError
+
+ROW_GROUP_SIZE = 128 * 1024
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
+    """Refuse, before any work, an output that is not a store (or empty) or already holds this table."""
+    if not out.exists():
+        if not out.parent.is_dir():
+            raise StoreError(f"{out}: parent directory {out.parent} does not exist")
+        return
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is a file, not a cellar store; refusing to overwrite it")
+    if not layout.is_store(out):
+        if any(out.iterdir()):
+            raise StoreError(f"{out}: exists and is a directory that is not a cellar store; refusing to write into it")
+        return
+    manifest = layout.read_manifest(out)
+    if _find(manifest, image, label_image) is not None and not overwrite:
+        raise StoreError(
+            f"{out}: already holds image={image} label_image={label_image}; pass --overwrite to replace it"
+        )
+
+
+def _find(manifest: dict, image: str, label_image: str) -> int | None:
+    for i, t in enumerate(manifest.get("tables", [])):
+        if t.get("image") == image and t.get("label_image") == label_image:
+            return i
+    return None
+
+
+def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: dict) -> pa.Table:
+    """An Arrow table whose fields carry each column's unit and description as field metadata."""
+    fields = []
+    for spec in column_specs:
+        meta = {"unit": spec["unit"], "description": spec["description"]}
+        fields.append(pa.field(spec["name"], pa.from_numpy_dtype(columns[spec["name"]].dtype), metadata=meta))
+    schema = pa.schema(fields, metadata={"cellar": json.dumps(provenance)})
+    return pa.table([columns[f.name] for f in fields], schema=schema)
+
+
+def write_table(out: Path, entry: dict, table: pa.Table, overwrite: bool = False) -> Path:
+    """Commit `table` as the store table described by `entry` (which gains `dir`, `files`, `created`)."""
+    check_output(out, entry["image"], entry["label_image"], overwrite)
+    run_id = uuid.uuid4().hex[:12]
+    entry = dict(entry, dir=layout.table_dir(entry["image"], entry["label_image"]),
+                 files=[f"part-{run_id}.parquet"], created=now())
+    if layout.is_store(out):
+        _commit_into(out, entry, table)
+        return out
+    staging = out.parent / f"{layout.TMP_PREFIX}{out.name}-{run_id}"
+    try:
+        staging.mkdir()
+        manifest = {
+            "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
+            "cellar_version": schemas.cellar_version(), "created": entry["created"], "tables": [],
+        }
+        (staging / layout.MANIFEST).write_text(json.dumps(manifest))
+        _commit_into(staging, entry, table)
+        os.rename(staging, out)  # rename(2) also replaces an empty directory at `out`
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
+    part_dir = root / entry["dir"]
+    part_dir.mkdir(parents=True, exist_ok=True)
+    final = part_dir / entry["files"][0]
+    tmp = final.with_name(final.name + ".tmp")
+    committed = False
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=True)
+        os.replace(tmp, final)
+        layout.write_json_atomic(root / layout.SCHEMA, schemas.objects_schema())
+        manifest = layout.read_manifest(root)
+        tables = manifest.setdefault("tables", [])
+        i = _find(manifest, entry["image"], entry["label_image"])
+        if i is None:
+            tables.append(entry)
+        else:
+            tables[i] = entry
+        manifest["updated"] = entry["created"]
+        manifest["cellar_version"] = schemas.cellar_version()
+        layout.write_json_atomic(root / layout.MANIFEST, manifest)
+        committed = True
+    finally:
+        if not committed:
+            tmp.unlink(missing_ok=True)
+            final.unlink(missing_ok=True)
+    # Files of replaced or crashed writes: no manifest lists them any more.
+    for stale in part_dir.iterdir():
+        if stale.name not in entry["files"]:
+            stale.unlink(missing_ok=True)

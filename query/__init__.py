@@ -1,0 +1,10 @@
+"""query: SQL and Python access to cellar stores through DuckDB.
+
+    import query
+    objs = query.open("slide.cellar")
+    objs.sql("SELECT label_id, area_um2 FROM objects WHERE area_um2 > 80").pl()
+"""
+
+from query.store import Objects, open
+
+__all__ = ["Objects", "open"]

@@ -1,0 +1,107 @@
+"""The on-disk layout of a cellar store: the contract between `measure/` (writer) and `query/` (reader).
+
+A store is a directory::
+
+    STORE/
+      manifest.json                       provenance and the list of committed tables
+      schema.json                         copy of schemas/objects.json (the column templates)
+      objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (zstd)
+
+Each (image, label image) pair is one *table*, one Hive partition. The manifest lists the committed tables
+with their files and concrete columns; a reader reads only what the manifest lists, so a partition that is
+still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
+and renamed into place, the manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from schemas.errors import StoreError
+
+FORMAT = "cellar-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SCHEMA = "schema.json"
+OBJECTS_DIR = "objects"
+TMP_PREFIX = ".tmp-"
+
+_SAFE = re.compile(r"[^A-Za-z0-9_]+")
+_PARTITION_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def identifier(name: str) -> str:
+    """A lower-risk SQL/Python identifier made from `name` (`'DAPI 405'` -> `'DAPI_405'`)."""
+    out = _SAFE.sub("_", str(name)).strip("_") or "c"
+    return "_" + out if out[0].isdigit() else out
+
+
+def unique_identifiers(names: list[str]) -> list[str]:
+    """`identifier` of each name, made unique by a numeric suffix where two collide."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        base = identifier(name)
+        ident, k = base, 1
+        while ident in seen:
+            k += 1
+            ident = f"{base}_{k}"
+        seen[ident] = 1
+        out.append(ident)
+    return out
+
+
+def partition_value(name: str) -> str:
+    """A Hive partition value safe in a path and in DuckDB's and polars' Hive parsers."""
+    return _PARTITION_SAFE.sub("_", str(name)).strip("._") or "_"
+
+
+def table_dir(image: str, label_image: str) -> str:
+    """The store-relative directory of the (image, label image) table."""
+    return f"{OBJECTS_DIR}/image={partition_value(image)}/label_image={partition_value(label_image)}"
+
+
+def is_store(path: Path) -> bool:
+    """True if `path` is a directory holding a cellar manifest."""
+    return (path / MANIFEST).is_file()
+
+
+def read_manifest(store: Path) -> dict[str, Any]:
+    """The store's manifest, checked for format and version."""
+    path = store / MANIFEST
+    if not store.exists():
+        raise StoreError(f"{store}: no such store (the path does not exist)")
+    if not path.is_file():
+        raise StoreError(f"{store}: not a cellar store (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: not a cellar manifest (expected format '{FORMAT}')")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{path}: store format version {manifest.get('format_version')!r}, "
+            f"this cellar reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
