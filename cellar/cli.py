@@ -95,7 +95,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
                 rel.to_view("cellar_result")
                 _write_atomic(output, args.overwrite, lambda p: objs.con.execute(
                     "COPY cellar_result TO " + "'" + p.replace("'", "''") + "' (FORMAT json, ARRAY true)"))
-            print(f"wrote {len(rel)} rows to {output}", file=sys.stderr)
+            print(f"wrote {output}", file=sys.stderr)
         elif fmt == "csv":
             import pyarrow.csv
 

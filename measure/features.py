@@ -172,7 +172,8 @@ FEATURES: tuple[Feature, ...] = (
     ),
     Feature(
         "intensity_mean__{channel}", "intensity",
-        "Mean of channel {channel} over the object's pixels (accumulated in float64).",
+        "Mean of channel {channel} over the object's pixels, accumulated in float64 (regionprops averages "
+        "float32 images in float32, so for those it can differ from cellar by float32 rounding, ~1e-6).",
         "float64", "a.u.", _intensity_mean, per_channel=True, skimage="intensity_mean",
     ),
     Feature(

@@ -76,7 +76,7 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         return np.empty(0, np.uint64), np.full(labels.shape, -1, np.int32), int(mn)
     size = int(hi) - int(lo) + 1
     if size <= _DENSE_FACTOR * flat.size + 1024:
-        ids, idx = _dense_compact(flat, lo, size)
+        ids, idx = _dense_compact(flat, flat.dtype.type(lo), size)  # keep lo in the label dtype (uint64!)
     else:  # sparse label values (e.g. hashes or 64-bit ids): sort instead
         ids, inv = np.unique(flat, return_inverse=True)
         idx = inv.astype(np.int32)

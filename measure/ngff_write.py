@@ -72,8 +72,8 @@ def write_image(
 ) -> Path:
     """Write `data` (axes such as "cyx", "czyx", "tczyx", "zyx") and label images as an OME-NGFF image.
 
-    `labels` maps label-image names to integer arrays with the image's axes minus "c". `chunks` gives the
-    chunk shape of level 0 in the image's axis order (the label images use the same shape without "c").
+    `labels` maps label-image names to integer arrays with the image's axes minus "c" (or with a "c" of
+    size 1). `chunks` gives the chunk shape of level 0 in the image's axis order; label images use it too.
     """
     path = Path(path)
     if data.ndim != len(axes) or set(axes) - set(ROLES):
@@ -99,11 +99,13 @@ def write_image(
     _set_ome(root, version, attrs)
     _write_levels(root, data, axes, n_levels, chunks)
     if labels:
-        label_axes = axes.replace("c", "")
-        label_chunks = tuple(c for a, c in zip(axes, chunks) if a != "c")
         lgroup = root.create_group("labels")
         _set_ome(lgroup, version, {"labels": list(labels)})
         for lname, lab in labels.items():
+            # The image's axes minus "c"; or all of them when the label array keeps a channel axis of size 1.
+            keep_c = lab.ndim == len(axes)
+            label_axes = axes if keep_c else axes.replace("c", "")
+            label_chunks = tuple(c for a, c in zip(axes, chunks) if keep_c or a != "c")
             g = lgroup.create_group(lname)
             image_label: dict[str, Any] = {"colors": [], "source": {"image": "../../"}}
             if version == "0.4":

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -128,6 +129,14 @@ def _worker_stats(region: tuple[slice, ...]) -> Stats:
     return _READER.stats(region)
 
 
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """fork on Linux: no re-import per worker and no `if __name__ == "__main__"` guard needed in user scripts.
+
+    Elsewhere (macOS, Windows) fork is unsafe or missing, so spawn.
+    """
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
 def _run_regions(plan: ReadPlan, regions: list[tuple[slice, ...]], workers: int,
                  on_region: Callable[[], None]) -> Iterator[Stats]:
     if workers <= 1 or len(regions) <= 1:
@@ -136,9 +145,12 @@ def _run_regions(plan: ReadPlan, regions: list[tuple[slice, ...]], workers: int,
             yield reader.stats(region)
             on_region()
         return
-    # spawn, not fork: zarr runs an asyncio loop in a thread, which a forked child would inherit dead.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(plan,)) as pool:
+    with warnings.catch_warnings():
+        # zarr and fsspec reset their IO threads in forked children (os.register_at_fork), so Python 3.12's
+        # warning about forking a multi-threaded process does not apply to them.
+        warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
+        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(plan,))
+    with pool:
         todo = iter(regions)
         running: set[Future] = set()
         try:

@@ -1,0 +1,151 @@
+"""The store: schema contract, manifest provenance, Hive layout, Parquet encoding, atomic commits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import measure
+import schemas
+from measure import features as registry
+from measure import store_write
+from measure.ngff_write import write_image
+from schemas.errors import StoreError
+from tests.conftest import intensities, nuclei_like, read_table
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    labels = nuclei_like((64, 64), 20, seed=1)
+    return write_image(tmp_path / "slide.ome.zarr", intensities((64, 64), 2, seed=2), "cyx", chunks=(1, 32, 32),
+                       labels={"nuclei": labels, "cells": labels}, channel_names=["DAPI", "CD8"],
+                       scale={"y": 0.5, "x": 0.5})
+
+
+def test_schema_json_is_generated_from_the_registry():
+    committed = json.loads((Path(schemas.__file__).parent / "objects.json").read_text())
+    assert committed == registry.schema_json(), "run `python -m measure --write-schema`"
+    assert schemas.objects_schema() == committed
+
+
+def test_every_feature_declares_dtype_unit_and_description():
+    for f in registry.FEATURES:
+        assert f.description and f.dtype in ("uint64", "int64", "float64"), f.name
+        assert f.key or f.unit, f.name
+
+
+def test_manifest_records_provenance_and_concrete_columns(tmp_path, image):
+    store = tmp_path / "s.cellar"
+    measure.measure(str(image), "nuclei", store, workers=1)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["format"] == "cellar-store" and manifest["format_version"] == 1
+    assert manifest["cellar_version"] == schemas.cellar_version()
+    (entry,) = manifest["tables"]
+    assert entry["image"] == "slide" and entry["label_image"] == "nuclei"
+    assert entry["source"]["url"] == str(image.resolve())
+    assert entry["source"]["ngff_version"] == "0.5" and entry["source"]["label_path"] == "labels/nuclei/0"
+    assert entry["level"] == 0 and entry["pixel_size"] == [0.5, 0.5] and entry["pixel_unit"] == ["micrometer"] * 2
+    assert [c["name"] for c in entry["channels"]] == ["DAPI", "CD8"]
+    assert entry["features"] == [f.name for f in registry.FEATURES]
+    assert "created" in entry and entry["n_objects"] == len(np.unique(nuclei_like((64, 64), 20, seed=1))) - 1
+    names = [c["name"] for c in entry["columns"]]
+    assert names[:3] == ["image", "label_image", "label_id"] and "intensity_mean__CD8" in names
+    assert all(c["description"] for c in entry["columns"])
+    assert json.loads((store / "schema.json").read_text()) == schemas.objects_schema()
+
+
+def test_parquet_is_hive_partitioned_zstd_with_units_in_field_metadata(tmp_path, image):
+    store = tmp_path / "s.cellar"
+    measure.measure(str(image), "nuclei", store, workers=1)
+    entry, df = read_table(store)
+    assert entry["dir"] == "objects/image=slide/label_image=nuclei"
+    path = store / entry["dir"] / entry["files"][0]
+    meta = pq.ParquetFile(path).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    schema = pq.read_schema(path)
+    assert schema.field("area_um2").metadata[b"unit"] == b"micrometer^2"
+    assert schema.field("label_id").type == "uint64"
+    assert df["label_id"].is_monotonic_increasing
+
+
+def test_a_store_holds_several_label_images_and_refuses_to_replace_without_overwrite(tmp_path, image):
+    store = tmp_path / "s.cellar"
+    measure.measure(str(image), "nuclei", store, workers=1)
+    measure.measure(str(image), "cells", store, workers=1)
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert [t["label_image"] for t in manifest["tables"]] == ["nuclei", "cells"]
+    with pytest.raises(StoreError, match="already holds image=slide label_image=nuclei; pass --overwrite"):
+        measure.measure(str(image), "nuclei", store, workers=1)
+    old_file = manifest["tables"][0]["files"][0]
+    measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"], overwrite=True)
+    entry, df = read_table(store, label_image="nuclei")
+    assert entry["files"][0] != old_file and "intensity_mean__DAPI" not in df
+    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == entry["files"]  # old file removed
+
+
+def test_a_failed_write_leaves_no_store_and_no_temporary_files(tmp_path, image, monkeypatch):
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_write.pq, "write_table", boom)
+    store = tmp_path / "new.cellar"
+    with pytest.raises(OSError, match="disk full"):
+        measure.measure(str(image), "nuclei", store, workers=1)
+    assert not store.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.ome.zarr"]
+
+
+def test_a_failed_write_into_an_existing_store_keeps_the_old_state(tmp_path, image, monkeypatch):
+    store = tmp_path / "s.cellar"
+    measure.measure(str(image), "nuclei", store, workers=1)
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    real = store_write.layout.write_json_atomic
+
+    def fail_on_manifest(path, obj):
+        if path.name == "manifest.json":
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(store_write.layout, "write_json_atomic", fail_on_manifest)
+    with pytest.raises(OSError):
+        measure.measure(str(image), "nuclei", store, workers=1, overwrite=True)
+    with pytest.raises(OSError):
+        measure.measure(str(image), "cells", store, workers=1)
+    after = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_stray_files_of_a_crashed_write_are_invisible_and_removed_by_the_next(tmp_path, image):
+    store = tmp_path / "s.cellar"
+    measure.measure(str(image), "nuclei", store, workers=1)
+    entry, _ = read_table(store)
+    stray = store / entry["dir"] / "part-deadbeef.parquet.tmp"
+    stray.write_bytes(b"half a file")
+    import query
+
+    assert query.open(store).sql("SELECT count(*) FROM objects").fetchall()[0][0] == entry["n_objects"]
+    measure.measure(str(image), "nuclei", store, workers=1, overwrite=True)
+    assert not stray.exists()
+
+
+def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "a.txt").write_text("precious")
+    with pytest.raises(StoreError, match="not a cellar store; refusing"):
+        measure.measure(str(image), "nuclei", keep, workers=1)
+    assert [p.name for p in keep.iterdir()] == ["a.txt"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    measure.measure(str(image), "nuclei", empty, workers=1)
+    assert (empty / "manifest.json").exists()
+
+
+def test_readme_feature_table_is_generated_from_the_registry():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert registry.markdown_table() in readme, "paste `python -m measure --markdown` into README.md"
