@@ -158,6 +158,12 @@ def _open_group(url: str) -> zarr.Group:
         raise InvalidImageError(f"{url}: not a Zarr group (no .zgroup or zarr.json found)") from None
     except ImportError as exc:  # e.g. s3fs not installed for s3:// URLs
         raise InvalidImageError(f"{url}: cannot open this URL ({exc})") from None
+    except OSError as exc:  # permissions, refused connections (aiohttp's errors are OSErrors too)
+        raise InvalidImageError(f"{url}: cannot read ({error_text(exc)})") from None
+
+
+def error_text(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def open_level(url: str, path: str) -> zarr.Array:

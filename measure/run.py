@@ -85,7 +85,14 @@ class RegionReader:
         return labels, chans
 
     def stats(self, region: tuple[slice, ...]) -> Stats:
-        labels, chans = self.read(region)
+        try:
+            labels, chans = self.read(region)
+        except OSError as exc:
+            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+            raise InvalidImageError(
+                f"{self.plan.url}: cannot read region [{where}] of {self.plan.label_path} or {self.plan.image_path} "
+                f"({ngff.error_text(exc)})"
+            ) from None
         origin = tuple(s.start for s in region)
         origin = (0,) * (3 - len(origin)) + origin
         stats, smallest = region_stats(labels, chans, origin)

@@ -182,3 +182,14 @@ def test_random_label_images_and_chunkings_equal_regionprops(data, shape):
     with tempfile.TemporaryDirectory() as tmp:
         store = _measure(Path(tmp), labels, chans, "cyx", chunks, scale={"y": 0.7, "x": 1.3})
         assert_matches_regionprops(store, labels, chans)
+
+
+def test_level_one_measures_the_downsampled_pyramid_level(tmp_path):
+    labels = nuclei_like((96, 128), 30, seed=20)
+    chans = intensities((96, 128), 2, seed=21)
+    image = write_image(tmp_path / "img.zarr", chans, "cyx", chunks=(1, 32, 32), labels={"cells": labels},
+                        n_levels=2, scale={"y": 0.5, "x": 0.5})
+    measure.measure(str(image), "cells", tmp_path / "l1.cellar", level=1, region_pixels=0, workers=1)
+    entry, _ = read_table(tmp_path / "l1.cellar")
+    assert entry["level"] == 1 and entry["spacing_um"] == [1.0, 1.0] and entry["shape"] == [48, 64]
+    assert assert_matches_regionprops(tmp_path / "l1.cellar", labels[::2, ::2], chans[:, ::2, ::2]) > 0

@@ -51,3 +51,8 @@ def test_http_url_that_is_not_there_is_one_clear_error(served):
     _, base = served
     with pytest.raises(InvalidImageError, match="not a Zarr group"):
         measure.open_image(f"{base}/missing.zarr")
+
+
+def test_refused_connection_is_one_clear_error():
+    with pytest.raises(InvalidImageError, match="cannot read .*Cannot connect to host 127.0.0.1:9"):
+        measure.open_image("http://127.0.0.1:9/x.zarr")
