@@ -87,18 +87,19 @@ class Multiscale:
         i = self.index(role)
         return 1 if i is None else self.levels[level].shape[i]
 
+    def _in_um(self, values: tuple[float, ...]) -> tuple[float, ...] | None:
+        factors = [_UM_PER_UNIT.get((self.axes[i].unit or "").strip().lower()) for i in self.spatial]
+        if any(f is None for f in factors):
+            return None
+        return tuple(values[i] * f for i, f in zip(self.spatial, factors))
+
     def spacing_um(self, level: int) -> tuple[float, ...] | None:
         """Pixel size per spatial axis in micrometres, or None if any spatial axis lacks a length unit."""
-        factors = [_UM_PER_UNIT.get((self.axes[i].unit or "").strip().lower()) for i in self.spatial]
-        if any(f is None for f in factors):
-            return None
-        return tuple(self.levels[level].scale[i] * f for i, f in zip(self.spatial, factors))
+        return self._in_um(self.levels[level].scale)
 
     def origin_um(self, level: int) -> tuple[float, ...] | None:
-        factors = [_UM_PER_UNIT.get((self.axes[i].unit or "").strip().lower()) for i in self.spatial]
-        if any(f is None for f in factors):
-            return None
-        return tuple(self.levels[level].translation[i] * f for i, f in zip(self.spatial, factors))
+        """The level's NGFF translation per spatial axis in micrometres (None if uncalibrated)."""
+        return self._in_um(self.levels[level].translation)
 
 
 @dataclass(frozen=True)
