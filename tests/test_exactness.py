@@ -193,3 +193,13 @@ def test_level_one_measures_the_downsampled_pyramid_level(tmp_path):
     entry, _ = read_table(tmp_path / "l1.cellar")
     assert entry["level"] == 1 and entry["spacing_um"] == [1.0, 1.0] and entry["shape"] == [48, 64]
     assert assert_matches_regionprops(tmp_path / "l1.cellar", labels[::2, ::2], chans[:, ::2, ::2]) > 0
+
+
+@pytest.mark.parametrize("axes, shape", [("yx", (40, 56)), ("zyx", (12, 30, 26))])
+def test_images_without_a_channel_axis(tmp_path, axes, shape):
+    labels = nuclei_like(shape, 12, seed=22, radius=5)
+    chans = intensities(shape, 1, seed=23)
+    store = _measure(tmp_path, labels, chans[0], axes, tuple(max(3, s // 3) for s in shape))
+    entry, df = read_table(store)
+    assert [c["name"] for c in entry["channels"]] == ["c0"] and "intensity_mean__c0" in df
+    assert assert_matches_regionprops(store, labels, chans) > 0
