@@ -1,4 +1,4 @@
-"""`python -m measure --write-schema | --markdown`: regenerate schemas/objects.json or the README table."""
+"""`python -m measure --write-schema --update-readme`: regenerate schemas/objects.json and the README table."""
 
 from measure.features import main
 

@@ -28,6 +28,7 @@ class Stats:
     imin: np.ndarray  # (n, C) float64
     imax: np.ndarray  # (n, C) float64
     m2: np.ndarray  # (n, C) float64
+    wcoord: np.ndarray  # (n, C, 3) float64: sum of intensity x z, y, x (for intensity-weighted centroids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -36,16 +37,20 @@ class Stats:
     def empty(cls, n_channels: int) -> Stats:
         z3 = np.zeros((0, 3), np.int64)
         zc = np.zeros((0, n_channels), np.float64)
-        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), z3, z3, z3, zc, zc, zc, zc)
+        return cls(np.zeros(0, np.uint64), np.zeros(0, np.int64), z3, z3, z3, zc, zc, zc, zc,
+                   np.zeros((0, n_channels, 3), np.float64))
+
+    def take(self, rows: np.ndarray) -> Stats:
+        """The statistics of the given rows (an index or boolean mask)."""
+        return Stats(**{f: getattr(self, f)[rows] for f in self.__dataclass_fields__})
 
 
-def region_stats(labels: np.ndarray, channels: np.ndarray, origin: tuple[int, int, int]) -> tuple[Stats, int]:
-    """Statistics of one (Z, Y, X) label region with its (C, Z, Y, X) intensities.
+def region_stats(idx: np.ndarray, ids: np.ndarray, channels: np.ndarray, origin: tuple[int, int, int]) -> Stats:
+    """Statistics of the labelled pixels of a (Z, Y, X) region of compact label indices.
 
-    `origin` is the region's global (z, y, x) start. Returns the statistics and the smallest label value
-    seen (negative values are the caller's error to report).
+    `ids` maps compact indices to label values, `channels` holds the (C, Z, Y, X) intensities and `origin`
+    is the region's global (z, y, x) start. Labels with no pixel in the region are left out.
     """
-    ids, idx, smallest = kernels.compact_labels(labels)
     n = len(ids)
     count, coord_sum, bmin, bmax = kernels.geometry(idx, n)
     off = np.asarray(origin, np.int64)
@@ -54,9 +59,12 @@ def region_stats(labels: np.ndarray, channels: np.ndarray, origin: tuple[int, in
     bmax += off
     nc = channels.shape[0]
     isum, imin, imax, m2 = (np.empty((n, nc), np.float64) for _ in range(4))
+    wcoord = np.empty((n, nc, 3), np.float64)
     for c in range(nc):
-        isum[:, c], imin[:, c], imax[:, c], m2[:, c] = kernels.intensity(idx, n, channels[c], count)
-    return Stats(ids, count, coord_sum, bmin, bmax, isum, imin, imax, m2), smallest
+        isum[:, c], imin[:, c], imax[:, c], m2[:, c], wcoord[:, c] = kernels.intensity(idx, n, channels[c], count)
+    wcoord += isum[:, :, None] * off  # sum(I * (local + origin)) = sum(I * local) + origin * sum(I)
+    stats = Stats(ids, count, coord_sum, bmin, bmax, isum, imin, imax, m2, wcoord)
+    return stats if count.all() else stats.take(count > 0)
 
 
 def merge(parts: list[Stats]) -> Stats:
@@ -93,6 +101,7 @@ def merge(parts: list[Stats]) -> Stats:
         imin=np.minimum.reduceat(cat("imin"), starts, axis=0),
         imax=np.maximum.reduceat(cat("imax"), starts, axis=0),
         m2=m2,
+        wcoord=np.add.reduceat(cat("wcoord"), starts, axis=0),
     )
 
 

@@ -121,13 +121,15 @@ def geometry(idx, n):
 
 @njit(cache=True, nogil=True)
 def intensity(idx, n, img, count):
-    """Sum, min, max and sum of squared deviations from the mean of one channel, per compact label.
+    """Sum, min, max, sum of squared deviations from the mean, and intensity-weighted coordinate sums of one
+    channel, per compact label.
 
     Two passes (sum, then squared deviations from this region's mean) keep the variance exact to
     rounding; regions are merged later with Chan's formula. NaN propagates to sum, min and max, as in
     numpy's reductions.
     """
     s = np.zeros(n, np.float64)
+    w = np.zeros((n, 3), np.float64)
     mn = np.full(n, np.inf)
     mx = np.full(n, -np.inf)
     nz, ny, nx = idx.shape
@@ -139,6 +141,9 @@ def intensity(idx, n, img, count):
                     continue
                 v = np.float64(img[z, y, x])
                 s[k] += v
+                w[k, 0] += v * z
+                w[k, 1] += v * y
+                w[k, 2] += v * x
                 if v < mn[k] or v != v:
                     mn[k] = v
                 if v > mx[k] or v != v:
@@ -153,4 +158,53 @@ def intensity(idx, n, img, count):
                     continue
                 d = np.float64(img[z, y, x]) - mean[k]
                 m2[k] += d * d
-    return s, mn, mx, m2
+    return s, mn, mx, m2, w
+
+
+@njit(cache=True, nogil=True)
+def first_pixel(idx, n):
+    """Each compact label's first pixel in raster order (z, y, x), -1 where absent."""
+    first = np.full((n, 3), -1, np.int64)
+    nz, ny, nx = idx.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                k = idx[z, y, x]
+                if k >= 0 and first[k, 0] < 0:
+                    first[k, 0] = z
+                    first[k, 1] = y
+                    first[k, 2] = x
+    return first
+
+
+@njit(cache=True, nogil=True)
+def touching_pairs(idx, n, z0, z1, y0, y1, x0, x1):
+    """Unique pairs (a, b), a < b, of compact labels that share a face, found from the pixels of the core
+    [z0:z1, y0:y1, x0:x1] towards their +1 neighbours (which may lie in the halo), so that a block-crossing
+    pair is found by exactly one block."""
+    nz, ny, nx = idx.shape
+    codes = np.empty(64, np.int64)
+    m = 0
+    for z in range(z0, z1):
+        for y in range(y0, y1):
+            for x in range(x0, x1):
+                a = idx[z, y, x]
+                if a < 0:
+                    continue
+                for d in range(3):
+                    zz, yy, xx = z + (d == 0), y + (d == 1), x + (d == 2)
+                    if zz >= nz or yy >= ny or xx >= nx:
+                        continue
+                    b = idx[zz, yy, xx]
+                    if b < 0 or b == a:
+                        continue
+                    if m == codes.shape[0]:
+                        codes = np.concatenate((codes, np.empty(codes.shape[0], np.int64)))
+                    codes[m] = min(a, b) * n + max(a, b)
+                    m += 1
+    u = np.unique(codes[:m])
+    out = np.empty((u.shape[0], 2), np.int64)
+    for i in range(u.shape[0]):
+        out[i, 0] = u[i] // n
+        out[i, 1] = u[i] % n
+    return out

@@ -26,16 +26,18 @@ import numpy as np
 import schemas
 from measure import features as registry
 from measure import ngff, store_write
-from measure.accumulate import Merger, Stats, region_stats
+from measure.accumulate import Merger
+from measure.block import BlockResult, KernelPlan, measure_block, measure_object
 from schemas import store as layout
 from schemas.errors import InvalidImageError, UsageError
 
 DEFAULT_REGION_PIXELS = 1 << 22  # about 4 Mpixel per region: ~50 MB of working set with 4 uint16 channels
+DEFAULT_HALO = 64  # pixels around each region: objects reaching further are measured on their own crop
 
 
 @dataclass(frozen=True)
 class ReadPlan:
-    """Everything a worker needs to read regions: picklable, no open arrays."""
+    """Everything a worker needs to read and reduce blocks: picklable, no open arrays."""
 
     url: str
     label_path: str
@@ -44,6 +46,9 @@ class ReadPlan:
     image_roles: tuple[str, ...]
     timepoint: int
     channels: tuple[int, ...]
+    shape: tuple[int, ...]  # spatial shape of the level
+    halo: int
+    kernels: KernelPlan
 
 
 @dataclass(frozen=True)
@@ -61,48 +66,59 @@ def _selection(roles: tuple[str, ...], timepoint: int, channel, spatial: tuple[s
     return tuple(timepoint if r == "time" else channel if r == "channel" else next(it) for r in roles)
 
 
+def _pad3(items: tuple, fill) -> tuple:
+    return (fill,) * (3 - len(items)) + tuple(items)
+
+
 class RegionReader:
-    """Reads regions of one label image and its intensity channels, and reduces them to `Stats`."""
+    """Reads blocks and object crops of one label image and its intensity channels, and reduces them."""
 
     def __init__(self, plan: ReadPlan):
         self.plan = plan
         self.labels = ngff.open_level(plan.url, plan.label_path)
         self.image = ngff.open_level(plan.url, plan.image_path) if plan.channels else None
 
-    def read(self, region: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(labels as (Z, Y, X), intensities as (C, Z, Y, X)) of a region given as spatial slices."""
+    def read(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(labels as (Z, Y, X), intensities as (C, Z, Y, X)) of a box given as spatial slices."""
         p = self.plan
-        labels = np.asarray(self.labels[_selection(p.label_roles, p.timepoint, 0, region)])
-        shape = labels.shape
-        if self.image is None:
-            chans = np.zeros((0, *shape), np.float32)
-        elif "channel" in p.image_roles:
-            chans = np.asarray(self.image.oindex[_selection(p.image_roles, p.timepoint, list(p.channels), region)])
-        else:
-            chans = np.asarray(self.image[_selection(p.image_roles, p.timepoint, 0, region)])[None]
+        try:
+            labels = np.asarray(self.labels[_selection(p.label_roles, p.timepoint, 0, box)])
+            if self.image is None:
+                chans = np.zeros((0, *labels.shape), np.float32)
+            elif "channel" in p.image_roles:
+                chans = np.asarray(self.image.oindex[_selection(p.image_roles, p.timepoint, list(p.channels), box)])
+            else:
+                chans = np.asarray(self.image[_selection(p.image_roles, p.timepoint, 0, box)])[None]
+        except OSError as exc:
+            where = ", ".join(f"{s.start}:{s.stop}" for s in box)
+            raise InvalidImageError(
+                f"{p.url}: cannot read region [{where}] of {p.label_path} or {p.image_path} ({ngff.error_text(exc)})"
+            ) from None
         if labels.ndim == 2:
             labels, chans = labels[None], chans[:, None]
         return labels, chans
 
-    def stats(self, region: tuple[slice, ...]) -> Stats:
-        try:
-            labels, chans = self.read(region)
-        except OSError as exc:
-            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
+    def block(self, region: tuple[slice, ...]) -> BlockResult:
+        """Reduce the region plus its halo (see `measure.block`)."""
+        p = self.plan
+        box = tuple(slice(max(0, r.start - p.halo), min(n, r.stop + p.halo)) for r, n in zip(region, p.shape))
+        labels, chans = self.read(box)
+        core = _pad3(tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box)), slice(0, 1))
+        edges = _pad3(tuple((b.start == 0, b.stop == n) for b, n in zip(box, p.shape)), (True, True))
+        result = measure_block(labels, chans, core, _pad3(tuple(r.start for r in region), 0), edges, p.kernels)
+        if result.smallest < 0:
+            where = ", ".join(f"{s.start}:{s.stop}" for s in box)
             raise InvalidImageError(
-                f"{self.plan.url}: cannot read region [{where}] of {self.plan.label_path} or {self.plan.image_path} "
-                f"({ngff.error_text(exc)})"
-            ) from None
-        origin = tuple(s.start for s in region)
-        origin = (0,) * (3 - len(origin)) + origin
-        stats, smallest = region_stats(labels, chans, origin)
-        if smallest < 0:
-            where = ", ".join(f"{s.start}:{s.stop}" for s in region)
-            raise InvalidImageError(
-                f"{self.plan.url}/{self.plan.label_path}: negative label value {smallest} in region [{where}]; "
+                f"{p.url}/{p.label_path}: negative label value {result.smallest} in region [{where}]; "
                 "label values must be >= 0"
             )
-        return stats
+        return result
+
+    def object(self, item: tuple[int, tuple[int, ...], tuple[int, ...]]) -> tuple[int, np.ndarray]:
+        """Whole-object columns of one object, from its bounding box (global, inclusive)."""
+        label_id, lo, hi = item
+        labels, chans = self.read(tuple(slice(a, b + 1) for a, b in zip(lo, hi)))
+        return label_id, measure_object(labels, chans, label_id, self.plan.kernels)
 
 
 def plan_regions(shape: tuple[int, ...], chunks: tuple[int, ...], region_pixels: int) -> list[tuple[slice, ...]]:
@@ -131,9 +147,14 @@ def _init_worker(plan: ReadPlan) -> None:
     _READER = RegionReader(plan)
 
 
-def _worker_stats(region: tuple[slice, ...]) -> Stats:
+def _worker_block(region: tuple[slice, ...]) -> BlockResult:
     assert _READER is not None
-    return _READER.stats(region)
+    return _READER.block(region)
+
+
+def _worker_object(item: tuple) -> tuple[int, np.ndarray]:
+    assert _READER is not None
+    return _READER.object(item)
 
 
 def _mp_context() -> multiprocessing.context.BaseContext:
@@ -144,38 +165,52 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def _run_regions(plan: ReadPlan, regions: list[tuple[slice, ...]], workers: int,
-                 on_region: Callable[[], None]) -> Iterator[Stats]:
-    if workers <= 1 or len(regions) <= 1:
-        reader = RegionReader(plan)
-        for region in regions:
-            yield reader.stats(region)
-            on_region()
-        return
-    with warnings.catch_warnings():
-        # zarr and fsspec reset their IO threads in forked children (os.register_at_fork), so Python 3.12's
-        # warning about forking a multi-threaded process does not apply to them.
-        warnings.filterwarnings("ignore", message=".*use of fork\\(\\) may lead to deadlocks", category=DeprecationWarning)
-        pool = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(plan,))
-    with pool:
-        todo = iter(regions)
+class _Executor:
+    """Runs reader tasks in worker processes (or in this one), at most two per worker in flight."""
+
+    def __init__(self, plan: ReadPlan, workers: int):
+        self.plan, self.workers = plan, workers
+        self._pool: ProcessPoolExecutor | None = None
+        self._reader: RegionReader | None = None
+
+    def __enter__(self) -> _Executor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def map(self, func: Callable, local: Callable[[RegionReader], Callable], items: list,
+            on_done: Callable[[], None] = lambda: None) -> Iterator:
+        """Results of `func(item)` in a worker (or `local(reader)(item)` here), in completion order."""
+        if self.workers <= 1 or len(items) <= 1:
+            if self._reader is None:
+                self._reader = RegionReader(self.plan)
+            for item in items:
+                yield local(self._reader)(item)
+                on_done()
+            return
+        if self._pool is None:
+            with warnings.catch_warnings():
+                # zarr and fsspec reset their IO threads in forked children (os.register_at_fork), so Python
+                # 3.12's warning about forking a multi-threaded process does not apply to them.
+                warnings.filterwarnings("ignore", message=".*use of fork", category=DeprecationWarning)
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=_mp_context(), initializer=_init_worker,
+                                                 initargs=(self.plan,))
+        todo = iter(items)
         running: set[Future] = set()
-        try:
-            for region in todo:
-                running.add(pool.submit(_worker_stats, region))
-                if len(running) >= 2 * workers:
-                    break
-            while running:
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    yield fut.result()
-                    on_region()
-                    region = next(todo, None)
-                    if region is not None:
-                        running.add(pool.submit(_worker_stats, region))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+        for item in todo:
+            running.add(self._pool.submit(func, item))
+            if len(running) >= 2 * self.workers:
+                break
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+                on_done()
+                item = next(todo, None)
+                if item is not None:
+                    running.add(self._pool.submit(func, item))
 
 
 def _resolve_channels(image: ngff.NgffImage, channels: list[str] | None) -> tuple[int, ...]:
@@ -229,35 +264,52 @@ def measure(
     out: str | Path,
     *,
     channels: list[str] | None = None,
+    features: str | None = None,
+    radius: float | None = None,
     level: int = 0,
     timepoint: int = 0,
     workers: int | None = None,
     region_pixels: int = DEFAULT_REGION_PIXELS,
+    halo: int = DEFAULT_HALO,
     image_name: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> MeasureResult:
     """Measure every object of `labels/<labels>` in the image at `image_url` into the store `out`.
 
-    `channels` are channel names (or indices) to measure, all by default; `workers` processes (default: one
-    per core) each read and reduce regions of about `region_pixels` pixels.
+    `channels` are channel names (or indices) to measure, all by default; `features` names groups or
+    features ("morphology,intensity,spatial" by default, "all", or names); `radius` is the neighbourhood
+    radius of `neighbors_within_radius` (default 20 um, or 50 px for an uncalibrated image). `workers`
+    processes (default: one per core) each read and reduce regions of about `region_pixels` pixels plus a
+    `halo` of pixels around them; objects reaching beyond the halo are measured on a crop of their own.
 
     Example: ``measure("slide.ome.zarr", "nuclei", "slide.cellar", channels=["DAPI", "CD8"])``
     """
     t0 = time.perf_counter()
     out = Path(out)
+    selected = registry.select(features)
     image = ngff.open_image(image_url)
     label = image.label(labels)
     _check_pair(image, label, level, timepoint)
     chan_idx = _resolve_channels(image, channels)
+    if not any(f.per_channel for f in selected):
+        chan_idx = ()  # no intensity feature asked for: do not read the image at all
     name = image_name or image.name
     store_write.check_output(out, name, labels, overwrite)
+    if radius is not None and not (math.isfinite(radius) and radius > 0):
+        raise UsageError(f"--radius {radius}: expected a positive distance")
 
     im, lb = image.multiscale, label.multiscale
     suffixes = layout.unique_identifiers([image.channel_names[i] for i in chan_idx])
+    spacing_um = im.spacing_um(level)
     geo = registry.Geometry(
-        axes=im.spatial_names, spacing_um=im.spacing_um(level), origin_um=im.origin_um(level), channels=tuple(suffixes)
+        axes=im.spatial_names, spacing_um=spacing_um, origin_um=im.origin_um(level), channels=tuple(suffixes),
+        radius=radius if radius is not None else (registry.DEFAULT_RADIUS_UM if spacing_um else registry.DEFAULT_RADIUS_PX),
     )
+    needed = registry.kernels_needed(selected, geo)
+    kplan = KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
+                       touching="touching" in needed, spacing=tuple(geo.spacing[-2:].tolist()))
+    shape = lb.spatial_shape(level)
     plan = ReadPlan(
         url=image.url,
         label_path=lb.levels[level].path,
@@ -266,17 +318,47 @@ def measure(
         image_roles=tuple(a.role for a in im.axes),
         timepoint=timepoint,
         channels=chan_idx,
+        shape=shape,
+        halo=max(1, halo) if kplan.halo_needed else 0,
+        kernels=kplan,
     )
-    regions = plan_regions(lb.spatial_shape(level), lb.spatial_chunks(level), region_pixels)
+    regions = plan_regions(shape, lb.spatial_chunks(level), region_pixels)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     merger = Merger(len(chan_idx))
-    with _progress(len(regions), progress) as tick:
-        for stats in _run_regions(plan, regions, workers, tick):
-            merger.add(stats)
-    stats = merger.result()
+    crop_ids, crops, crop_counts, pairs = [], [], [], []
+    with _Executor(plan, workers) as ex:
+        with _progress(len(regions), progress) as tick:
+            for block in ex.map(_worker_block, lambda r: r.block, regions, tick):
+                merger.add(block.stats)
+                crop_ids.append(block.crop_ids)
+                crops.append(block.crop)
+                crop_counts.append(block.crop_counts)
+                pairs.append(block.pairs)
+        stats = merger.result()
+        results = registry.Results(stats)
+        if kplan.crop:
+            crop_cols = kplan.crop_columns(len(chan_idx))
+            done = np.concatenate(crop_ids)
+            whole = np.concatenate(crop_counts) == stats.count[np.searchsorted(stats.ids, done)]
+            done, found = done[whole], np.concatenate(crops)[whole]  # rows of blocks that saw every pixel
+            todo = np.setdiff1d(stats.ids, done)
+            rows = np.searchsorted(stats.ids, todo)
+            items = [(int(i), tuple(stats.bbox_min[r, 3 - geo.ndim:]), tuple(stats.bbox_max[r, 3 - geo.ndim:]))
+                     for i, r in zip(todo, rows)]
+            big = list(ex.map(_worker_object, lambda r: r.object, items))
+            ids = np.concatenate([done, np.array([i for i, _ in big], np.uint64)])
+            values = np.concatenate([found, np.array([v for _, v in big]).reshape(len(big), len(crop_cols))])
+            order = np.argsort(ids)
+            if not np.array_equal(ids[order], stats.ids):
+                raise RuntimeError("bug: whole-object features do not cover every object exactly once")
+            values = values[order]
+            results.crop = {c: values[:, j] for j, c in enumerate(crop_cols)}
+        if kplan.touching:
+            results.touching = _touching_counts(stats.ids, np.concatenate(pairs))
 
-    column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in registry.columns(geo))]
-    values = registry.compute_columns(stats, geo)
+    columns = registry.columns(geo, selected)
+    column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in columns)]
+    values = registry.compute_columns(results, geo, selected)
     level_meta = im.levels[level]
     entry = {
         "image": name,
@@ -301,7 +383,9 @@ def measure(
         "channels": [
             {"index": i, "name": image.channel_names[i], "column": s} for i, s in zip(chan_idx, suffixes)
         ],
-        "features": [f.name for f in registry.FEATURES],
+        "features": [f.name for f in selected if not f.key],
+        "radius": geo.radius if "spatial" in needed else None,
+        "halo": plan.halo,
         "columns": column_specs,
         "regions": len(regions),
         "workers": workers,
@@ -310,6 +394,15 @@ def measure(
     entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
     store_write.write_table(out, entry, table, overwrite=overwrite)
     return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
+
+
+def _touching_counts(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Number of distinct face-sharing neighbours of each id, from (a, b) label pairs found per block."""
+    if not len(pairs):
+        return np.zeros(len(ids), np.int64)
+    pairs = np.unique(pairs, axis=0)  # a pair seen by two blocks counts once
+    ends = np.searchsorted(ids, pairs.ravel())
+    return np.bincount(ends, minlength=len(ids)).astype(np.int64)
 
 
 def _absolute(url: str) -> str:

@@ -28,14 +28,14 @@ def image(tmp_path) -> Path:
 
 def test_schema_json_is_generated_from_the_registry():
     committed = json.loads((Path(schemas.__file__).parent / "objects.json").read_text())
-    assert committed == registry.schema_json(), "run `python -m measure --write-schema`"
+    assert committed == registry.schema_json(), "run `python -m measure --write-schema --update-readme`"
     assert schemas.objects_schema() == committed
 
 
 def test_every_feature_declares_dtype_unit_and_description():
     for f in registry.FEATURES:
         assert f.description and f.dtype in ("uint64", "int64", "float64"), f.name
-        assert f.key or f.unit, f.name
+        assert f.unit or f.key or f.name.endswith("_id"), f.name  # only identifiers have no unit
 
 
 def test_manifest_records_provenance_and_concrete_columns(tmp_path, image):
@@ -50,7 +50,8 @@ def test_manifest_records_provenance_and_concrete_columns(tmp_path, image):
     assert entry["source"]["ngff_version"] == "0.5" and entry["source"]["label_path"] == "labels/nuclei/0"
     assert entry["level"] == 0 and entry["pixel_size"] == [0.5, 0.5] and entry["pixel_unit"] == ["micrometer"] * 2
     assert [c["name"] for c in entry["channels"]] == ["DAPI", "CD8"]
-    assert entry["features"] == [f.name for f in registry.FEATURES]
+    assert entry["features"] == [f.name for f in registry.select(None) if not f.key]
+    assert entry["radius"] == 20.0 and entry["halo"] == 64
     assert "created" in entry and entry["n_objects"] == len(np.unique(nuclei_like((64, 64), 20, seed=1))) - 1
     names = [c["name"] for c in entry["columns"]]
     assert names[:3] == ["image", "label_image", "label_id"] and "intensity_mean__CD8" in names
@@ -148,4 +149,4 @@ def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
 
 def test_readme_feature_table_is_generated_from_the_registry():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert registry.markdown_table() in readme, "paste `python -m measure --markdown` into README.md"
+    assert registry.markdown_table() in readme, "run `python -m measure --write-schema --update-readme`"
