@@ -1,4 +1,4 @@
-"""The `cellar` command: `demo`, `measure`, `sql`, `info`.
+"""The `cellar` command: `demo`, `measure`, `features`, `sql`, `info`.
 
 User mistakes (`schemas.errors.CellarError`) print one line, `cellar: error: ...`, and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -40,13 +40,29 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     result = measure.measure(
-        args.image, args.labels, args.out, channels=channels, level=args.level, timepoint=args.timepoint,
-        workers=args.workers, region_pixels=args.region_pixels, image_name=args.image_name,
-        overwrite=args.overwrite, progress=False if args.quiet else None,
+        args.image, args.labels, args.out, channels=channels, features=args.features, radius=args.radius,
+        level=args.level, timepoint=args.timepoint, workers=args.workers, region_pixels=args.region_pixels,
+        halo=args.halo, image_name=args.image_name, overwrite=args.overwrite,
+        progress=False if args.quiet else None,
     )
     if not args.quiet:
         print(f"measured {result.n_objects} objects of {result.image}/labels/{result.label_image} "
               f"({result.n_regions} regions) in {result.elapsed_s:.2f} s -> {result.store}")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from measure import features as registry
+
+    chosen = registry.select(args.features)
+    head = ("feature", "columns", "group", "dims", "unit", "scikit-image")
+    rows = [(f.short, f.name, f.group, "/".join(f"{d}D" for d in f.dims), f.unit or "-", f.skimage or "-")
+            for f in chosen]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    print(f"\n{len(rows)} features; default groups: {', '.join(registry.DEFAULT_GROUPS)}. "
+          "Descriptions: cellar info STORE --columns, or schemas/objects.json.")
     return 0
 
 
@@ -149,15 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", required=True, help="label image name under the image's labels/ group")
     p.add_argument("--out", required=True, help="store directory (created, or added to if it is a store)")
     p.add_argument("--channels", help="comma-separated channel names or indices to measure (default: all)")
+    p.add_argument("--features", help="groups (morphology, intensity, spatial), feature names, or 'all' "
+                   "(default: morphology,intensity,spatial; see `cellar features`)")
+    p.add_argument("--radius", type=float, default=None,
+                   help="radius of neighbors_within_radius (default: 20 um, or 50 px without units)")
     p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")
     p.add_argument("--timepoint", type=_positive_int, default=0, help="time point for images with a t axis")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--region-pixels", type=_positive_int, default=None,
                    help="pixels per region read by a worker (default: ~4M; 0 = one chunk per region)")
+    p.add_argument("--halo", type=_positive_int, default=None,
+                   help="pixels read around each region (default: 64); larger objects get a read of their own")
     p.add_argument("--image-name", help="name of the image in the store (default: from the metadata or path)")
     p.add_argument("--overwrite", action="store_true", help="replace this image's table if the store has it")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(func=_cmd_measure)
+
+    p = sub.add_parser("features", help="list the features cellar measures (the registry)")
+    p.add_argument("--features", help="only these groups or names, as for measure --features")
+    p.set_defaults(func=_cmd_features)
 
     p = sub.add_parser("sql", help="run SQL over one or more stores (views: objects, channels, columns)")
     p.add_argument("stores", nargs="+", metavar="STORE", help="store directories")
@@ -177,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "region_pixels", 0) is None:
-        from measure.run import DEFAULT_REGION_PIXELS
+    if args.command == "measure":
+        from measure.run import DEFAULT_HALO, DEFAULT_REGION_PIXELS
 
-        args.region_pixels = DEFAULT_REGION_PIXELS
+        args.region_pixels = DEFAULT_REGION_PIXELS if args.region_pixels is None else args.region_pixels
+        args.halo = DEFAULT_HALO if args.halo is None else args.halo
     try:
         return args.func(args)
     except CellarError as exc:

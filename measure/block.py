@@ -61,9 +61,10 @@ class BlockResult:
     smallest: int  # smallest label value seen (negative values are the caller's error)
 
 
-def crop_features(idx: np.ndarray, sel: np.ndarray, bmin: np.ndarray, bmax: np.ndarray, chans: np.ndarray,
-                  plan: KernelPlan) -> np.ndarray:
-    """Whole-object columns (`plan.crop_columns`) for the compact labels `sel` of a block."""
+def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np.ndarray, bmax: np.ndarray,
+                  chans: np.ndarray, plan: KernelPlan) -> np.ndarray:
+    """Whole-object columns (`plan.crop_columns`) for the compact labels `sel` of a block, given each compact
+    label's pixel count and bounding box in the block."""
     parts = []
     if plan.shape:
         if plan.ndim == 2:
@@ -71,8 +72,8 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, bmin: np.ndarray, bmax: np.n
         else:
             parts.append(shape_kernels.morphology_3d(idx, sel, bmin, bmax))
     if plan.intensity_crop:
-        for c in range(chans.shape[0]):
-            parts.append(shape_kernels.intensity_crop(idx, sel, bmin, bmax, chans[c]))
+        small_uint = chans.dtype.kind == "u" and chans.dtype.itemsize <= 2
+        parts.append(shape_kernels.intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint))
     return np.hstack(parts) if parts else np.empty((len(sel), 0))
 
 
@@ -108,7 +109,7 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
             owned &= (first[:, a] >= core[a].start) & (first[:, a] < core[a].stop)
         sel = present[complete[present] & owned[present]]
         crop_ids, crop_counts = ids[sel], counts[sel]
-        crop = crop_features(idx, sel.astype(np.int64), bmin, bmax, chans, plan)
+        crop = crop_features(idx, sel.astype(np.int64), counts, bmin, bmax, chans, plan)
     if plan.touching and n:
         cp = kernels.touching_pairs(idx, n, core[0].start, core[0].stop, core[1].start, core[1].stop,
                                     core[2].start, core[2].stop)
@@ -120,5 +121,5 @@ def measure_object(labels: np.ndarray, chans: np.ndarray, label_id: int, plan: K
     """Whole-object columns of one object from a crop that holds all of it (its bounding box)."""
     ids, idx, _ = kernels.compact_labels(labels)
     k = int(np.searchsorted(ids, np.uint64(label_id)))
-    _, _, bmin, bmax = kernels.geometry(idx, len(ids))
-    return crop_features(idx, np.array([k], np.int64), bmin, bmax, chans, plan)[0]
+    counts, _, bmin, bmax = kernels.geometry(idx, len(ids))
+    return crop_features(idx, np.array([k], np.int64), counts, bmin, bmax, chans, plan)[0]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,11 @@ class Feature:
     skimage: str | None = None
     key: bool = False
 
+    @property
+    def short(self) -> str:
+        """The name without its template parts, as users select it: `intensity_mean`, `centroid_um`."""
+        return re.sub(r"_*\{(axis|channel|k|ndim)\}", "", self.name)
+
     def n_components(self, ndim: int) -> int:
         return ndim if self.components == -1 else self.components
 
@@ -168,8 +174,9 @@ def _physical_area(r: Results, geo: Geometry) -> np.ndarray:
 
 
 def _weighted_centroid(r: Results, geo: Geometry) -> np.ndarray:
-    """(n, ndim, C): sum(I * coordinate) / sum(I), per axis and channel."""
-    return np.moveaxis(_spatial(geo, r.stats.wcoord) / r.stats.isum[:, :, None], 2, 1)
+    """(n, ndim, C): sum(I * coordinate) / sum(I), per axis and channel (NaN where sum(I) is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.moveaxis(_spatial(geo, r.stats.wcoord) / r.stats.isum[:, :, None], 2, 1)
 
 
 def _moments2(r: Results, geo: Geometry, spacing: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +421,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("intensity_max__{channel}", "intensity", "Maximum of channel {channel} over the object's pixels.",
             "float64", "a.u.", lambda r, g: r.stats.imax, per_channel=True, skimage="intensity_max"),
     Feature("centroid_weighted_{axis}__{channel}", "intensity",
-            "Intensity-weighted centroid {axis} (weights: channel {channel}), in pixels.", "float64", "{px}",
+            "Intensity-weighted centroid {axis} (weights: channel {channel}), in pixels; NaN if the object's "
+            "intensities sum to 0.", "float64", "{px}",
             _weighted_centroid, per_axis=True, per_channel=True, skimage="centroid_weighted-{i}"),
     Feature("centroid_weighted_{axis}_um__{channel}", "intensity",
             "Intensity-weighted centroid {axis} (weights: channel {channel}) in physical coordinates, with the "
@@ -481,16 +489,17 @@ def select(spec: str | None) -> tuple[Feature, ...]:
     explicit = set(wanted)
     if "all" in wanted:
         wanted = (wanted - {"all"}) | {g for g in GROUPS if any(f.group == g for f in FEATURES)}
-    names = {f.name for f in FEATURES} | set(GROUPS) | {"all"}
+    names = {f.short for f in FEATURES} | {f.name for f in FEATURES} | set(GROUPS) | {"all"}
     unknown = sorted(wanted - names)
     if unknown:
         import difflib
 
-        hints = [m for u in unknown for m in difflib.get_close_matches(u, sorted(names), n=1)]
+        shorts = sorted({f.short for f in FEATURES} | set(GROUPS))
+        hints = [m for u in unknown for m in difflib.get_close_matches(u, shorts, n=1)]
         hint = f"; did you mean {', '.join(hints)}?" if hints else ""
         raise UsageError(f"--features: unknown {', '.join(unknown)} (groups: {', '.join(GROUPS)}, or feature "
                          f"names as in `cellar features`){hint}")
-    chosen = tuple(f for f in FEATURES if f.key or f.group in wanted or f.name in wanted)
+    chosen = tuple(f for f in FEATURES if f.key or f.group in wanted or f.name in wanted or f.short in wanted)
     if "texture" in explicit and not any(f.group == "texture" for f in FEATURES):
         raise UsageError("--features: the texture group is not available in this version of cellar")
     return chosen

@@ -183,8 +183,9 @@ def touching_pairs(idx, n, z0, z1, y0, y1, x0, x1):
     [z0:z1, y0:y1, x0:x1] towards their +1 neighbours (which may lie in the halo), so that a block-crossing
     pair is found by exactly one block."""
     nz, ny, nx = idx.shape
-    codes = np.empty(64, np.int64)
+    codes = np.empty(4096, np.int64)
     m = 0
+    last = np.int64(-1)  # the previous pair code: runs along a shared border repeat it
     for z in range(z0, z1):
         for y in range(y0, y1):
             for x in range(x0, x1):
@@ -192,15 +193,29 @@ def touching_pairs(idx, n, z0, z1, y0, y1, x0, x1):
                 if a < 0:
                     continue
                 for d in range(3):
-                    zz, yy, xx = z + (d == 0), y + (d == 1), x + (d == 2)
-                    if zz >= nz or yy >= ny or xx >= nx:
-                        continue
-                    b = idx[zz, yy, xx]
+                    if d == 0:
+                        if x + 1 >= nx:
+                            continue
+                        b = idx[z, y, x + 1]
+                    elif d == 1:
+                        if y + 1 >= ny:
+                            continue
+                        b = idx[z, y + 1, x]
+                    else:
+                        if z + 1 >= nz:
+                            continue
+                        b = idx[z + 1, y, x]
                     if b < 0 or b == a:
                         continue
+                    code = min(a, b) * n + max(a, b)
+                    if code == last:
+                        continue
+                    last = code
                     if m == codes.shape[0]:
-                        codes = np.concatenate((codes, np.empty(codes.shape[0], np.int64)))
-                    codes[m] = min(a, b) * n + max(a, b)
+                        grown = np.empty(2 * m, np.int64)
+                        grown[:m] = codes
+                        codes = grown
+                    codes[m] = code
                     m += 1
     u = np.unique(codes[:m])
     out = np.empty((u.shape[0], 2), np.int64)

@@ -77,6 +77,10 @@ class RegionReader:
         self.plan = plan
         self.labels = ngff.open_level(plan.url, plan.label_path)
         self.image = ngff.open_level(plan.url, plan.image_path) if plan.channels else None
+        ch = plan.channels
+        # A run of consecutive channels reads as a slice, which zarr serves faster than a list.
+        contiguous = len(ch) > 0 and list(ch) == list(range(ch[0], ch[0] + len(ch)))
+        self._channel_sel = slice(ch[0], ch[0] + len(ch)) if contiguous else list(ch)
 
     def read(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
         """(labels as (Z, Y, X), intensities as (C, Z, Y, X)) of a box given as spatial slices."""
@@ -86,7 +90,7 @@ class RegionReader:
             if self.image is None:
                 chans = np.zeros((0, *labels.shape), np.float32)
             elif "channel" in p.image_roles:
-                chans = np.asarray(self.image.oindex[_selection(p.image_roles, p.timepoint, list(p.channels), box)])
+                chans = np.asarray(self.image.oindex[_selection(p.image_roles, p.timepoint, self._channel_sel, box)])
             else:
                 chans = np.asarray(self.image[_selection(p.image_roles, p.timepoint, 0, box)])[None]
         except OSError as exc:
