@@ -1,19 +1,27 @@
-"""Benchmark: `cellar measure` end to end against scikit-image `regionprops_table` on the same image.
+"""Benchmark: `cellar measure` end to end against scikit-image `regionprops_table` and nyxus on the same image.
 
-Generates a deterministic slide (default 4096 x 4096, 4 uint16 channels, ~25k touching nuclei-like
-objects), writes it as OME-Zarr 0.5 (512 x 512 chunks), then in one run and interleaved:
+Generates a deterministic slide (default 8192 x 8192, 4 uint16 channels, ~100k touching nuclei-like
+objects), writes it as OME-Zarr 0.5 (512 x 512 chunks), then in one run:
 
 - cellar: the `cellar measure` command in a subprocess, end to end (Python start, OME-Zarr read and
-  decompress, features, Parquet store written), default workers (one per core);
+  decompress, features, Parquet store written), default workers (one per core), `--features` as given
+  (default: cellar's default groups, morphology, intensity and spatial);
 - cellar API: `measure.measure()` called in this (already warm) Python process, the same work without
   interpreter start-up and imports;
-- regionprops: `skimage.measure.regionprops_table` with the same properties (label, pixel count, physical
-  area, bbox, centroid, intensity mean/std/min/max on the 4-channel image) on in-memory arrays that are
-  already loaded, so its time excludes all I/O.
+- regionprops: `skimage.measure.regionprops_table` with the scikit-image properties of the selected
+  features (taken from cellar's registry), in pixel units, on in-memory arrays already loaded, so its time
+  excludes all I/O; it covers fewer features than cellar (no quantiles, MAD, skewness, kurtosis, boundary
+  mean, neighbours);
+- nyxus (if installed): `Nyxus(["*ALL_INTENSITY*", "*ALL_MORPHOLOGY*"]).featurize` on the in-memory arrays,
+  one intensity/label pair per channel, with one thread per core (`--no-nyxus` to skip).
+
+cellar runs `--repeat` times (median); the slower peers run once each (`--peer-repeat` to change).
 
 Peak memory is the largest summed RSS of the process and its children, sampled every 20 ms (forked workers
 share pages with their parent, so the sum over-counts cellar's real use).
-Run: `python benchmarks/bench_measure.py` (add `--size 1024 --objects 1500` for a quick check).
+Run: `python benchmarks/bench_measure.py` (the issue's 8192 x 8192 / 100k-object slide), or
+`python benchmarks/bench_measure.py --size 4096 --objects 25000` (the 4096 x 4096 / 25k case); add
+`--size 1024 --objects 1500 --repeat 1` for a quick check.
 """
 
 from __future__ import annotations
@@ -38,12 +46,35 @@ REGIONPROPS_SCRIPT = """
 import sys, time, numpy as np
 from skimage.measure import regionprops_table
 labels = np.load(sys.argv[1]); image = np.load(sys.argv[2])
+props = sys.argv[3].split(",")
 t = time.perf_counter()
-out = regionprops_table(labels, np.moveaxis(image, 0, -1), spacing=(0.5, 0.5), properties=[
-    "label", "num_pixels", "area", "bbox", "centroid",
-    "intensity_mean", "intensity_std", "intensity_min", "intensity_max"])
+out = regionprops_table(labels, np.moveaxis(image, 0, -1), properties=props)
 print(time.perf_counter() - t, len(out["label"]))
 """
+
+NYXUS_SCRIPT = """
+import os, sys, time, numpy as np
+from nyxus import Nyxus
+labels = np.load(sys.argv[1]); image = np.load(sys.argv[2])
+nyx = Nyxus(["*ALL_INTENSITY*", "*ALL_MORPHOLOGY*"], n_feature_calc_threads=os.cpu_count())
+names = [f"ch{i}" for i in range(len(image))]
+t = time.perf_counter()
+df = nyx.featurize(image, np.stack([labels] * len(image)), intensity_names=names, label_names=names)
+print(time.perf_counter() - t, df["ROI_label"].nunique())
+"""
+
+
+def regionprops_properties(features: str | None) -> list[str]:
+    """The regionprops_table properties equivalent to cellar's selected features (pixel units)."""
+    from measure import features as registry
+
+    props = ["label"]
+    for f in registry.select(features):
+        if f.skimage and not f.physical:
+            base = f.skimage.split("-")[0]
+            if base not in props:
+                props.append(base)
+    return props
 
 
 def make_slide(size: int, n_objects: int, n_channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -124,13 +155,17 @@ def run_tracked(cmd: list[str]) -> tuple[float, int, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--objects", type=int, default=25_000)
+    parser.add_argument("--size", type=int, default=8192)
+    parser.add_argument("--objects", type=int, default=100_000)
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--features", default=None, help="cellar --features (default: the default groups)")
+    parser.add_argument("--repeat", type=int, default=3, help="cellar runs (median)")
+    parser.add_argument("--peer-repeat", type=int, default=1, help="regionprops and nyxus runs (median)")
+    parser.add_argument("--no-nyxus", action="store_true")
     parser.add_argument("--workdir", help="keep data here (default: a temporary directory)")
     args = parser.parse_args()
 
+    import measure
     from measure.ngff_write import write_image
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-bench-"))
@@ -147,44 +182,56 @@ def main() -> None:
     print(f"data: {args.size} x {args.size}, {args.channels} x uint16, {n_objects} objects, "
           f"generated and written in {time.perf_counter() - t:.1f} s ({work})", flush=True)
 
-    cellar = [str(Path(sys.executable).with_name("cellar"))]
     store = work / "slide.cellar"
-    rp_cmd = [sys.executable, "-c", REGIONPROPS_SCRIPT, str(work / "labels.npy"), str(work / "image.npy")]
-    # One warm-up run of cellar compiles and caches the numba kernels, as any first use on a machine does.
-    subprocess.run([*cellar, "measure", str(zarr_path), "--labels", "nuclei", "--out", str(store), "--overwrite",
-                    "--quiet"], check=True)
-    import measure
-
-    measure.measure(str(zarr_path), "nuclei", store, overwrite=True)  # warm: numba kernels loaded
-    runs: dict[str, list[tuple[float, int]]] = {"cellar": [], "api": [], "regionprops": []}
+    feature_args = ["--features", args.features] if args.features else []
+    cli = [str(Path(sys.executable).with_name("cellar")), "measure", str(zarr_path), "--labels", "nuclei",
+           "--out", str(store), "--overwrite", "--quiet", *feature_args]
+    # A warm-up run compiles and caches the numba kernels, as any first use on a machine does.
+    subprocess.run(cli, check=True)
+    runs: dict[str, list[tuple[float, int]]] = {"cellar": [], "api": [], "regionprops": [], "nyxus": []}
     for i in range(args.repeat):
-        elapsed, peak, _ = run_tracked([*cellar, "measure", str(zarr_path), "--labels", "nuclei", "--out", str(store),
-                                        "--overwrite", "--quiet"])
+        elapsed, peak, _ = run_tracked(cli)
         runs["cellar"].append((elapsed, peak))
         t = time.perf_counter()
-        measure.measure(str(zarr_path), "nuclei", store, overwrite=True)
+        measure.measure(str(zarr_path), "nuclei", store, overwrite=True, features=args.features)
         runs["api"].append((time.perf_counter() - t, 0))
-        _, peak, out = run_tracked(rp_cmd)
-        rp_time = float(out.split()[0])
-        runs["regionprops"].append((rp_time, peak))
-        print(f"run {i + 1}: cellar {elapsed:.2f} s, cellar API {runs['api'][-1][0]:.2f} s, "
-              f"regionprops_table {rp_time:.2f} s", flush=True)
+        print(f"cellar run {i + 1}: {elapsed:.2f} s end to end, {runs['api'][-1][0]:.2f} s in a warm process",
+              flush=True)
+    props = regionprops_properties(args.features)
+    peers = [("regionprops", [sys.executable, "-c", REGIONPROPS_SCRIPT, str(work / "labels.npy"),
+                              str(work / "image.npy"), ",".join(props)])]
+    if not args.no_nyxus:
+        try:
+            import nyxus  # noqa: F401
 
-    med = {k: statistics.median(t for t, _ in v) for k, v in runs.items()}
-    peak = {k: max(p for _, p in v) for k, v in runs.items()}
-    rows = [
-        ("cellar measure (end to end, OME-Zarr -> Parquet)", "cellar"),
-        ("cellar API, warm process (OME-Zarr -> Parquet)", "api"),
-        ("regionprops_table (in memory, I/O excluded)", "regionprops"),
-    ]
+            peers.append(("nyxus", [sys.executable, "-c", NYXUS_SCRIPT, str(work / "labels.npy"),
+                                    str(work / "image.npy")]))
+        except ImportError:
+            print("nyxus is not installed: skipped (pip install nyxus)")
+    for i in range(args.peer_repeat):
+        for name, cmd in peers:
+            _, peak, out = run_tracked(cmd)
+            runs[name].append((float(out.split()[0]), peak))
+            print(f"{name} run {i + 1}: {runs[name][-1][0]:.2f} s", flush=True)
+
+    med = {k: statistics.median(t for t, _ in v) for k, v in runs.items() if v}
+    peak = {k: max(p for _, p in v) for k, v in runs.items() if v}
+    labels_of = {
+        "cellar": "cellar measure (end to end, OME-Zarr -> Parquet)",
+        "api": "cellar API, warm process (OME-Zarr -> Parquet)",
+        "regionprops": "regionprops_table (in memory, I/O excluded)",
+        "nyxus": "nyxus ALL_INTENSITY + ALL_MORPHOLOGY (in memory)",
+    }
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python "
-          f"{platform.python_version()}; median of {args.repeat}\n")
-    print("| tool | time (s) | objects/s | peak RSS (MB) | speed-up vs regionprops |")
+          f"{platform.python_version()}; {n_objects} objects; cellar median of {args.repeat}, peers of "
+          f"{args.peer_repeat}; cellar features: {args.features or 'default groups'}; regionprops properties: "
+          f"{', '.join(props[1:])}\n")
+    print("| tool | time (s) | objects/s | peak RSS (MB) | cellar end to end is faster by |")
     print("|---|---|---|---|---|")
-    for label, key in rows:
+    for key in med:
         rss = f"{peak[key] / 2**20:,.0f}" if peak[key] else "-"
-        print(f"| {label} | {med[key]:.2f} | {n_objects / med[key]:,.0f} | {rss} | "
-              f"{med['regionprops'] / med[key]:.1f}x |")
+        ratio = "-" if key in ("cellar", "api") else f"{med[key] / med['cellar']:.1f}x"
+        print(f"| {labels_of[key]} | {med[key]:.2f} | {n_objects / med[key]:,.0f} | {rss} | {ratio} |")
     (work / "result.json").write_text(json.dumps({"objects": n_objects, "median_s": med, "peak_bytes": peak}))
     if not args.workdir:
         shutil.rmtree(work)

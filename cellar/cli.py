@@ -41,6 +41,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     result = measure.measure(
         args.image, args.labels, args.out, channels=channels, features=args.features, radius=args.radius,
+        texture_levels=args.texture_levels,
         level=args.level, timepoint=args.timepoint, workers=args.workers, region_pixels=args.region_pixels,
         halo=args.halo, image_name=args.image_name, overwrite=args.overwrite,
         progress=False if args.quiet else None,
@@ -174,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--region-pixels", type=_positive_int, default=None,
                    help="pixels per region read by a worker (default: ~4M; 0 = one chunk per region)")
+    p.add_argument("--texture-levels", type=_positive_int, default=16,
+                   help="grey levels of the texture group's co-occurrence matrices (default: 16)")
     p.add_argument("--halo", type=_positive_int, default=None,
                    help="pixels read around each region (default: 64); larger objects get a read of their own")
     p.add_argument("--image-name", help="name of the image in the store (default: from the metadata or path)")

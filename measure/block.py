@@ -32,11 +32,13 @@ class KernelPlan:
     shape: bool = False  # whole-object morphology
     intensity_crop: bool = False  # whole-object intensity distributions
     touching: bool = False  # face-sharing pairs
+    texture: bool = False  # grey-level co-occurrence features (2D)
+    texture_levels: int = 16
     spacing: tuple[float, float] = (1.0, 1.0)  # (y, x) pixel size for the scaled Feret diameter
 
     @property
     def crop(self) -> bool:
-        return self.shape or self.intensity_crop
+        return self.shape or self.intensity_crop or self.texture
 
     @property
     def halo_needed(self) -> bool:
@@ -48,6 +50,8 @@ class KernelPlan:
             cols += list(shape_kernels.MORPH_2D if self.ndim == 2 else shape_kernels.MORPH_3D)
         if self.intensity_crop:
             cols += [f"{name}__{c}" for c in range(n_channels) for name in shape_kernels.INTENSITY]
+        if self.texture:
+            cols += [f"texture_{name}__{c}" for c in range(n_channels) for name in shape_kernels.TEXTURE]
         return cols
 
 
@@ -74,6 +78,8 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np
     if plan.intensity_crop:
         small_uint = chans.dtype.kind == "u" and chans.dtype.itemsize <= 2
         parts.append(shape_kernels.intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint))
+    if plan.texture:
+        parts.append(shape_kernels.texture_crop(idx, sel, counts, bmin, bmax, chans, plan.texture_levels))
     return np.hstack(parts) if parts else np.empty((len(sel), 0))
 
 

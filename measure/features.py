@@ -467,6 +467,23 @@ FEATURES: tuple[Feature, ...] = (
             "exact across chunk borders.", "int64", "count", lambda r, g: r.touching, kernel="touching"),
 )
 
+_TEXTURE_DOC = (
+    "of channel {channel}: grey-level co-occurrence matrix of the object (its pixels quantised to "
+    "--texture-levels levels, linearly between the object's own min and max; the rest of its crop left out), "
+    "distance 1, angles 0, 45, 90, 135 degrees, symmetric (skimage.feature.graycomatrix); "
+    "skimage.feature.graycoprops averaged over the angles."
+)
+_TEXTURE = {
+    "contrast": "Haralick contrast", "dissimilarity": "Haralick dissimilarity", "homogeneity": "Haralick homogeneity",
+    "energy": "Haralick energy (sqrt of ASM)", "correlation": "Haralick correlation (1 where a level variance is 0)",
+    "ASM": "Angular second moment", "entropy": "Entropy (natural log)",
+}
+FEATURES = FEATURES + tuple(
+    Feature(f"texture_{name.lower()}__{{channel}}", "texture", f"{doc} {_TEXTURE_DOC}", "float64", "dimensionless",
+            _per_channel(f"texture_{name}"), kernel="texture", dims=(2,), per_channel=True)
+    for name, doc in _TEXTURE.items()
+)
+
 # Columns every table has besides the features: the Hive partition keys.
 PARTITION_COLUMNS = (
     {"name": "image", "dtype": "string", "unit": "", "description": "Name of the measured image (partition key)."},
@@ -486,7 +503,6 @@ def select(spec: str | None) -> tuple[Feature, ...]:
         wanted = set(DEFAULT_GROUPS)
     else:
         wanted = {w.strip() for w in spec.split(",") if w.strip()}
-    explicit = set(wanted)
     if "all" in wanted:
         wanted = (wanted - {"all"}) | {g for g in GROUPS if any(f.group == g for f in FEATURES)}
     names = {f.short for f in FEATURES} | {f.name for f in FEATURES} | set(GROUPS) | {"all"}
@@ -500,8 +516,6 @@ def select(spec: str | None) -> tuple[Feature, ...]:
         raise UsageError(f"--features: unknown {', '.join(unknown)} (groups: {', '.join(GROUPS)}, or feature "
                          f"names as in `cellar features`){hint}")
     chosen = tuple(f for f in FEATURES if f.key or f.group in wanted or f.name in wanted or f.short in wanted)
-    if "texture" in explicit and not any(f.group == "texture" for f in FEATURES):
-        raise UsageError("--features: the texture group is not available in this version of cellar")
     return chosen
 
 

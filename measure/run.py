@@ -270,6 +270,7 @@ def measure(
     channels: list[str] | None = None,
     features: str | None = None,
     radius: float | None = None,
+    texture_levels: int = 16,
     level: int = 0,
     timepoint: int = 0,
     workers: int | None = None,
@@ -283,7 +284,8 @@ def measure(
 
     `channels` are channel names (or indices) to measure, all by default; `features` names groups or
     features ("morphology,intensity,spatial" by default, "all", or names); `radius` is the neighbourhood
-    radius of `neighbors_within_radius` (default 20 um, or 50 px for an uncalibrated image). `workers`
+    radius of `neighbors_within_radius` (default 20 um, or 50 px for an uncalibrated image);
+    `texture_levels` the grey levels of the texture group's co-occurrence matrices. `workers`
     processes (default: one per core) each read and reduce regions of about `region_pixels` pixels plus a
     `halo` of pixels around them; objects reaching beyond the halo are measured on a crop of their own.
 
@@ -311,8 +313,11 @@ def measure(
         radius=radius if radius is not None else (registry.DEFAULT_RADIUS_UM if spacing_um else registry.DEFAULT_RADIUS_PX),
     )
     needed = registry.kernels_needed(selected, geo)
+    if not 2 <= texture_levels <= 256:
+        raise UsageError(f"--texture-levels {texture_levels}: expected 2 to 256")
     kplan = KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
-                       touching="touching" in needed, spacing=tuple(geo.spacing[-2:].tolist()))
+                       touching="touching" in needed, texture="texture" in needed, texture_levels=texture_levels,
+                       spacing=tuple(geo.spacing[-2:].tolist()))
     shape = lb.spatial_shape(level)
     plan = ReadPlan(
         url=image.url,
@@ -342,20 +347,8 @@ def measure(
         results = registry.Results(stats)
         if kplan.crop:
             crop_cols = kplan.crop_columns(len(chan_idx))
-            done = np.concatenate(crop_ids)
-            whole = np.concatenate(crop_counts) == stats.count[np.searchsorted(stats.ids, done)]
-            done, found = done[whole], np.concatenate(crops)[whole]  # rows of blocks that saw every pixel
-            todo = np.setdiff1d(stats.ids, done)
-            rows = np.searchsorted(stats.ids, todo)
-            items = [(int(i), tuple(stats.bbox_min[r, 3 - geo.ndim:]), tuple(stats.bbox_max[r, 3 - geo.ndim:]))
-                     for i, r in zip(todo, rows)]
-            big = list(ex.map(_worker_object, lambda r: r.object, items))
-            ids = np.concatenate([done, np.array([i for i, _ in big], np.uint64)])
-            values = np.concatenate([found, np.array([v for _, v in big]).reshape(len(big), len(crop_cols))])
-            order = np.argsort(ids)
-            if not np.array_equal(ids[order], stats.ids):
-                raise RuntimeError("bug: whole-object features do not cover every object exactly once")
-            values = values[order]
+            values = _whole_object_rows(ex, stats, np.concatenate(crop_ids), np.concatenate(crops),
+                                        np.concatenate(crop_counts), geo.ndim, len(crop_cols))
             results.crop = {c: values[:, j] for j, c in enumerate(crop_cols)}
         if kplan.touching:
             results.touching = _touching_counts(stats.ids, np.concatenate(pairs))
@@ -389,6 +382,7 @@ def measure(
         ],
         "features": [f.name for f in selected if not f.key],
         "radius": geo.radius if "spatial" in needed else None,
+        "texture_levels": texture_levels if kplan.texture else None,
         "halo": plan.halo,
         "columns": column_specs,
         "regions": len(regions),
@@ -398,6 +392,24 @@ def measure(
     entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
     store_write.write_table(out, entry, table, overwrite=overwrite)
     return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
+
+
+def _whole_object_rows(ex: _Executor, stats, ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, ndim: int,
+                       n_cols: int) -> np.ndarray:
+    """Whole-object rows aligned with `stats.ids`: the block rows that saw all of their object (their pixel
+    count is the merged count), and for every other object a row measured on a crop of its own."""
+    whole = counts == stats.count[np.searchsorted(stats.ids, ids)]
+    ids, rows = ids[whole], rows[whole]
+    todo = np.setdiff1d(stats.ids, ids)
+    at = np.searchsorted(stats.ids, todo)
+    items = [(int(i), tuple(stats.bbox_min[r, 3 - ndim:]), tuple(stats.bbox_max[r, 3 - ndim:])) for i, r in zip(todo, at)]
+    own = list(ex.map(_worker_object, lambda r: r.object, items))
+    ids = np.concatenate([ids, np.array([i for i, _ in own], np.uint64)])
+    rows = np.concatenate([rows, np.array([v for _, v in own]).reshape(len(own), n_cols)])
+    order = np.argsort(ids)
+    if not np.array_equal(ids[order], stats.ids):
+        raise RuntimeError("bug: whole-object features do not cover every object exactly once")
+    return rows[order]
 
 
 def _touching_counts(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:

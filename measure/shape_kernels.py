@@ -547,3 +547,109 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint):
                 out[j, o + 7] = np.nan
             out[j, o + 8] = bsum / bn
     return out
+
+
+TEXTURE = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM", "entropy")
+_GLCM_OFFSETS = ((0, 1), (1, 1), (1, 0), (1, -1))  # skimage's (round(sin a), round(cos a)) for a = 0, pi/4, pi/2, 3pi/4
+
+
+@njit(cache=True, nogil=True)
+def quantise(vals, levels):
+    """Object levels 1..levels, linear between the object's min and max (all 1 for a constant object)."""
+    lo = vals.min()
+    hi = vals.max()
+    out = np.ones(vals.shape[0], np.int64)
+    if hi > lo:
+        for i in range(vals.shape[0]):
+            q = int(math.floor((vals[i] - lo) / (hi - lo) * levels))
+            out[i] = min(q, levels - 1) + 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _graycoprops_mean(glcm, levels):
+    """skimage.feature.graycoprops of each angle's (levels x levels) matrix, averaged over the angles."""
+    res = np.zeros(len(TEXTURE), np.float64)
+    n_angles = glcm.shape[0]
+    for a in range(n_angles):
+        total = glcm[a].sum()
+        p = glcm[a] / (total if total > 0 else 1.0)
+        contrast = dissim = homog = asm = ent = 0.0
+        mi = mj = 0.0
+        for i in range(levels):
+            for j in range(levels):
+                v = p[i, j]
+                d = i - j
+                contrast += v * d * d
+                dissim += v * abs(d)
+                homog += v / (1.0 + d * d)
+                asm += v * v
+                if v != 0:
+                    ent -= v * math.log(v)
+                mi += i * v
+                mj += j * v
+        si = sj = cov = 0.0
+        for i in range(levels):
+            for j in range(levels):
+                v = p[i, j]
+                si += v * (i - mi) ** 2
+                sj += v * (j - mj) ** 2
+                cov += v * (i - mi) * (j - mj)
+        si = math.sqrt(si)
+        sj = math.sqrt(sj)
+        corr = 1.0 if (si < 1e-15 or sj < 1e-15) else cov / (si * sj)
+        res[0] += contrast
+        res[1] += dissim
+        res[2] += homog
+        res[3] += math.sqrt(asm)
+        res[4] += corr
+        res[5] += asm
+        res[6] += ent
+    return res / n_angles
+
+
+@njit(cache=True, nogil=True)
+def texture_crop(idx, sel, counts, bmin, bmax, chans, levels):
+    """Haralick features (columns `TEXTURE`) of every channel of a (C, 1, Y, X) block, channel-major.
+
+    Per object and channel: the object's pixels quantised by `quantise`, the background of its crop as
+    level 0; the grey-level co-occurrence matrix at distance 1 and angles 0, pi/4, pi/2, 3pi/4, symmetric
+    (skimage.feature.graycomatrix), without the background's row and column; skimage.feature.graycoprops
+    of it, averaged over the four angles.
+    """
+    nc = chans.shape[0]
+    nt = len(TEXTURE)
+    out = np.empty((sel.shape[0], nc * nt), np.float64)
+    for j in range(sel.shape[0]):
+        k = sel[j]
+        y0, y1, x0, x1 = bmin[k, 1], bmax[k, 1], bmin[k, 2], bmax[k, 2]
+        h, w = y1 - y0 + 1, x1 - x0 + 1
+        n = counts[k]
+        py = np.empty(n, np.int64)
+        px = np.empty(n, np.int64)
+        t = 0
+        for y in range(y0, y1 + 1):
+            for x in range(x0, x1 + 1):
+                if idx[0, y, x] == k:
+                    py[t], px[t] = y, x
+                    t += 1
+        vals = np.empty(n, np.float64)
+        q = np.zeros((h, w), np.int64)
+        for c in range(nc):
+            for t in range(n):
+                vals[t] = chans[c, 0, py[t], px[t]]
+            lv = quantise(vals, levels)
+            for t in range(n):
+                q[py[t] - y0, px[t] - x0] = lv[t]
+            glcm = np.zeros((4, levels, levels), np.float64)
+            for a in range(4):
+                dr, dc = _GLCM_OFFSETS[a]
+                for r in range(max(0, -dr), min(h, h - dr)):
+                    for cc in range(max(0, -dc), min(w, w - dc)):
+                        i1 = q[r, cc]
+                        i2 = q[r + dr, cc + dc]
+                        if i1 > 0 and i2 > 0:
+                            glcm[a, i1 - 1, i2 - 1] += 1.0
+                            glcm[a, i2 - 1, i1 - 1] += 1.0  # symmetric
+            out[j, c * nt:(c + 1) * nt] = _graycoprops_mean(glcm, levels)
+    return out

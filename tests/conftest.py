@@ -76,8 +76,26 @@ ATOL = {
 }
 
 
-def _references(labels: np.ndarray, channels: np.ndarray, present: np.ndarray, geo: registry.Geometry) -> dict:
-    """Values of the features scikit-image lacks, computed object by object with numpy and scipy."""
+def _texture(crop_mask: np.ndarray, values: np.ndarray, levels: int) -> np.ndarray:
+    """skimage graycomatrix / graycoprops of an object's crop, quantised and masked as cellar documents."""
+    from skimage.feature import graycomatrix, graycoprops
+
+    lo, hi = values.min(), values.max()
+    q = np.ones(values.shape, np.int64)
+    if hi > lo:
+        q = np.minimum(np.floor((values - lo) / (hi - lo) * levels).astype(np.int64), levels - 1) + 1
+    image = np.zeros(crop_mask.shape, np.uint16)
+    image[crop_mask] = q
+    glcm = graycomatrix(image, [1], [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=levels + 1, symmetric=True)
+    glcm = glcm[1:, 1:]  # pairs with the background are not the object's texture
+    props = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM", "entropy")
+    return np.array([graycoprops(glcm, p).mean() for p in props])
+
+
+def _references(labels: np.ndarray, channels: np.ndarray, present: np.ndarray, geo: registry.Geometry,
+                texture_levels: int | None = None) -> dict:
+    """Values of the features scikit-image's regionprops lacks, computed object by object with numpy, scipy
+    and skimage.feature."""
     from scipy import stats as sps
     from skimage.measure import perimeter
 
@@ -98,6 +116,10 @@ def _references(labels: np.ndarray, channels: np.ndarray, present: np.ndarray, g
             row[("skewness", c)] = np.nan if const else sps.skew(v)
             row[("kurtosis", c)] = np.nan if const else sps.kurtosis(v)
             row[("boundary_mean", c)] = channels[c][sl][mask & ~inner].astype(np.float64).mean()
+            if texture_levels and geo.ndim == 2:
+                for name, value in zip(("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "asm",
+                                        "entropy"), _texture(mask, v, texture_levels)):
+                    row[(f"texture_{name}", c)] = value
         rows.append(row)
     for key in rows[0]:
         ref[key] = np.array([r[key] for r in rows])
@@ -137,8 +159,8 @@ def _expected(col: registry.Column, ref: dict, df) -> np.ndarray:
     if f == "circularity":
         with np.errstate(divide="ignore"):
             return np.where(ref["perimeter"] > 0, 4 * np.pi * df["area"].to_numpy() / ref["perimeter"] ** 2, np.nan)
-    stem = f.split("__")[0].removeprefix("intensity_")
-    return ref[(stem, c)]
+    stem = f.split("__")[0]
+    return ref[(stem if stem.startswith("texture_") else stem.removeprefix("intensity_"), c)]
 
 
 def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.ndarray, rtol: float = 1e-6) -> int:
@@ -178,7 +200,8 @@ def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.nda
             if col.skimage_spacing and col.feature.startswith(("centroid", "centroid_weighted")):
                 expected = expected + geo.origin_um[col.axis]
         else:
-            others = others if others is not None else _references(labels, channels, present, geo)
+            if others is None:
+                others = _references(labels, channels, present, geo, entry.get("texture_levels"))
             expected = _expected(col, others, df)
         if col.feature == "orientation":  # undefined (a tie) for objects with an isotropic inertia tensor
             ev = df[["inertia_tensor_eigvals_0", "inertia_tensor_eigvals_1"]].to_numpy() if "inertia_tensor_eigvals_0" in df else None

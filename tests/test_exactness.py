@@ -41,7 +41,7 @@ def test_2d_equals_regionprops_at_any_chunking(tmp_path, version, chunks):
     chans = intensities((160, 200), 2, seed=2)
     store = _measure(tmp_path, labels, chans, "cyx", chunks, version=version,
                      scale={"y": 0.325, "x": 0.25}, translation={"y": 100.0, "x": -20.0})
-    assert assert_matches_regionprops(store, labels, chans) == 77
+    assert assert_matches_regionprops(store, labels, chans) == 91
     _, df = read_table(store)
     assert "perimeter" in df and "perimeter_um" not in df  # anisotropic pixels: no physical perimeter
 
@@ -95,7 +95,7 @@ def test_parallel_workers_give_the_same_table_as_one_process(tmp_path):
 def test_real_dsb2018_nuclei_equal_regionprops(tmp_path, dsb2018, version, chunks):
     image, labels = dsb2018
     store = _measure(tmp_path, labels, image[None], "cyx", (1, *chunks), version=version, scale={"y": 0.3, "x": 0.3})
-    assert assert_matches_regionprops(store, labels, image[None]) == 61  # square pixels: physical perimeters too
+    assert assert_matches_regionprops(store, labels, image[None]) == 68  # square pixels: physical perimeters too
     entry, df = read_table(store)
     assert len(df) == 125 and entry["n_objects"] == 125
 
@@ -165,7 +165,7 @@ def test_empty_label_image_gives_an_empty_table_with_all_columns(tmp_path):
     store = _measure(tmp_path, labels, chans, "cyx", (1, 16, 16))
     entry, df = read_table(store)
     assert len(df) == 0 and entry["n_objects"] == 0
-    assert len(df.columns) == 80 and "perimeter_um" in df and "touching_neighbors" in df
+    assert len(df.columns) == 94 and "perimeter_um" in df and "texture_entropy__c1" in df and "touching_neighbors" in df
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -132,3 +132,20 @@ def test_feature_selection_by_group_and_name(tmp_path):
     assert df.columns.tolist() == ["label_id", "area", "intensity_median__c0"]
     with pytest.raises(Exception, match="unknown perimetre.*did you mean perimeter"):
         registry.select("perimetre")
+
+
+def test_texture_of_a_constant_and_of_a_striped_object(tmp_path):
+    labels = np.zeros((20, 30), np.uint8)
+    labels[2:12, 2:12] = 1  # constant: one grey level
+    labels[2:12, 15:25] = 2  # vertical stripes 0, 100, 0, 100, ...: two levels alternating along x
+    image = np.full((1, 20, 30), 50, np.uint16)
+    image[0, 2:12, 15:25] = np.tile([0, 100], 5)[None, :]
+    t = _table(tmp_path, labels, image, texture_levels=4)
+    const = t.loc[1]
+    assert const.texture_contrast__c0 == 0 and const.texture_homogeneity__c0 == 1 and const.texture_asm__c0 == 1
+    assert const.texture_energy__c0 == 1 and const.texture_correlation__c0 == 1 and const.texture_entropy__c0 == 0
+    stripes = t.loc[2]
+    # levels 1 and 4 (indices 0 and 3): at 0 deg every pair differs by 3 (contrast 9); at 90 deg none differ;
+    # at 45 and 135 deg every pair differs by 3 again. Mean over the four angles: 9 * 3 / 4.
+    assert stripes.texture_contrast__c0 == pytest.approx(27 / 4)
+    assert stripes.texture_dissimilarity__c0 == pytest.approx(9 / 4)
