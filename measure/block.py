@@ -35,6 +35,8 @@ class KernelPlan:
     texture: bool = False  # grey-level co-occurrence features (2D)
     texture_levels: int = 16
     spacing: tuple[float, float] = (1.0, 1.0)  # (y, x) pixel size for the scaled Feret diameter
+    surface_lut: tuple[float, ...] = ()  # 3D: marching-cubes area per cube configuration, voxel units
+    surface_lut_um: tuple[float, ...] = ()  # 3D: the same with the physical spacing
 
     @property
     def crop(self) -> bool:
@@ -74,7 +76,8 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np
         if plan.ndim == 2:
             parts.append(shape_kernels.morphology_2d(idx, sel, bmin, bmax, *plan.spacing))
         else:
-            parts.append(shape_kernels.morphology_3d(idx, sel, bmin, bmax))
+            parts.append(shape_kernels.morphology_3d(idx, sel, bmin, bmax, np.asarray(plan.surface_lut),
+                                                     np.asarray(plan.surface_lut_um)))
     if plan.intensity_crop:
         small_uint = chans.dtype.kind == "u" and chans.dtype.itemsize <= 2
         parts.append(shape_kernels.intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint))

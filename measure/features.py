@@ -277,6 +277,13 @@ def _per_channel(name: str) -> Callable[[Results, Geometry], np.ndarray]:
     return lambda r, g: np.stack([r.crop[f"{name}__{c}"] for c in range(len(g.channels))], axis=1)
 
 
+def _sphericity(r: Results, geo: Geometry) -> np.ndarray:
+    volume = _physical_area(r, geo)
+    area = r.crop["surface_area_um"] if geo.spacing_um else r.crop["surface_area"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area
+
+
 def _circularity(r: Results, geo: Geometry) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(r.crop["perimeter"] > 0, 4 * math.pi * r.stats.count / r.crop["perimeter"] ** 2, np.nan)
@@ -389,6 +396,16 @@ FEATURES: tuple[Feature, ...] = (
     Feature("axis_minor_length_um", "morphology", "Minor axis length from the physical second moments.",
             "float64", "micrometer", lambda r, g: _axis_lengths(r, g, g.spacing)[1], kernel="shape", physical=True,
             skimage="axis_minor_length"),
+    Feature("surface_area", "morphology",
+            "Area of the object's marching-cubes mesh (skimage.measure.marching_cubes at level 0.5 on its crop "
+            "padded by one voxel, then mesh_surface_area), in voxel units.", "float64", "voxel^2",
+            lambda r, g: r.crop["surface_area"], kernel="shape", dims=(3,)),
+    Feature("surface_area_um2", "morphology", "Marching-cubes mesh area with the physical voxel size.", "float64",
+            "micrometer^2", lambda r, g: r.crop["surface_area_um"], kernel="shape", dims=(3,), physical=True),
+    Feature("sphericity", "morphology",
+            "pi^(1/3) (6 V)^(2/3) / A with V the volume and A the surface area above (physical units when "
+            "calibrated, else voxels): 1 for a sphere, less for other shapes (the mesh makes small objects "
+            "deviate).", "float64", "dimensionless", lambda r, g: _sphericity(r, g), kernel="shape", dims=(3,)),
     Feature("eccentricity", "morphology",
             "Eccentricity of the ellipse with the same second moments (0 a circle, towards 1 a line), in the "
             "pixel grid.", "float64", "dimensionless", _eccentricity, kernel="shape", dims=(2,), skimage="eccentricity"),

@@ -28,6 +28,7 @@ from measure import features as registry
 from measure import ngff, store_write
 from measure.accumulate import Merger
 from measure.block import BlockResult, KernelPlan, measure_block, measure_object
+from measure.shape_kernels import surface_lut
 from schemas import store as layout
 from schemas.errors import InvalidImageError, UsageError
 
@@ -315,9 +316,13 @@ def measure(
     needed = registry.kernels_needed(selected, geo)
     if not 2 <= texture_levels <= 256:
         raise UsageError(f"--texture-levels {texture_levels}: expected 2 to 256")
+    luts: dict = {}
+    if geo.ndim == 3 and "shape" in needed:
+        luts = {"surface_lut": tuple(surface_lut((1.0, 1.0, 1.0))),
+                "surface_lut_um": tuple(surface_lut(tuple(geo.spacing.tolist())))}
     kplan = KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
                        touching="touching" in needed, texture="texture" in needed, texture_levels=texture_levels,
-                       spacing=tuple(geo.spacing[-2:].tolist()))
+                       spacing=tuple(geo.spacing[-2:].tolist()), **luts)
     shape = lb.spatial_shape(level)
     plan = ReadPlan(
         url=image.url,

@@ -106,6 +106,15 @@ def _references(labels: np.ndarray, channels: np.ndarray, present: np.ndarray, g
         mask = labels[sl] == lab
         inner = ndi.binary_erosion(mask, border_value=0)
         row = {"perimeter": perimeter(mask, 4) if geo.ndim == 2 else np.nan}
+        if geo.ndim == 3:
+            from skimage.measure import marching_cubes, mesh_surface_area
+
+            for key, spacing in (("surface_area", (1.0, 1.0, 1.0)), ("surface_area_um2", tuple(geo.spacing))):
+                verts, faces, _, _ = marching_cubes(np.pad(mask, 1).astype(np.float32), 0.5, spacing=spacing)
+                row[key] = mesh_surface_area(verts, faces)
+            volume = mask.sum() * float(np.prod(geo.spacing))
+            area = row["surface_area_um2"] if geo.spacing_um else row["surface_area"]
+            row["sphericity"] = np.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area
         for c in range(channels.shape[0]):
             v = channels[c][sl][mask].astype(np.float64)
             row[("sum", c)] = v.sum()
@@ -156,6 +165,8 @@ def _expected(col: registry.Column, ref: dict, df) -> np.ndarray:
               "neighbors_within_radius": "within", "touching_neighbors": "touching"}
     if f in simple:
         return ref[simple[f]]
+    if f in ("surface_area", "surface_area_um2", "sphericity"):
+        return ref[f]
     if f == "circularity":
         with np.errstate(divide="ignore"):
             return np.where(ref["perimeter"] > 0, 4 * np.pi * df["area"].to_numpy() / ref["perimeter"] ** 2, np.nan)

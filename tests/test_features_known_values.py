@@ -149,3 +149,25 @@ def test_texture_of_a_constant_and_of_a_striped_object(tmp_path):
     # at 45 and 135 deg every pair differs by 3 again. Mean over the four angles: 9 * 3 / 4.
     assert stripes.texture_contrast__c0 == pytest.approx(27 / 4)
     assert stripes.texture_dissimilarity__c0 == pytest.approx(9 / 4)
+
+
+def test_euler_lookup_tables_are_scikit_images():
+    from skimage.measure._regionprops_utils import EULER_COEFS2D_8, EULER_COEFS3D_26
+
+    from measure import shape_kernels
+
+    assert shape_kernels._EULER_3D_26.tolist() == list(EULER_COEFS3D_26)
+    assert shape_kernels._EULER_2D_8.tolist() == list(EULER_COEFS2D_8)
+
+
+def test_sphericity_of_a_ball_is_near_one_and_above_a_cube(tmp_path):
+    from skimage.morphology import ball
+
+    labels = np.zeros((30, 30, 50), np.uint8)
+    labels[3:24, 3:24, 3:24] = ball(10).astype(np.uint8)
+    labels[5:15, 5:15, 30:40] = 2
+    t = _table(tmp_path, labels)
+    assert 0.9 < t.loc[1].sphericity <= 1.0
+    assert t.loc[2].sphericity < t.loc[1].sphericity
+    # a 10^3 cube's mesh: 6 faces of 10 x 10 less the bevels marching cubes cuts at edges and corners
+    assert 550 < t.loc[2].surface_area < 600
