@@ -99,7 +99,8 @@ def run(root: Path, workers: int | None = None) -> int:
           f"nominal pixel size {NOMINAL_PIXEL_UM} um)")
     result = measure.measure(str(paths.image), "nuclei", paths.store, workers=workers, region_pixels=0)
     print(f"  measured {result.n_objects} nuclei over {result.n_regions} chunks in {result.elapsed_s:.2f} s "
-          f"-> {paths.store}")
+          f"-> {paths.store}\n  ({len(query.open(paths.store).sql('SELECT * FROM columns').fetchall())} columns; "
+          "the first run on a machine includes compiling cellar's kernels, later runs reuse them)")
     objs = query.open(paths.store)
     for i, (title, sql) in enumerate(QUERIES, 1):
         print(f"\n[{i}] {title}\n    {sql}")

@@ -162,6 +162,21 @@ def _worker_object(item: tuple) -> tuple[int, np.ndarray]:
     return _READER.object(item)
 
 
+def _compile_kernels(plan: ReadPlan) -> None:
+    """Run the kernels once on a tiny block of the image's dtypes, so that numba compiles (or loads from its
+    cache) here, before forking, rather than in every worker at once."""
+    labels_dtype = ngff.open_level(plan.url, plan.label_path).dtype
+    image_dtype = ngff.open_level(plan.url, plan.image_path).dtype if plan.channels else np.dtype(np.float32)
+    labels = np.zeros((1, 4, 4), labels_dtype)
+    labels[0, 1:3, 1:3] = 1
+    chans = np.zeros((len(plan.channels), 1, 4, 4), image_dtype)
+    core = (slice(0, 1), slice(0, 4), slice(0, 4))
+    if plan.kernels.ndim == 3:
+        labels, chans = np.repeat(labels, 4, axis=0), np.repeat(chans, 4, axis=1)
+        core = (slice(0, 4), *core[1:])
+    measure_block(labels, chans, core, (0, 0, 0), ((True, True),) * 3, plan.kernels)
+
+
 def _mp_context() -> multiprocessing.context.BaseContext:
     """fork on Linux: no re-import per worker and no `if __name__ == "__main__"` guard needed in user scripts.
 
@@ -196,6 +211,7 @@ class _Executor:
                 on_done()
             return
         if self._pool is None:
+            _compile_kernels(self.plan)  # once here, inherited by the forked workers
             with warnings.catch_warnings():
                 # zarr and fsspec reset their IO threads in forked children (os.register_at_fork), so Python
                 # 3.12's warning about forking a multi-threaded process does not apply to them.
