@@ -367,13 +367,15 @@ FEATURES: tuple[Feature, ...] = (
             "4 pi area / perimeter^2 with `perimeter` above (about 1 for a disc; NaN for a zero perimeter, "
             "i.e. a single pixel).", "float64", "dimensionless", _circularity, kernel="shape", dims=(2,)),
     Feature("area_convex", "morphology",
-            "Pixels of the convex hull image (skimage.morphology.convex_hull_image).", "float64", "pixel",
-            lambda r, g: r.crop["area_convex"], kernel="shape", dims=(2,), skimage="area_convex"),
-    Feature("area_convex_um2", "morphology", "Physical area of the convex hull image.", "float64",
-            "micrometer^2", lambda r, g: r.crop["area_convex"] * float(np.prod(g.spacing)), kernel="shape",
-            dims=(2,), physical=True, skimage="area_convex"),
-    Feature("solidity", "morphology", "Area over convex hull area.", "float64", "dimensionless",
-            lambda r, g: r.stats.count / r.crop["area_convex"], kernel="shape", dims=(2,), skimage="solidity"),
+            "Pixels (voxels) of the convex hull image (skimage.morphology.convex_hull_image: centres inside or on "
+            "the hull of the pixels' diamond corners). 3D objects whose voxel centres are coplanar get their true "
+            "hull here, where scikit-image's Qhull call fails and it returns 0.", "float64", "{px}",
+            lambda r, g: r.crop["area_convex"], kernel="shape", skimage="area_convex"),
+    Feature("area_convex_um{ndim}", "morphology", "Physical area (volume) of the convex hull image.", "float64",
+            "micrometer^{ndim}", lambda r, g: r.crop["area_convex"] * float(np.prod(g.spacing)), kernel="shape",
+            physical=True, skimage="area_convex"),
+    Feature("solidity", "morphology", "Area (volume) over convex hull area (volume).", "float64", "dimensionless",
+            lambda r, g: r.stats.count / r.crop["area_convex"], kernel="shape", skimage="solidity"),
     Feature("feret_diameter_max", "morphology",
             "Largest distance between points of the convex hull's contour (regionprops' definition), in pixels.",
             "float64", "pixel", lambda r, g: r.crop["feret_diameter_max"], kernel="shape", dims=(2,),

@@ -57,7 +57,8 @@ MORPH_2D = (
     "feret_diameter_max_um", "mu20", "mu11", "mu02", "mu30", "mu21", "mu12", "mu03",
 )
 # Columns of `morphology_3d`'s output.
-MORPH_3D = ("euler_number", "mu200", "mu020", "mu002", "mu110", "mu101", "mu011", "surface_area", "surface_area_um")
+MORPH_3D = ("euler_number", "mu200", "mu020", "mu002", "mu110", "mu101", "mu011", "surface_area", "surface_area_um",
+            "area_convex")
 # Columns of `intensity_crop`'s output.
 INTENSITY = ("median", "q05", "q25", "q75", "q95", "mad", "skewness", "kurtosis", "boundary_mean")
 
@@ -405,6 +406,195 @@ def surface_area(m, lut):
 
 
 @njit(cache=True, nogil=True)
+def _orient(f, p, q):
+    """(b - a) x (c - a) . (q - a) for the face f = (a, b, c) of points p: > 0 when q sees the face."""
+    a0, a1, a2 = p[f[0], 0], p[f[0], 1], p[f[0], 2]
+    b0, b1, b2 = p[f[1], 0] - a0, p[f[1], 1] - a1, p[f[1], 2] - a2
+    c0, c1, c2 = p[f[2], 0] - a0, p[f[2], 1] - a1, p[f[2], 2] - a2
+    n0, n1, n2 = b1 * c2 - b2 * c1, b2 * c0 - b0 * c2, b0 * c1 - b1 * c0
+    return n0 * (q[0] - a0) + n1 * (q[1] - a1) + n2 * (q[2] - a2)
+
+
+@njit(cache=True, nogil=True)
+def hull_3d(p):
+    """Faces (a, b, c), outward by the right-hand rule, of the convex hull of the points p (n, 3).
+
+    Incremental, with exact arithmetic for the small integer coordinates it is given (doubled half-integers);
+    a point sees a face only strictly, so coplanar points never split faces. Empty if p is flat.
+    """
+    n = p.shape[0]
+    # a non-degenerate tetrahedron: extreme in the first coordinate, then farthest from the line, the plane
+    i0 = 0
+    i1 = 0
+    for i in range(n):
+        if p[i, 0] < p[i0, 0] or (p[i, 0] == p[i0, 0] and (p[i, 1] < p[i0, 1] or (p[i, 1] == p[i0, 1] and p[i, 2] < p[i0, 2]))):
+            i0 = i
+    best = -1.0
+    for i in range(n):
+        d = (p[i, 0] - p[i0, 0]) ** 2 + (p[i, 1] - p[i0, 1]) ** 2 + (p[i, 2] - p[i0, 2]) ** 2
+        if d > best:
+            best, i1 = d, i
+    best = 0.0
+    i2 = -1
+    u0, u1, u2 = p[i1, 0] - p[i0, 0], p[i1, 1] - p[i0, 1], p[i1, 2] - p[i0, 2]
+    for i in range(n):
+        v0, v1, v2 = p[i, 0] - p[i0, 0], p[i, 1] - p[i0, 1], p[i, 2] - p[i0, 2]
+        c = (u1 * v2 - u2 * v1) ** 2 + (u2 * v0 - u0 * v2) ** 2 + (u0 * v1 - u1 * v0) ** 2
+        if c > best:
+            best, i2 = c, i
+    if i2 < 0:
+        return np.empty((0, 3), np.int64)
+    face = np.array([i0, i1, i2], np.int64)
+    best = 0.0
+    i3 = -1
+    for i in range(n):
+        o = abs(_orient(face, p, p[i]))
+        if o > best:
+            best, i3 = o, i
+    if i3 < 0:
+        return np.empty((0, 3), np.int64)
+    cap = 64
+    faces = np.empty((cap, 3), np.int64)
+    alive = np.zeros(cap, np.bool_)
+    nf = 0
+    if _orient(face, p, p[i3]) > 0:
+        i1, i2 = i2, i1
+    for a, b, c in ((i0, i1, i2), (i0, i3, i1), (i1, i3, i2), (i2, i3, i0)):
+        faces[nf, 0], faces[nf, 1], faces[nf, 2] = a, b, c
+        alive[nf] = True
+        nf += 1
+    edges = np.empty((3 * cap, 2), np.int64)
+    for q in range(n):
+        if q == i0 or q == i1 or q == i2 or q == i3:
+            continue
+        ne = 0
+        seen = False
+        for f in range(nf):
+            if alive[f] and _orient(faces[f], p, p[q]) > 0:
+                seen = True
+                alive[f] = False
+                if ne + 3 > edges.shape[0]:
+                    grown = np.empty((2 * edges.shape[0], 2), np.int64)
+                    grown[:ne] = edges[:ne]
+                    edges = grown
+                for e in range(3):
+                    edges[ne, 0], edges[ne, 1] = faces[f, e], faces[f, (e + 1) % 3]
+                    ne += 1
+        if not seen:
+            continue
+        for e in range(ne):
+            a, b = edges[e, 0], edges[e, 1]
+            horizon = True
+            for g in range(ne):
+                if edges[g, 0] == b and edges[g, 1] == a:
+                    horizon = False
+                    break
+            if horizon:
+                if nf == cap:
+                    cap *= 2
+                    grown_f = np.empty((cap, 3), np.int64)
+                    grown_f[:nf] = faces[:nf]
+                    grown_a = np.zeros(cap, np.bool_)
+                    grown_a[:nf] = alive[:nf]
+                    faces, alive = grown_f, grown_a
+                faces[nf, 0], faces[nf, 1], faces[nf, 2] = a, b, q
+                alive[nf] = True
+                nf += 1
+    return faces[:nf][alive[:nf]]
+
+
+@njit(cache=True, nogil=True)
+def _plane_hull_points(first, last, layers_lo, layers_hi, pts, n, z2):
+    """Append to pts (doubled coordinates, at doubled height z2) the 2D hull vertices of the points given by
+    the row runs of the layers in [layers_lo, layers_hi) with diamond corners in-plane (integer planes) or
+    the voxel centres (half planes between two layers)."""
+    h = first.shape[1]
+    n_lev = 2 * h + 1
+    lo = np.full(n_lev, np.inf)
+    hi = np.full(n_lev, -np.inf)
+    diamond = layers_hi - layers_lo == 1
+    for z in range(layers_lo, layers_hi):
+        if z < 0 or z >= first.shape[0]:
+            continue
+        for y in range(h):
+            if first[z, y] < 0:
+                continue
+            f, l = float(first[z, y]), float(last[z, y])
+            if diamond:
+                for L in (2 * y, 2 * y + 2):
+                    lo[L] = min(lo[L], f)
+                    hi[L] = max(hi[L], l)
+                lo[2 * y + 1] = min(lo[2 * y + 1], f - 0.5)
+                hi[2 * y + 1] = max(hi[2 * y + 1], l + 0.5)
+            else:
+                lo[2 * y + 1] = min(lo[2 * y + 1], f)
+                hi[2 * y + 1] = max(hi[2 * y + 1], l)
+    if not np.any(lo <= hi):
+        return n
+    hull = _level_hull(lo, hi, -0.5)
+    for i in range(hull.shape[0]):
+        pts[n, 0], pts[n, 1], pts[n, 2] = z2, 2.0 * hull[i, 0], 2.0 * hull[i, 1]
+        n += 1
+    return n
+
+
+@njit(cache=True, nogil=True)
+def convex_volume_3d(m):
+    """Voxels of skimage.morphology.convex_hull_image(m) for a 3D mask: voxel centres inside or on the hull
+    of the voxels' diamond corners (+-0.5 along each axis). Per plane only the 2D hull of the corners lying in
+    it can hold hull vertices; coordinates are doubled so that every test is exact."""
+    d, h, w = m.shape
+    first = np.full((d, h), -1, np.int64)
+    last = np.full((d, h), -1, np.int64)
+    for z in range(d):
+        for y in range(h):
+            for x in range(w):
+                if m[z, y, x]:
+                    if first[z, y] < 0:
+                        first[z, y] = x
+                    last[z, y] = x
+    pts = np.empty(((2 * d + 1) * (4 * h + 4), 3), np.float64)
+    n = 0
+    for z in range(d):  # the plane of layer z, and the plane between layers z - 1 and z
+        n = _plane_hull_points(first, last, z, z + 1, pts, n, 2.0 * z)
+        n = _plane_hull_points(first, last, z - 1, z + 1, pts, n, 2.0 * z - 1.0)
+    n = _plane_hull_points(first, last, d - 1, d + 1, pts, n, 2.0 * d - 1.0)
+    # Farthest points first: the hull reaches its final shape early and most later points are inside it.
+    c0, c1, c2 = pts[:n, 0].mean(), pts[:n, 1].mean(), pts[:n, 2].mean()
+    far = (pts[:n, 0] - c0) ** 2 + (pts[:n, 1] - c1) ** 2 + (pts[:n, 2] - c2) ** 2
+    p = pts[:n][np.argsort(-far)]
+    faces = hull_3d(p)
+    count = 0
+    q = np.empty(3, np.float64)
+    for z in range(d):
+        for y in range(h):
+            a = 0
+            b = w - 1
+            if first[z, y] >= 0:  # the inside set of the row is an interval around its voxels: grow it
+                a = first[z, y]
+                b = last[z, y]
+                while a > 0 and _in_hull3(faces, p, q, z, y, a - 1):
+                    a -= 1
+                while b < w - 1 and _in_hull3(faces, p, q, z, y, b + 1):
+                    b += 1
+                count += b - a + 1
+            else:
+                for x in range(w):
+                    if _in_hull3(faces, p, q, z, y, x):
+                        count += 1
+    return count
+
+
+@njit(cache=True, nogil=True)
+def _in_hull3(faces, p, q, z, y, x):
+    q[0], q[1], q[2] = 2.0 * z, 2.0 * y, 2.0 * x
+    for f in range(faces.shape[0]):
+        if _orient(faces[f], p, q) > 0:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
 def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
     """Whole-object 3D features (columns `MORPH_3D`) of the compact labels `sel` of a (Z, Y, X) block;
     `lut` and `lut_um` are `surface_lut` in voxel and physical units."""
@@ -415,6 +605,7 @@ def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
         out[j, 0] = euler_3d(m)
         out[j, 7] = surface_area(m, lut)
         out[j, 8] = surface_area(m, lut_um)
+        out[j, 9] = convex_volume_3d(m)
         d, h, w = m.shape
         n = 0.0
         c0 = 0.0

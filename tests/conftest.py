@@ -219,6 +219,12 @@ def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.nda
             if ev is not None:
                 keep = (ev[:, 0] - ev[:, 1]) > 1e-9 * np.maximum(ev[:, 0], 1e-300)
                 got, expected = got[keep], expected[keep]
+        if geo.ndim == 3 and col.feature in ("area_convex", "area_convex_um{ndim}", "solidity"):
+            # scikit-image's Qhull call fails on objects whose voxel centres are coplanar (it returns an empty
+            # hull); cellar measures their true hull (documented in the column description)
+            solid = np.array([np.linalg.matrix_rank(c - c[0]) == 3
+                              for c in (np.argwhere(labels == lab) for lab in present)])
+            got, expected = got[solid], expected[solid]
         if col.feature == "orientation":  # an axis: pi/2 and -pi/2 are the same orientation
             got = expected + (got - expected + np.pi / 2) % np.pi - np.pi / 2
         if np.dtype(col.dtype).kind in "iu":

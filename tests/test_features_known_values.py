@@ -117,6 +117,15 @@ def test_3d_cube_and_hollow_shell(tmp_path):
     assert t.loc[1].area == 125 and t.loc[1].euler_number == 1 and t.loc[1].extent == 1.0
     assert t.loc[2].euler_number == 2 and t.loc[2].area == 9**3 - 5**3
     assert t.loc[1].equivalent_diameter == pytest.approx((6 * 125 / math.pi) ** (1 / 3))
+    assert t.loc[1].area_convex == 125 and t.loc[1].solidity == 1.0
+    assert t.loc[2].area_convex == 9**3 and t.loc[2].solidity == pytest.approx((9**3 - 5**3) / 9**3)
+
+
+def test_a_flat_3d_object_gets_its_true_convex_hull(tmp_path):
+    labels = np.zeros((5, 10, 10), np.uint8)
+    labels[2, 2:7, 2:5] = 1  # one z plane: scikit-image's Qhull fails here and reports 0
+    t = _table(tmp_path, labels)
+    assert t.loc[1].area_convex == 15 and t.loc[1].solidity == 1.0
 
 
 def test_feature_selection_by_group_and_name(tmp_path):
