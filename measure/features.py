@@ -208,10 +208,14 @@ def _inertia_tensor(r: Results, geo: Geometry, spacing: np.ndarray) -> np.ndarra
 
 
 def _eigvals(r: Results, geo: Geometry, spacing: np.ndarray | None = None) -> np.ndarray:
-    """Inertia tensor eigenvalues, clipped at 0, largest first (as regionprops' inertia_tensor_eigvals)."""
-    tensor = _inertia_tensor(r, geo, np.ones(geo.ndim) if spacing is None else spacing)
-    ev = np.clip(np.linalg.eigvalsh(tensor), 0, None) if len(tensor) else np.zeros((0, geo.ndim))
-    return ev[:, ::-1]
+    """Inertia tensor eigenvalues, clipped at 0, largest first (as regionprops' inertia_tensor_eigvals);
+    cached, since several features share them."""
+    key = ("eigvals", None if spacing is None else tuple(spacing))
+    if key not in r.cache:
+        tensor = _inertia_tensor(r, geo, np.ones(geo.ndim) if spacing is None else spacing)
+        ev = np.clip(np.linalg.eigvalsh(tensor), 0, None) if len(tensor) else np.zeros((0, geo.ndim))
+        r.cache[key] = ev[:, ::-1]
+    return r.cache[key]
 
 
 def _axis_lengths(r: Results, geo: Geometry, spacing: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

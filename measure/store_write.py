@@ -99,7 +99,10 @@ def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
     tmp = final.with_name(final.name + ".tmp")
     committed = False
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=True)
+        # No dictionary encoding: measurement columns are mostly distinct floats, where it costs time and
+        # space (measured on 100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB).
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=True,
+                       use_dictionary=False)
         os.replace(tmp, final)
         layout.write_json_atomic(root / layout.SCHEMA, schemas.objects_schema())
         manifest = layout.read_manifest(root)
