@@ -75,13 +75,6 @@ def _mask(idx, k, z0, z1, y0, y1, x0, x1):
 
 
 @njit(cache=True, nogil=True)
-def _at(m, y, x):
-    if y < 0 or x < 0 or y >= m.shape[0] or x >= m.shape[1]:
-        return 0
-    return m[y, x]
-
-
-@njit(cache=True, nogil=True)
 def _padded_mask_2d(idx, k, y0, y1, x0, x1):
     """The object's crop mask with a 2-pixel frame of background, so neighbourhood loops need no bounds checks."""
     m = np.zeros((y1 - y0 + 5, x1 - x0 + 5), np.uint8)
@@ -110,11 +103,6 @@ def perimeter_padded(mp):
                     b[y - 1, x - 1] + b[y - 1, x + 1] + b[y + 1, x - 1] + b[y + 1, x + 1])
                 total += _PERIMETER_WEIGHTS[code]
     return total
-
-
-def perimeter(m: np.ndarray) -> float:
-    """skimage.measure.perimeter(m, 4) of a 2D mask (for tests and single objects)."""
-    return perimeter_padded(np.pad(np.asarray(m, np.uint8), 2))
 
 
 @njit(cache=True, nogil=True)
