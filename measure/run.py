@@ -1,10 +1,12 @@
 """`measure()`: OME-Zarr image + label image in, one table of a cellar store out.
 
-The label array at the chosen level is cut into regions aligned to its chunks. Each region (labels plus the
-selected intensity channels) is read and reduced to per-label statistics by the compiled kernels, in worker
-processes that open the arrays themselves from the URL; the statistics are merged as they arrive (at most
-two regions per worker are in flight, so memory is bounded by the regions, not the image), finished into
-feature columns once, and written to the store atomically.
+The label array at the chosen level is cut into regions aligned to its chunks. Each region, read with a halo
+around it (labels plus the selected intensity channels), is reduced by the compiled kernels
+(`measure.block`) in worker processes that open the arrays themselves from the URL: streaming statistics for
+every label, whole-object features for the objects the block owns and saw entirely, touching pairs. Results
+are merged as they arrive (at most two regions per worker in flight, so memory is bounded by the regions,
+not the image); objects no block saw whole are then measured on crops of their own; features are finished
+once and written to the store atomically.
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ class ReadPlan:
     url: str
     label_path: str
     label_roles: tuple[str, ...]
+    label_dtype: str
     image_path: str
     image_roles: tuple[str, ...]
+    image_dtype: str
     timepoint: int
     channels: tuple[int, ...]
     shape: tuple[int, ...]  # spatial shape of the level
@@ -165,9 +169,8 @@ def _worker_object(item: tuple) -> tuple[int, np.ndarray]:
 def _compile_kernels(plan: ReadPlan) -> None:
     """Run the kernels once on a tiny block of the image's dtypes, so that numba compiles (or loads from its
     cache) here, before forking, rather than in every worker at once."""
-    labels_dtype = ngff.open_level(plan.url, plan.label_path).dtype
-    image_dtype = ngff.open_level(plan.url, plan.image_path).dtype if plan.channels else np.dtype(np.float32)
-    labels = np.zeros((1, 4, 4), labels_dtype)
+    image_dtype = plan.image_dtype if plan.channels else np.float32
+    labels = np.zeros((1, 4, 4), plan.label_dtype)
     labels[0, 1:3, 1:3] = 1
     chans = np.zeros((len(plan.channels), 1, 4, 4), image_dtype)
     core = (slice(0, 1), slice(0, 4), slice(0, 4))
@@ -344,8 +347,10 @@ def measure(
         url=image.url,
         label_path=lb.levels[level].path,
         label_roles=tuple(a.role for a in lb.axes),
+        label_dtype=lb.levels[level].dtype,
         image_path=im.levels[level].path,
         image_roles=tuple(a.role for a in im.axes),
+        image_dtype=im.levels[level].dtype,
         timepoint=timepoint,
         channels=chan_idx,
         shape=shape,
