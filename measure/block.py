@@ -68,9 +68,9 @@ class BlockResult:
 
 
 def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np.ndarray, bmax: np.ndarray,
-                  chans: np.ndarray, plan: KernelPlan) -> np.ndarray:
+                  chans: np.ndarray, offset: np.ndarray, plan: KernelPlan) -> np.ndarray:
     """Whole-object columns (`plan.crop_columns`) for the compact labels `sel` of a block, given each compact
-    label's pixel count and bounding box in the block."""
+    label's pixel count and bounding box in the block, and the block's global (z, y, x) start `offset`."""
     parts = []
     if plan.shape:
         if plan.ndim == 2:
@@ -80,7 +80,8 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np
                                                      np.asarray(plan.surface_lut_um)))
     if plan.intensity_crop:
         small_uint = chans.dtype.kind == "u" and chans.dtype.itemsize <= 2
-        parts.append(shape_kernels.intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint))
+        parts.append(shape_kernels.intensity_crop(idx, sel, counts, bmin, bmax, np.ascontiguousarray(chans), small_uint,
+                                                   offset))
     if plan.texture:
         parts.append(shape_kernels.texture_crop(idx, sel, counts, bmin, bmax, chans, plan.texture_levels))
     return np.hstack(parts) if parts else np.empty((len(sel), 0))
@@ -100,7 +101,10 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
         return BlockResult(Stats.empty(chans.shape[0]), np.empty(0, np.uint64), np.empty((0, n_cols)),
                            np.empty(0, np.int64), np.empty((0, 2), np.uint64), smallest)
     n = len(ids)
-    stats = region_stats(idx[core], ids, chans[(slice(None), *core)], origin)
+    # With the intensity crop kernel, every object's intensity statistics come from its whole-object row
+    # (`shape_kernels.INTENSITY_STATS`): the streaming pass then only counts pixels and bounds objects.
+    streamed = chans[:0] if plan.intensity_crop else chans
+    stats = region_stats(idx[core], ids, streamed[(slice(None), *core)], origin)
     crop_ids, crop_counts = np.empty(0, np.uint64), np.empty(0, np.int64)
     crop, pairs = np.empty((0, n_cols)), np.empty((0, 2), np.uint64)
     if plan.crop and len(stats):
@@ -118,7 +122,8 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
             owned &= (first[:, a] >= core[a].start) & (first[:, a] < core[a].stop)
         sel = present[complete[present] & owned[present]]
         crop_ids, crop_counts = ids[sel], counts[sel]
-        crop = crop_features(idx, sel.astype(np.int64), counts, bmin, bmax, chans, plan)
+        offset = np.array([o - c.start for o, c in zip(origin, core)], np.int64)
+        crop = crop_features(idx, sel.astype(np.int64), counts, bmin, bmax, chans, offset, plan)
     if plan.touching and n:
         cp = kernels.touching_pairs(idx, n, core[0].start, core[0].stop, core[1].start, core[1].stop,
                                     core[2].start, core[2].stop)
@@ -126,9 +131,12 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
     return BlockResult(stats, crop_ids, crop, crop_counts, pairs, smallest)
 
 
-def measure_object(labels: np.ndarray, chans: np.ndarray, label_id: int, plan: KernelPlan) -> np.ndarray:
-    """Whole-object columns of one object from a crop that holds all of it (its bounding box)."""
+def measure_object(labels: np.ndarray, chans: np.ndarray, label_id: int, offset: tuple[int, int, int],
+                   plan: KernelPlan) -> np.ndarray:
+    """Whole-object columns of one object from a crop that holds all of it (its bounding box), starting at
+    the global (z, y, x) `offset`."""
     ids, idx, _ = kernels.compact_labels(labels)
     k = int(np.searchsorted(ids, np.uint64(label_id)))
     counts, _, bmin, bmax = kernels.geometry(idx, len(ids))
-    return crop_features(idx, np.array([k], np.int64), counts, bmin, bmax, chans, plan)[0]
+    return crop_features(idx, np.array([k], np.int64), counts, bmin, bmax, chans, np.asarray(offset, np.int64),
+                         plan)[0]

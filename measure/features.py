@@ -304,13 +304,19 @@ def _spatial_neighbours(r: Results, geo: Geometry) -> dict[str, np.ndarray]:
     within = np.zeros(n, np.int64)
     if n >= 2:
         tree = cKDTree(pts)
-        d, i = tree.query(pts, k=min(n, 10))
+        d, i = tree.query(pts, k=min(n, 3), workers=-1)
         d = np.where(i == np.arange(n)[:, None], np.inf, d)  # each point itself (not always first: ties at 0)
-        dist = d.min(axis=1)
-        # Ties (equal distances to rounding) go to the smallest label_id, whatever order the tree returns.
-        tied = np.where(d <= dist[:, None] * (1 + 1e-9), r.stats.ids[i], np.iinfo(np.uint64).max)
-        nn_id = tied.min(axis=1)
-        within = tree.query_ball_point(pts, geo.radius, return_length=True) - 1
+        best = d.argmin(axis=1)
+        dist = d[np.arange(n), best]
+        nn_id = r.stats.ids[i[np.arange(n), best]]
+        # Ties (equal distances to rounding) go to the smallest label_id, whatever order the tree returns:
+        # points with a second neighbour at their nearest distance (or possibly beyond the k returned) are
+        # settled with a ball query.
+        close = d <= dist[:, None] * (1 + 1e-9)
+        for p in np.flatnonzero((close.sum(axis=1) >= 2) | close[:, -1]):
+            near = [q for q in tree.query_ball_point(pts[p], dist[p] * (1 + 1e-9)) if q != p]
+            nn_id[p] = r.stats.ids[near].min()
+        within = tree.query_ball_point(pts, geo.radius, return_length=True, workers=-1) - 1
     return {"distance": dist, "id": nn_id, "within": np.asarray(within, np.int64)}
 
 

@@ -60,7 +60,11 @@ MORPH_2D = (
 MORPH_3D = ("euler_number", "mu200", "mu020", "mu002", "mu110", "mu101", "mu011", "surface_area", "surface_area_um",
             "area_convex")
 # Columns of `intensity_crop`'s output.
-INTENSITY = ("median", "q05", "q25", "q75", "q95", "mad", "skewness", "kurtosis", "boundary_mean")
+INTENSITY = ("median", "q05", "q25", "q75", "q95", "mad", "skewness", "kurtosis", "boundary_mean", "sum", "min", "max",
+             "m2", "wsum_z", "wsum_y", "wsum_x")
+# The streaming statistics (`accumulate.Stats`) that `intensity_crop` also computes, as (Stats field, columns).
+INTENSITY_STATS = (("isum", ("sum",)), ("imin", ("min",)), ("imax", ("max",)), ("m2", ("m2",)),
+                   ("wcoord", ("wsum_z", "wsum_y", "wsum_x")))
 
 
 @njit(cache=True, nogil=True)
@@ -642,28 +646,38 @@ def _quantile_sorted(v, q):
 
 
 @njit(cache=True, nogil=True)
-def _radix_sort_u16(keys, out):
-    """Sort 16-bit unsigned keys into `out` (float64) with two stable 8-bit counting passes."""
+def _radix_sort_u16(keys, lo, hi, out):
+    """Sort 16-bit unsigned keys (all within [lo, hi]) into `out` (float64) by counting: one pass of
+    key - lo when the keys span at most 256 values, else two stable 8-bit passes."""
     n = keys.shape[0]
+    if hi - lo < 256:
+        c = np.zeros(257, np.int64)
+        for i in range(n):
+            c[keys[i] - lo + 1] += 1
+        for b in range(256):
+            c[b + 1] += c[b]
+        for i in range(n):
+            d = keys[i] - lo
+            out[c[d]] = keys[i]
+            c[d] += 1
+        return
     tmp = np.empty(n, np.uint16)
-    count = np.zeros(257, np.int64)
-    for i in range(n):
-        count[(keys[i] & 0xFF) + 1] += 1
+    c0 = np.zeros(257, np.int64)
+    c1 = np.zeros(257, np.int64)
+    for i in range(n):  # both digits' histograms in one pass
+        c0[(keys[i] & 0xFF) + 1] += 1
+        c1[(keys[i] >> 8) + 1] += 1
     for b in range(256):
-        count[b + 1] += count[b]
+        c0[b + 1] += c0[b]
+        c1[b + 1] += c1[b]
     for i in range(n):
         d = keys[i] & 0xFF
-        tmp[count[d]] = keys[i]
-        count[d] += 1
-    count[:] = 0
-    for i in range(n):
-        count[(tmp[i] >> 8) + 1] += 1
-    for b in range(256):
-        count[b + 1] += count[b]
+        tmp[c0[d]] = keys[i]
+        c0[d] += 1
     for i in range(n):
         d = tmp[i] >> 8
-        out[count[d]] = tmp[i]
-        count[d] += 1
+        out[c1[d]] = tmp[i]
+        c1[d] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -697,26 +711,31 @@ def _mad_sorted(v, med):
 
 
 @njit(cache=True, nogil=True)
-def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint):
-    """Per-object intensity distribution features of every channel of a (C, Z, Y, X) block.
+def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
+    """Per-object intensity features of every channel of a (C, Z, Y, X) block (columns `INTENSITY`).
 
     Returns (len(sel), C * len(INTENSITY)), channel-major. Median and quantiles as numpy.quantile (linear);
     MAD = median(|v - median|) (scipy's median_abs_deviation, scale 1); skewness and kurtosis as
     scipy.stats.skew / kurtosis (biased, Fisher: 0 for a normal distribution), NaN for a constant object;
     boundary mean over the object's pixels with a face neighbour outside the object (4-connected in 2D,
-    6-connected in 3D). Each object's pixels and boundary are found once for all channels. `small_uint`
-    says the image is 8- or 16-bit unsigned, whose values are sorted by counting rather than by comparison.
+    6-connected in 3D); and the object's sum, min, max (NaN propagates, as in numpy), sum of squared
+    deviations from its mean (two passes) and intensity-weighted coordinate sums, with coordinates global
+    (block index + `offset`), so that the streaming statistics need not be computed again for objects
+    measured here. Each object's pixels and boundary are found once for all channels. `small_uint` says
+    the image is 8- or 16-bit unsigned, whose values are sorted by counting rather than by comparison.
     """
     nc = chans.shape[0]
     ni = len(INTENSITY)
     out = np.empty((sel.shape[0], nc * ni), np.float64)
     nz, ny, nx = idx.shape
+    plane = ny * nx
     for j in range(sel.shape[0]):
         k = sel[j]
         n = counts[k]
-        pz = np.empty(n, np.int64)
-        py = np.empty(n, np.int64)
-        px = np.empty(n, np.int64)
+        pos = np.empty(n, np.int64)  # flat index of each pixel in the block
+        gz = np.empty(n, np.float64)  # global coordinates, for the weighted sums
+        gy = np.empty(n, np.float64)
+        gx = np.empty(n, np.float64)
         edge = np.empty(n, np.bool_)
         i = 0
         for z in range(bmin[k, 0], bmax[k, 0] + 1):
@@ -728,25 +747,40 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint):
                         x > 0 and idx[z, y, x - 1] == k) and (x < nx - 1 and idx[z, y, x + 1] == k)
                     if nz > 1:
                         inner = inner and (z > 0 and idx[z - 1, y, x] == k) and (z < nz - 1 and idx[z + 1, y, x] == k)
-                    pz[i], py[i], px[i], edge[i] = z, y, x, not inner
+                    pos[i] = z * plane + y * nx + x
+                    gz[i], gy[i], gx[i] = z + offset[0], y + offset[1], x + offset[2]
+                    edge[i] = not inner
                     i += 1
         v = np.empty(n, np.float64)
         keys = np.empty(n if small_uint else 0, np.uint16)
         for c in range(nc):
-            img = chans[c]
+            img = chans[c].ravel()
             bsum = 0.0
             bn = 0
-            mean = 0.0
+            total = 0.0
+            wz = 0.0
+            wy = 0.0
+            wx = 0.0
+            lo = np.inf
+            hi = -np.inf
             for t in range(n):
-                val = np.float64(img[pz[t], py[t], px[t]])
+                raw = img[pos[t]]
+                val = np.float64(raw)
                 v[t] = val
-                mean += val
+                total += val
+                wz += val * gz[t]
+                wy += val * gy[t]
+                wx += val * gx[t]
+                if val < lo or val != val:
+                    lo = val
+                if val > hi or val != val:
+                    hi = val
                 if small_uint:
-                    keys[t] = np.uint16(img[pz[t], py[t], px[t]])
+                    keys[t] = np.uint16(raw)
                 if edge[t]:
                     bsum += val
                     bn += 1
-            mean /= n
+            mean = total / n
             m2 = 0.0
             m3 = 0.0
             m4 = 0.0
@@ -756,14 +790,21 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint):
                 m2 += d2
                 m3 += d2 * d
                 m4 += d2 * d2
+            o = c * ni
+            out[j, o + 9] = total
+            out[j, o + 10] = lo
+            out[j, o + 11] = hi
+            out[j, o + 12] = m2
+            out[j, o + 13] = wz
+            out[j, o + 14] = wy
+            out[j, o + 15] = wx
             m2 /= n
             m3 /= n
             m4 /= n
             if small_uint:
-                _radix_sort_u16(keys, v)
+                _radix_sort_u16(keys, int(lo), int(hi), v)
             else:
                 v.sort()
-            o = c * ni
             med = _quantile_sorted(v, 0.5)
             out[j, o] = med
             out[j, o + 1] = _quantile_sorted(v, 0.05)
