@@ -33,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import measure
-    from measure.ngff_write import write_image
+    from ngff.write import write_image
 
     counts = [int(c) for c in args.channels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="cellar-bench-channels-"))

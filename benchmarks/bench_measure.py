@@ -166,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import measure
-    from measure.ngff_write import write_image
+    from ngff.write import write_image
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-bench-"))
     work.mkdir(parents=True, exist_ok=True)

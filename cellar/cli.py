@@ -1,4 +1,5 @@
-"""The `cellar` command: `demo`, `measure`, `features`, `sql`, `info`.
+"""The `cellar` command: `demo`, `measure`, `features`, `sql`, `info`, and the object commands of
+`cellar.cli_objects` (`filter`, `color`, `render`, `hist`, `annotate`).
 
 User mistakes (`schemas.errors.CellarError`) print one line, `cellar: error: ...`, and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--columns", action="store_true", help="list every column with dtype, unit and description")
     p.set_defaults(func=_cmd_info)
+
+    from cellar import cli_objects
+
+    cli_objects.add_parsers(sub, _positive_int)
     return parser
 
 

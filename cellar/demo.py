@@ -1,4 +1,6 @@
-"""`cellar demo`: a real pathology image to OME-Zarr, its nuclei measured into a store, three queries.
+"""`cellar demo`: a real pathology image to OME-Zarr, its nuclei measured into a store, three queries, the
+Python query API, and the PathViewer-style outputs (label colours written into the NGFF metadata, an overlay
+PNG and a histogram).
 
 The image is scikit-image's bundled immunohistochemistry sample (`skimage.data.immunohistochemistry()`,
 colonic glands, FHL2 revealed with DAB, haematoxylin counterstain; acquired at CMMI, no known copyright
@@ -34,6 +36,33 @@ QUERIES = (
      "SELECT channel, round(avg(intensity_mean)) AS mean_of_means, round(avg(intensity_std)) AS mean_std, "
      "max(intensity_max) AS max FROM channels GROUP BY channel ORDER BY channel"),
 )
+
+
+DAB_FILTER = "intensity_mean__DAB > 2000 AND area_um2 > 25"
+
+
+def pathviewer_outputs(paths: "DemoPaths", objs) -> None:
+    """The Python API on the demo store, then colours, an overlay and a histogram (files in the demo dir)."""
+    import ngff
+    from query import pathviewer
+
+    q = objs.where(DAB_FILTER)
+    print(f"\n[4] The Python query API\n    objs.where(\"{DAB_FILTER}\").count() -> {q.count()}; "
+          f".within(0, 0, 100, 100).label_ids() -> {q.within(0, 0, 100, 100).label_ids().tolist()}")
+    d = objs.describe("area_um2")
+    print(f"    objs.describe(\"area_um2\") -> {d['unit']}, min {d['min']:.1f}, median {d['quantiles'][0.5]:.1f}, "
+          f"max {d['max']:.1f}")
+    table, entry = pathviewer.table_query(objs, None, None)
+    coloring = pathviewer.coloring(table, "intensity_mean__DAB", where=DAB_FILTER, others="grey")
+    image = ngff.open_image(str(paths.image))
+    pathviewer.write_colors(coloring, image, "nuclei")
+    caption = f"ihc / labels/nuclei, coloured by intensity_mean__DAB; filter: {DAB_FILTER}"
+    overlay, hist = paths.root / "overlay.png", paths.root / "hist_area.png"
+    pathviewer.render(image, "nuclei", coloring, overlay, caption=caption)
+    pathviewer.histogram(objs, "area_um2", hist, where=DAB_FILTER, caption=f"area_um2; filter: {DAB_FILTER}")
+    print(f"\n[5] PathViewer-style outputs for \"{DAB_FILTER}\" ({int(coloring.matched.sum())} nuclei)\n"
+          f"    per-label colours (others grey) written into {paths.image}/labels/nuclei image-label metadata\n"
+          f"    overlay: {overlay}\n    histogram: {hist}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +102,7 @@ def build(root: Path) -> DemoPaths:
     """Create (or re-create) the demo image under `root`, refusing a directory the demo did not make."""
     from skimage import data
 
-    from measure.ngff_write import write_image
+    from ngff.write import write_image
 
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise UsageError(f"{root}: exists and was not made by `cellar demo`; choose another --dir")
@@ -105,7 +134,11 @@ def run(root: Path, workers: int | None = None) -> int:
     for i, (title, sql) in enumerate(QUERIES, 1):
         print(f"\n[{i}] {title}\n    {sql}")
         objs.sql(sql).show(max_width=120)
+    pathviewer_outputs(paths, objs)
     print(f"\nThe store is {paths.store}. Try:\n"
+          f"  cellar filter {paths.store} --where \"{DAB_FILTER}\"\n"
+          f"  cellar render {paths.image} --store {paths.store} --by area_um2 --where \"{DAB_FILTER}\" "
+          f"--region 0:256,0:256 --out zoom.png\n"
           f"  cellar sql {paths.store} \"SELECT * FROM columns\"\n"
           f"  cellar sql {paths.store} \"SELECT label_id, area_um2 FROM objects WHERE area_um2 > 60\" "
           f"--format csv --output big.csv\n"

@@ -4,7 +4,7 @@
     result = measure.measure("slide.ome.zarr", "nuclei", "slide.cellar")
 """
 
-from measure.ngff import NgffImage, open_image
+from ngff import NgffImage, open_image
 from measure.run import MeasureResult, measure
 
 __all__ = ["MeasureResult", "NgffImage", "measure", "open_image"]

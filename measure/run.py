@@ -28,7 +28,8 @@ import numpy as np
 
 import schemas
 from measure import features as registry
-from measure import ngff, store_write
+import ngff
+from measure import store_write
 from measure.accumulate import Merger
 from measure.block import BlockResult, KernelPlan, measure_block, measure_object
 from measure.shape_kernels import INTENSITY_STATS, surface_lut

@@ -9,7 +9,6 @@ that the next write removes.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -25,10 +25,6 @@ from schemas import store as layout
 from schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
@@ -58,7 +54,11 @@ def _find(manifest: dict, image: str, label_image: str) -> int | None:
 
 
 def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: dict) -> pa.Table:
-    """An Arrow table whose fields carry each column's unit and description as field metadata."""
+    """An Arrow table whose fields carry each column's unit and description as field metadata, its rows in
+    the store's spatial order (`schemas.store.spatial_order` of the centroids, when measured)."""
+    if "centroid_y" in columns and "centroid_x" in columns:
+        order = layout.spatial_order(columns["centroid_y"], columns["centroid_x"])
+        columns = {name: np.asarray(values)[order] for name, values in columns.items()}
     fields = []
     for spec in column_specs:
         meta = {"unit": spec["unit"], "description": spec["description"]}
@@ -72,7 +72,7 @@ def write_table(out: Path, entry: dict, table: pa.Table, overwrite: bool = False
     check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
     entry = dict(entry, dir=layout.table_dir(entry["image"], entry["label_image"]),
-                 files=[f"part-{run_id}.parquet"], created=now())
+                 files=[f"part-{run_id}.parquet"], created=layout.now())
     if layout.is_store(out):
         _commit_into(out, entry, table)
         return out
@@ -110,7 +110,9 @@ def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
         i = _find(manifest, entry["image"], entry["label_image"])
         if i is None:
             tables.append(entry)
-        else:
+        else:  # a re-measurement keeps the table's annotations (joined by label id)
+            if tables[i].get("annotations"):
+                entry["annotations"] = tables[i]["annotations"]
             tables[i] = entry
         manifest["updated"] = entry["created"]
         manifest["cellar_version"] = schemas.cellar_version()

@@ -3,8 +3,10 @@
     import query
     objs = query.open("slide.cellar")
     objs.sql("SELECT label_id, area_um2 FROM objects WHERE area_um2 > 80").pl()
+    objs.where("area_um2 > 80").within(0, 0, 500, 500).label_ids()
 """
 
+from query.api import Query
 from query.store import Objects, open
 
-__all__ = ["Objects", "open"]
+__all__ = ["Objects", "Query", "open"]

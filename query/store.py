@@ -1,4 +1,4 @@
-"""Open one or more cellar stores as DuckDB views.
+"""Open one or more cellar stores as DuckDB views, with the lazy query API (`query.api.Query`) on top.
 
 Views:
 - `objects`: one row per object, all stores and tables as one table, with `image` and `label_image` columns
@@ -6,15 +6,24 @@ Views:
 - `channels`: the per-channel columns in long form, one row per (object, channel):
   `image, label_image, label_id, channel, intensity_sum, intensity_mean, ...`.
 - `columns`: every column's name, dtype, unit and description, per image and label image.
+
+By default the views read the Parquet files (cold: only the row groups and columns a query needs). With
+`cache=True` the objects are read once into Arrow memory and DuckDB scans that in place (no copy): the
+session cache for viewers and notebooks that filter the same store again and again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 
+from query.api import _MISSING_COLUMN, Query, suggest
 from schemas import store as layout
 from schemas.errors import QueryError
 
@@ -38,16 +47,29 @@ class Objects:
         objs.sql("SELECT label_id, area FROM objects WHERE area > 80").pl()
     """
 
-    def __init__(self, stores: Sequence[Path]):
+    def __init__(self, stores: Sequence[Path], cache: bool = False, threads: int | None = None):
         self.stores = tuple(stores)
         self.manifests = [layout.read_manifest(s) for s in self.stores]
         self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
-        self.con = duckdb.connect(":memory:")
+        self.con = duckdb.connect(":memory:", config={"threads": threads} if threads else {})
+        self.cached: pa.Table | None = None
         self._create_views()
+        if cache:
+            self.cache()
 
-    def _files(self) -> list[str]:
+    def cache(self) -> Objects:
+        """Hold the objects in RAM (one Arrow table) and answer from there from now on."""
+        if self.cached is None and self.tables:
+            # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined
+            self.cached = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            self.con.register("objects_cached", self.cached)
+            self.con.execute("CREATE OR REPLACE VIEW objects AS SELECT * FROM objects_cached")
+            self.__dict__.pop("schema", None)
+        return self
+
+    def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
         files = []
-        for store, table in self.tables:
+        for store, table in self.tables if entries is None else entries:
             for name in table["files"]:
                 path = store / table["dir"] / name
                 if not path.is_file():
@@ -55,17 +77,32 @@ class Objects:
                 files.append(str(path.resolve()))
         return files
 
+    @staticmethod
+    def _read_parquet(files: list[str], keys: str) -> str:
+        listing = ", ".join(_literal(f) for f in files)
+        return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
+                f"hive_types = {{{keys}}})")
+
     def _create_views(self) -> None:
+        keys = "'image': VARCHAR, 'label_image': VARCHAR"
         files = self._files()
         if files:
-            listing = ", ".join(_literal(f) for f in files)
-            source = (
-                f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
-                "hive_types = {'image': VARCHAR, 'label_image': VARCHAR})"
-            )
-            select_objects = f"SELECT * FROM {source}"
+            select_objects = f"SELECT * FROM {self._read_parquet(files, keys)}"
         else:  # an empty store still answers, with the key columns
             select_objects = "SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::UBIGINT AS label_id WHERE false"
+        versions = [(s, v) for s, t in self.tables for v in t.get("annotations") or []]
+        if versions:  # see query.annotate: the latest version of each table joins its objects
+            latest = [(s, max((v for v in t["annotations"]), key=lambda v: v["version"])) for s, t in self.tables
+                      if t.get("annotations")]
+            every = self._read_parquet(self._files(versions), keys + ", 'version': INTEGER")
+            last = self._read_parquet(self._files(latest), keys + ", 'version': INTEGER")
+            self.con.execute(f"CREATE VIEW annotations AS SELECT * FROM {every}")
+            self.con.execute(f"CREATE VIEW measurements AS {select_objects}")
+            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
+                              f"LEFT JOIN {last} a USING (image, label_image, label_id)")
+        else:
+            self.con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
+                             "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
         self.con.execute(f"CREATE VIEW objects AS {select_objects}")
         self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
         self.con.execute(f"CREATE VIEW columns AS {self._columns_sql()}")
@@ -99,23 +136,120 @@ class Objects:
             )
         return " UNION ALL ".join(parts)
 
+    def _column_specs(self) -> list[tuple[dict, dict]]:
+        """(table entry, column spec) of every column: measurements, then the latest annotations."""
+        out = []
+        for _, table in self.tables:
+            out.extend((table, c) for c in table.get("columns", []))
+            if table.get("annotations"):
+                last = max(table["annotations"], key=lambda v: v["version"])
+                out.extend((table, {**c, "unit": "", "description": f"annotation (version {last['version']}, from "
+                                    f"{last['source']}, {last['created']})"}) for c in last["columns"])
+        return out
+
     def _columns_sql(self) -> str:
         rows = []
-        for _, table in self.tables:
-            for c in table.get("columns", []):
-                rows.append("(" + ", ".join(_literal(str(v)) for v in (
-                    table["image"], table["label_image"], c["name"], c["dtype"], c["unit"], c["description"])) + ")")
+        for table, c in self._column_specs():
+            rows.append("(" + ", ".join(_literal(str(v)) for v in (
+                table["image"], table["label_image"], c["name"], c["dtype"], c["unit"], c["description"])) + ")")
         if not rows:
             return ("SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::VARCHAR AS name, "
                     "NULL::VARCHAR AS dtype, NULL::VARCHAR AS unit, NULL::VARCHAR AS description WHERE false")
         return ("SELECT * FROM (VALUES " + ", ".join(rows) + ") AS t(image, label_image, name, dtype, unit, description)")
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
-        """Run SQL over the views; returns a DuckDB relation (`.arrow()`, `.pl()`, `.df()`, `.fetchall()`)."""
+        """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,
+        `.fetchall()`)."""
         try:
             return self.con.sql(query)
         except duckdb.Error as exc:
-            raise QueryError(one_line(exc)) from None
+            raise QueryError(self.explain(exc)) from None
+
+    # -- the lazy API: each starts a `Query` over all objects ------------------------------------------
+    def query(self) -> Query:
+        """A `Query` over every object (the same as starting with `where`, `select`, ...)."""
+        return Query(self)
+
+    def where(self, condition: str) -> Query:
+        return Query(self).where(condition)
+
+    def select(self, *columns: str) -> Query:
+        return Query(self).select(*columns)
+
+    def within(self, *args, **kwargs) -> Query:
+        return Query(self).within(*args, **kwargs)
+
+    def near(self, *args, **kwargs) -> Query:
+        return Query(self).near(*args, **kwargs)
+
+    def order_by(self, *columns: str, descending: bool = False) -> Query:
+        return Query(self).order_by(*columns, descending=descending)
+
+    def limit(self, n: int) -> Query:
+        return Query(self).limit(n)
+
+    def count(self) -> int:
+        return Query(self).count()
+
+    def label_ids(self) -> np.ndarray:
+        return Query(self).label_ids()
+
+    def describe(self, column: str) -> dict[str, Any]:
+        return Query(self).describe(column)
+
+    def to_arrow(self) -> pa.Table:
+        return Query(self).to_arrow()
+
+    def to_polars(self):
+        return Query(self).to_polars()
+
+    def to_pandas(self):
+        return Query(self).to_pandas()
+
+    def table(self, image: str | None = None, label_image: str | None = None) -> tuple[Path, dict]:
+        """(store, manifest entry) of the one table matching `image` and `label_image` (either may be
+        omitted when it leaves a single table)."""
+        found = [(s, t) for s, t in self.tables
+                 if (image is None or t["image"] == image) and (label_image is None or t["label_image"] == label_image)]
+        if len(found) == 1:
+            return found[0]
+        have = ", ".join(f"{t['image']}/{t['label_image']}" for _, t in self.tables) or "none"
+        if not found:
+            want = "/".join(x or "*" for x in (image, label_image))
+            raise QueryError(f"no table {want} in {', '.join(map(str, self.stores))} (tables: {have})")
+        raise QueryError(f"{len(found)} tables match ({have}); choose one with --image and --labels")
+
+    # -- columns ---------------------------------------------------------------------------------------
+    @cached_property
+    def schema(self) -> dict[str, str]:
+        """Column name -> DuckDB type of the objects view."""
+        return {name: str(dtype) for name, dtype, *_ in self.con.sql("DESCRIBE objects").fetchall()}
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.schema)
+
+    def check_columns(self, columns: Sequence[str], what: str) -> None:
+        """Raise a QueryError naming the first unknown column, with the closest known names."""
+        for c in columns:
+            if not isinstance(c, str) or c not in self.schema:
+                raise QueryError(f"{what}: unknown column {c!r}{suggest(str(c), self.column_names)}")
+
+    def column_info(self, column: str) -> dict[str, str]:
+        """dtype, unit and description of a column (from the first table that has it)."""
+        for _, c in self._column_specs():
+            if c["name"] == column:
+                return {"dtype": c["dtype"], "unit": c["unit"], "description": c["description"]}
+        return {"dtype": self.schema.get(column, ""), "unit": "", "description": ""}
+
+    def explain(self, exc: Exception) -> str:
+        """DuckDB's error on one line; an unknown column gets the closest known names."""
+        text = one_line(exc)
+        missing = _MISSING_COLUMN.search(text)
+        if missing:
+            name = missing.group(1)
+            return f"unknown column {name!r}{suggest(name, self.column_names)}"
+        return text
 
     def __len__(self) -> int:
         return sum(int(t.get("n_objects", 0)) for _, t in self.tables)
@@ -137,10 +271,15 @@ def one_line(exc: Exception) -> str:
     return " ".join(keep) or type(exc).__name__
 
 
-def open(stores: str | Path | Sequence[str | Path]) -> Objects:  # noqa: A001 - mirrors duckdb/polars naming
-    """Open one store, or several as one table (`image`/`label_image` columns tell them apart)."""
+def open(stores: str | Path | Sequence[str | Path], *, cache: bool = False,  # noqa: A001 - as duckdb/polars
+         threads: int | None = None) -> Objects:
+    """Open one store, or several as one table (`image`/`label_image` columns tell them apart).
+
+    `cache=True` holds the objects in RAM for repeated queries (see `Objects.cache`); `threads` caps
+    DuckDB's threads (default: one per core).
+    """
     if isinstance(stores, (str, Path)):
         stores = [stores]
     if not stores:
         raise QueryError("query.open needs at least one store")
-    return Objects([Path(s) for s in stores])
+    return Objects([Path(s) for s in stores], cache=cache, threads=threads)

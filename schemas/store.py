@@ -7,7 +7,10 @@ A store is a directory::
       schema.json                         copy of schemas/objects.json (the column templates)
       objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (zstd)
 
-Each (image, label image) pair is one *table*, one Hive partition. The manifest lists the committed tables
+Each (image, label image) pair is one *table*, one Hive partition. Within a table the rows are in Hilbert-curve
+order of their centroids (`spatial_order`), so that a row group holds objects that lie close together and its
+min/max statistics on the centroid columns let a spatial query skip the row groups outside its box; filters on
+other columns skip row groups through the same statistics when their values cluster in space. The manifest lists the committed tables
 with their files and concrete columns; a reader reads only what the manifest lists, so a partition that is
 still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
 and renamed into place, the manifest last.
@@ -15,12 +18,15 @@ and renamed into place, the manifest last.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from schemas.errors import StoreError
 
@@ -64,6 +70,40 @@ def partition_value(name: str) -> str:
 def table_dir(image: str, label_image: str) -> str:
     """The store-relative directory of the (image, label image) table."""
     return f"{OBJECTS_DIR}/image={partition_value(image)}/label_image={partition_value(label_image)}"
+
+
+def now() -> str:
+    """The current UTC time as recorded in manifests."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def spatial_order(y: np.ndarray, x: np.ndarray, bits: int = 16) -> np.ndarray:
+    """The permutation that puts points (y, x) in the order of a Hilbert curve over their bounding box,
+    on a 2^bits x 2^bits grid (ties and NaN coordinates keep their input order, NaN last)."""
+    y, x = np.asarray(y, np.float64), np.asarray(x, np.float64)
+    if len(y) == 0:
+        return np.zeros(0, np.int64)
+    side = (1 << bits) - 1
+
+    def grid(v: np.ndarray) -> np.ndarray:
+        finite = np.isfinite(v)
+        lo, hi = (v[finite].min(), v[finite].max()) if finite.any() else (0.0, 0.0)
+        q = np.where(finite, (v - lo) / (hi - lo) * side if hi > lo else 0.0, side)
+        return np.clip(q, 0, side).astype(np.int64)
+
+    gx, gy = grid(x), grid(y)
+    d = np.zeros(len(gx), np.int64)
+    s = 1 << (bits - 1)
+    while s > 0:  # the classic xy -> d conversion, one bit level at a time for all points
+        rx = (gx & s) > 0
+        ry = (gy & s) > 0
+        d += s * s * ((3 * rx) ^ ry)
+        flip = ~ry & rx
+        gx = np.where(flip, side - gx, gx)
+        gy = np.where(flip, side - gy, gy)
+        gx, gy = np.where(~ry, gy, gx), np.where(~ry, gx, gy)
+        s >>= 1
+    return np.argsort(d, kind="stable")
 
 
 def is_store(path: Path) -> bool:

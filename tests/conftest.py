@@ -49,12 +49,15 @@ def intensities(shape: tuple[int, ...], n_channels: int, seed: int, dtype=np.uin
 
 
 def read_table(store: Path, image: str | None = None, label_image: str | None = None) -> tuple[dict, "object"]:
-    """(manifest entry, pandas DataFrame) of one table of a store."""
+    """(manifest entry, pandas DataFrame sorted by label_id) of one table of a store (stored in space order)."""
     manifest = json.loads((store / "manifest.json").read_text())
     entry = next(t for t in manifest["tables"]
                  if (image is None or t["image"] == image) and (label_image is None or t["label_image"] == label_image))
     frames = [pq.read_table(store / entry["dir"] / f) for f in entry["files"]]
-    return entry, frames[0].to_pandas() if len(frames) == 1 else None
+    if len(frames) != 1:
+        return entry, None
+    df = frames[0].to_pandas()
+    return entry, df.sort_values("label_id", ignore_index=True) if "label_id" in df else df
 
 
 def geometry_of(entry: dict) -> registry.Geometry:

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from tests.conftest import intensities, nuclei_like, read_table, run_cli
 
 
@@ -179,7 +179,7 @@ def test_output_that_exists_and_is_not_a_store_is_refused(tmp_path, kind):
 
 @pytest.mark.parametrize("sql, fragment", [
     ("SELEKT * FROM objects", 'Parser Error: syntax error at or near "SELEKT"'),
-    ("SELECT aera FROM objects", 'Referenced column "aera" not found'),
+    ("SELECT aera FROM objects", "unknown column 'aera' (did you mean: area"),
 ])
 def test_bad_sql_is_duckdbs_message_on_one_line(measured, sql, fragment):
     _, _, store = measured

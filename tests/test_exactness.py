@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import measure
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from tests.conftest import assert_matches_regionprops, intensities, nuclei_like, read_table
 
 

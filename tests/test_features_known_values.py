@@ -10,7 +10,7 @@ from skimage.draw import disk
 
 import measure
 from measure import features as registry
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from tests.conftest import read_table
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import zarr
 
-from measure.ngff import open_image
-from measure.ngff_write import write_image
+from ngff import open_image
+from ngff.write import write_image
 from schemas.errors import InvalidImageError
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import measure
 import query
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from schemas.errors import QueryError, StoreError
 from tests.conftest import intensities, nuclei_like, read_table
 
@@ -79,7 +79,7 @@ def test_empty_results_keep_their_columns(stores):
 
 @pytest.mark.parametrize("sql, message", [
     ("SELEC 1", "Parser Error: syntax error at or near \"SELEC\""),
-    ("SELECT areaa FROM objects", 'Referenced column "areaa" not found'),
+    ("SELECT areaa FROM objects", r"unknown column 'areaa' \(did you mean: area"),
     ("SELECT * FROM nowhere", "Table with name nowhere does not exist"),
 ])
 def test_bad_sql_raises_one_line_query_error(stores, sql, message):

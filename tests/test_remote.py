@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import measure
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from schemas.errors import InvalidImageError
 from tests.conftest import intensities, nuclei_like, read_table
 

@@ -13,7 +13,7 @@ import measure
 import schemas
 from measure import features as registry
 from measure import store_write
-from measure.ngff_write import write_image
+from ngff.write import write_image
 from schemas.errors import StoreError
 from tests.conftest import intensities, nuclei_like, read_table
 

@@ -1,0 +1,216 @@
+"""The `cellar` subcommands that act on the objects of a store the way PathViewer users do: `filter`, `color`,
+`render`, `hist` and `annotate` (see `query.pathviewer` and `query.annotate`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from schemas.errors import UsageError
+
+ID_FORMATS = ("text", "json", "parquet")
+
+
+def _table_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", help="image name in the store (needed when the store holds several)")
+    p.add_argument("--labels", help="label image name in the store (needed when the store holds several)")
+
+
+def _caption(entry: dict, by: str | None, where: str | None, matched: int | None = None, total: int | None = None) -> str:
+    text = f"{entry['image']} / labels/{entry['label_image']}"
+    if by:
+        text += f", coloured by {by}"
+    if where:
+        text += f"; filter: {where}"
+    if matched is not None:
+        text += f" ({matched:,} of {total:,} objects)"
+    return text
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    import query
+    from cellar.cli import _write_atomic
+    from ngff import labels as ngff_labels
+    from query import pathviewer
+
+    objs = query.open(args.store)
+    q, entry = pathviewer.table_query(objs, args.image, args.labels)
+    ids = q.where(args.where).label_ids()
+    if args.mask:
+        image = pathviewer.source_image(entry, args.source)
+        target = ngff_labels.write_mask(image, entry["label_image"], args.mask, ids, overwrite=args.overwrite)
+        print(f"wrote {target} with {len(ids):,} of {entry['n_objects']:,} objects ({args.where})", file=sys.stderr)
+        return 0
+    fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "text")
+    if fmt not in ID_FORMATS:
+        fmt = "text"
+    if fmt == "parquet" and not args.output:
+        raise UsageError("--format parquet needs --output FILE (Parquet is binary)")
+    if fmt == "json":
+        text = json.dumps({"image": entry["image"], "label_image": entry["label_image"], "where": args.where,
+                           "label_ids": ids.tolist()}) + "\n"
+    else:
+        text = "".join(f"{i}\n" for i in ids.tolist())
+    if args.output:
+        out = Path(args.output)
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.table({"label_id": pa.array(ids, pa.uint64())})
+            _write_atomic(out, args.overwrite, lambda p: pq.write_table(table, p))
+        else:
+            _write_atomic(out, args.overwrite, lambda p: Path(p).write_text(text))
+        print(f"wrote {len(ids):,} label ids to {out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_color(args: argparse.Namespace) -> int:
+    import query
+    from query import pathviewer
+
+    objs = query.open(args.store)
+    q, entry = pathviewer.table_query(objs, args.image, args.labels)
+    props = [c.strip() for c in args.properties.split(",") if c.strip()] if args.properties else []
+    objs.check_columns(props, "--properties")
+    coloring = pathviewer.coloring(q, args.by, where=args.where, cmap=args.cmap,
+                                   vrange=tuple(args.range) if args.range else None, others=args.others)
+    values = None
+    if props:
+        from query.api import quote
+
+        data = objs.sql(f"SELECT {', '.join(quote(c) for c in props)} FROM ({q.to_sql()}) ORDER BY label_id").fetchnumpy()
+        values = {c: data[c] for c in props}
+    image = pathviewer.source_image(entry, args.source)
+    target = pathviewer.write_colors(coloring, image, entry["label_image"], values)
+    legend = (f"{coloring.cmap} over {coloring.vrange[0]:g}..{coloring.vrange[1]:g}" if coloring.vrange
+              else f"{len(coloring.categories or {})} categories")
+    print(f"coloured {len(coloring.ids):,} objects of {target} by {args.by} ({legend}); "
+          f"{int(coloring.matched.sum()):,} match{'' if not args.where else ' ' + repr(args.where)}, "
+          f"others {'hidden' if args.others == 'hide' else 'grey'}"
+          f"{'; properties: ' + ', '.join(props) if props else ''}", file=sys.stderr)
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    import query
+    from cellar.cli import _write_atomic
+    from query import pathviewer
+
+    objs = query.open(args.store)
+    q, entry = pathviewer.table_query(objs, args.image_name, args.labels)
+    coloring = pathviewer.coloring(q, args.by, where=args.where, cmap=args.cmap,
+                                   vrange=tuple(args.range) if args.range else None, others=args.others)
+    image = pathviewer.source_image(entry, args.image)
+    caption = _caption(entry, args.by, args.where, int(coloring.matched.sum()), len(coloring.ids))
+    info: dict = {}
+    _write_atomic(Path(args.out), args.overwrite, lambda p: info.update(pathviewer.render(
+        image, entry["label_image"], coloring, Path(p), level=args.level, region=args.region, channel=args.channel,
+        style=args.style, z=args.z, caption=caption)))
+    print(f"wrote {args.out}: level {info['level']}, {info['shape'][1]} x {info['shape'][0]} px, "
+          f"{info['objects_in_view']:,} objects in view; {caption}", file=sys.stderr)
+    return 0
+
+
+def cmd_hist(args: argparse.Namespace) -> int:
+    import query
+    from cellar.cli import _write_atomic
+    from query import pathviewer
+
+    objs = query.open(args.store)
+    info: dict = {}
+    caption = f"{args.column}" + (f"; filter: {args.where}" if args.where else "")
+    _write_atomic(Path(args.out), args.overwrite, lambda p: info.update(pathviewer.histogram(
+        objs, args.column, Path(p), where=args.where, bins=args.bins, log=args.log, caption=caption)))
+    matched = f", {info['matched']:,} match" if args.where else ""
+    print(f"wrote {args.out}: {info['values']:,} values in {info['bins']} bins{matched}", file=sys.stderr)
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    import query
+    from query import annotate
+
+    objs = query.open(args.store)
+    store, entry = objs.table(args.image, args.labels)
+    rows = annotate.read_source(Path(args.source_file), args.key)
+    known = objs.sql(f"SELECT label_id FROM measurements WHERE image = '{entry['image']}' AND label_image = "
+                     f"'{entry['label_image']}'" if entry.get("annotations") else
+                     f"SELECT label_id FROM objects WHERE image = '{entry['image']}' AND label_image = "
+                     f"'{entry['label_image']}'").fetchnumpy()["label_id"]
+    measured = [c["name"] for c in entry.get("columns", [])]
+    record = annotate.annotate(store, entry["image"], entry["label_image"], rows, source=str(args.source_file),
+                               known_ids=known, measured=measured, drop_unknown=args.drop_unknown)
+    dropped = f"; {record['dropped_unknown']} rows with unknown label ids not stored" if record["dropped_unknown"] else ""
+    print(f"annotated {record['rows']:,} objects of {entry['image']}/{entry['label_image']} with "
+          f"{', '.join(c['name'] for c in record['columns'])} (version {record['version']}){dropped}", file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub, positive_int) -> None:
+    p = sub.add_parser("filter", help="label ids of the objects matching a filter, or a label image of only them")
+    p.add_argument("store")
+    p.add_argument("--where", required=True, help='SQL condition, e.g. "area_um2 > 80 AND intensity_mean__CD8 > 300"')
+    _table_args(p)
+    p.add_argument("--format", choices=ID_FORMATS, help="text (one id per line; default), json or parquet")
+    p.add_argument("--output", help="write the ids to this file")
+    p.add_argument("--mask", metavar="NAME", help="instead, write labels/NAME into the source image: the label "
+                   "image with only the matching objects")
+    p.add_argument("--source", help="the image (path or URL) if it moved since it was measured")
+    p.add_argument("--overwrite", action="store_true", help="replace --output or an existing --mask label image")
+    p.set_defaults(func=cmd_filter)
+
+    def colour_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--by", required=True, help="column to colour by (numeric: colormap; other: categories)")
+        p.add_argument("--where", help="SQL condition: objects not matching it are hidden or grey")
+        p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: viridis)")
+        p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
+                       help="values mapped to the colormap's ends (default: the matching objects' min and max)")
+        p.add_argument("--others", choices=("hide", "grey"), default="hide",
+                       help="objects not matching --where: hidden (alpha 0, default) or grey")
+
+    p = sub.add_parser("color", help="write per-label colours (and properties) into the NGFF label image metadata")
+    p.add_argument("store")
+    colour_args(p)
+    _table_args(p)
+    p.add_argument("--properties", help="comma-separated columns to write as image-label properties too")
+    p.add_argument("--source", help="the image (path or URL) if it moved since it was measured")
+    p.set_defaults(func=cmd_color)
+
+    p = sub.add_parser("render", help="draw the image with its objects coloured by a column (PNG)")
+    p.add_argument("image", help="the OME-Zarr image")
+    p.add_argument("--store", required=True)
+    colour_args(p)
+    p.add_argument("--labels", help="label image name in the store (needed when the store holds several)")
+    p.add_argument("--image-name", help="image name in the store (needed when the store holds several)")
+    p.add_argument("--level", type=positive_int, help="pyramid level (default: the sharpest with at most 2048 px a side)")
+    p.add_argument("--region", help="y0:y1,x0:x1 in full-resolution pixels (default: the whole image)")
+    p.add_argument("--channel", help="channel drawn in grey (name or index; default: the first)")
+    p.add_argument("--z", type=positive_int, help="plane of a 3D image (default: the middle one)")
+    p.add_argument("--style", choices=("outline", "fill"), default="outline")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("hist", help="histogram of a column, the filtered subset highlighted (PNG)")
+    p.add_argument("store")
+    p.add_argument("column")
+    p.add_argument("--where", help="SQL condition: the matching objects are drawn on top")
+    p.add_argument("--bins", type=positive_int, default=50)
+    p.add_argument("--log", action="store_true", help="logarithmic count axis")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_hist)
+
+    p = sub.add_parser("annotate", help="add user columns (class, score, ...) joined by label id, as a new version")
+    p.add_argument("store")
+    p.add_argument("--from", dest="source_file", required=True, metavar="FILE", help="CSV or Parquet file")
+    p.add_argument("--key", default="label_id", help="its column holding label ids (default: label_id)")
+    _table_args(p)
+    p.add_argument("--drop-unknown", action="store_true",
+                   help="store the rows whose label ids exist and report the others (default: refuse)")
+    p.set_defaults(func=cmd_annotate)

@@ -1,0 +1,119 @@
+"""User annotations (class, score, review flag, ...) joined to a table's objects by label id.
+
+Each `annotate` call writes one new *version*: a Parquet file
+`annotations/image=IMG/label_image=LBL/version=N/part-<run>.parquet` holding `label_id` and the user's
+columns, listed in the table's manifest entry under `annotations`. Measurements are never rewritten. The
+`objects` view joins the latest version (its columns appear beside the measurements, NULL for objects it
+does not mention); the `annotations` view holds every version with a `version` column, so a re-annotation
+never loses the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import store as layout
+from schemas.errors import StoreError, UsageError
+
+ANNOTATIONS_DIR = "annotations"
+RESERVED = ("image", "label_image", "label_id", "version")
+
+
+def annotation_dir(image: str, label_image: str, version: int) -> str:
+    return (f"{ANNOTATIONS_DIR}/image={layout.partition_value(image)}/"
+            f"label_image={layout.partition_value(label_image)}/version={version}")
+
+
+def read_source(path: Path, key: str) -> pa.Table:
+    """The annotation rows of a CSV or Parquet file, `key` renamed to label_id (UBIGINT)."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    con = duckdb.connect()
+    reader = "read_parquet" if path.suffix.lower() == ".parquet" else "read_csv"
+    try:
+        rel = con.sql(f"SELECT * FROM {reader}('{str(path).replace(chr(39), chr(39) * 2)}')")
+    except duckdb.Error as exc:
+        raise UsageError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
+    if key not in rel.columns:
+        raise UsageError(f"{path}: no column {key!r} (columns: {', '.join(rel.columns)}); pass --key COLUMN")
+    try:
+        ids = con.sql(f'SELECT "{key}"::UBIGINT AS label_id FROM rel').to_arrow_table()
+    except duckdb.Error:
+        raise UsageError(f"{path}: column {key!r} must hold whole numbers >= 0 (label ids)") from None
+    table = rel.to_arrow_table()
+    table = table.set_column(table.column_names.index(key), "label_id", ids.column(0))
+    return table
+
+
+def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, source: str,
+             known_ids: np.ndarray, measured: list[str], drop_unknown: bool = False) -> dict:
+    """Add a new annotation version to one table of `store`; returns its manifest record (with the number
+    of rows dropped for unknown label ids)."""
+    names = [c for c in rows.column_names if c != "label_id"]
+    if not names:
+        raise UsageError(f"{source}: no annotation columns besides the key")
+    for c in names:
+        if c in RESERVED or c in measured:
+            raise UsageError(f"{source}: column {c!r} would hide a {'key' if c in RESERVED else 'measurement'} "
+                             "column of the same name; rename it")
+        if c != layout.identifier(c):
+            raise UsageError(f"{source}: column {c!r} is not an identifier (letters, digits, _); rename it "
+                             f"(for example {layout.identifier(c)!r})")
+    ids = rows.column("label_id").to_numpy(zero_copy_only=False)
+    if rows.column("label_id").null_count:
+        raise UsageError(f"{source}: {rows.column('label_id').null_count} rows have no label id")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1]
+        raise UsageError(f"{source}: label ids given more than once: {', '.join(map(str, dup[:5]))}"
+                         f"{' ...' if len(dup) > 5 else ''} ({len(dup)} ids)")
+    unknown = ~np.isin(ids, known_ids)
+    n_unknown = int(unknown.sum())
+    if n_unknown and not drop_unknown:
+        first = ", ".join(map(str, np.sort(ids[unknown])[:5]))
+        raise UsageError(f"{source}: {n_unknown} of {len(ids)} rows name label ids not in {image}/{label_image} "
+                         f"(first: {first}); fix them, or pass --drop-unknown to store the others")
+    if n_unknown:
+        rows = rows.filter(pa.array(~unknown))
+    manifest = layout.read_manifest(store)
+    entry = next((t for t in manifest.get("tables", []) if t["image"] == image and t["label_image"] == label_image),
+                 None)
+    if entry is None:
+        raise StoreError(f"{store}: no table {image}/{label_image}")
+    versions = entry.setdefault("annotations", [])
+    version = max((v["version"] for v in versions), default=0) + 1
+    rel_dir = annotation_dir(image, label_image, version)
+    part = store / rel_dir
+    name = f"part-{uuid.uuid4().hex[:12]}.parquet"
+    part.mkdir(parents=True, exist_ok=True)
+    tmp = part / f"{name}.tmp"
+    try:
+        pq.write_table(rows, tmp, compression="zstd")
+        os.replace(tmp, part / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    record = {
+        "version": version, "dir": rel_dir, "files": [name], "source": source, "rows": rows.num_rows,
+        "dropped_unknown": n_unknown, "columns": [{"name": c, "dtype": str(rows.schema.field(c).type)} for c in names],
+        "created": layout.now(),
+    }
+    versions.append(record)
+    try:
+        layout.write_json_atomic(store / layout.MANIFEST, manifest)
+    except BaseException:
+        (part / name).unlink(missing_ok=True)
+        raise
+    return record
+
+
+def latest(entry: dict) -> dict | None:
+    versions = entry.get("annotations") or []
+    return max(versions, key=lambda v: v["version"]) if versions else None

@@ -1,0 +1,240 @@
+"""The lazy Python query API: `Query` composes filters, projections, order and limit into one SQL statement
+over the `objects` view and runs it only when a result is asked for.
+
+    objs = query.open("slide.cellar")
+    q = objs.where("area_um2 > 80 AND intensity_mean__CD8 > 300").within(100, 100, 600, 400)
+    q.count(); q.label_ids(); q.to_polars(); q.describe("area_um2")
+
+Each method returns a new `Query` (the old one is unchanged), so partial queries can be shared and extended.
+Filters become a WHERE clause that DuckDB pushes into the Parquet scan, where the row groups' min/max
+statistics skip most of a store that is sorted in space (see `schemas.store`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+
+from schemas.errors import QueryError
+
+if TYPE_CHECKING:
+    import pandas
+    import polars
+    import pyarrow
+
+    from query.store import Objects
+
+_AXES = ("x", "y", "z")
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def quote(name: str) -> str:
+    """`name` as a SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def suggest(name: str, known: list[str]) -> str:
+    """' (did you mean: a, b?)' for the closest known names, or ''."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A lazy query over the objects of one or more stores (see the module docstring)."""
+
+    objects: Objects
+    filters: tuple[str, ...] = ()
+    columns: tuple[str, ...] | None = None  # None: every column
+    order: tuple[str, ...] = ()
+    limit_rows: int | None = None
+
+    # -- composing -----------------------------------------------------------------------------------
+    def where(self, condition: str) -> Query:
+        """Keep the objects for which the SQL `condition` holds (`"area_um2 > 80 AND class = 'tumour'"`)."""
+        if not isinstance(condition, str) or not condition.strip():
+            raise QueryError("where: expected a SQL condition such as \"area > 80\"")
+        self._check_condition(condition)
+        return replace(self, filters=(*self.filters, f"({condition})"))
+
+    def select(self, *columns: str) -> Query:
+        """Keep only these columns (in this order)."""
+        cols = tuple(c for group in columns for c in ([group] if isinstance(group, str) else group))
+        if not cols:
+            raise QueryError("select: name at least one column")
+        self.objects.check_columns(cols, "select")
+        return replace(self, columns=cols)
+
+    def within(self, x0: float, y0: float, x1: float, y1: float, z0: float | None = None, z1: float | None = None,
+               *, units: str = "um") -> Query:
+        """Objects whose centroid lies in the box [x0, x1] x [y0, y1] (x [z0, z1] in 3D), bounds included.
+
+        `units` is "um" (physical coordinates, the NGFF scale and translation applied) or "px" (pixels of
+        the measured level).
+        """
+        box = {"x": (x0, x1), "y": (y0, y1)}
+        if (z0 is None) != (z1 is None):
+            raise QueryError("within: give both z0 and z1, or neither")
+        if z0 is not None:
+            box["z"] = (z0, z1)
+        conds = []
+        for axis, (lo, hi) in box.items():
+            lo, hi = _number(lo, f"within: {axis}0"), _number(hi, f"within: {axis}1")
+            if lo > hi:
+                raise QueryError(f"within: {axis}0 = {lo:g} > {axis}1 = {hi:g}; corners inverted (expected {axis}0 <= {axis}1)")
+            conds.append(f"{quote(self._centroid(axis, units))} BETWEEN {lo!r} AND {hi!r}")
+        return replace(self, filters=(*self.filters, " AND ".join(conds)))
+
+    def near(self, x: float, y: float, r: float, z: float | None = None, *, units: str = "um") -> Query:
+        """Objects whose centroid lies within distance `r` of (x, y[, z]) (`units` as in `within`)."""
+        r = _number(r, "near: r")
+        if r < 0:
+            raise QueryError(f"near: r = {r:g}; expected a distance >= 0")
+        centre = {"x": _number(x, "near: x"), "y": _number(y, "near: y")}
+        if z is not None:
+            centre["z"] = _number(z, "near: z")
+        cols = {a: quote(self._centroid(a, units)) for a in centre}
+        # The box first: DuckDB pushes plain range filters into the scan (row-group statistics); the exact
+        # distance test then runs on the few rows left.
+        box = " AND ".join(f"{cols[a]} BETWEEN {c - r!r} AND {c + r!r}" for a, c in centre.items())
+        dist = " + ".join(f"({cols[a]} - {c!r}) * ({cols[a]} - {c!r})" for a, c in centre.items())
+        return replace(self, filters=(*self.filters, f"{box} AND {dist} <= {r * r!r}"))
+
+    def order_by(self, *columns: str, descending: bool = False) -> Query:
+        """Sort by these columns (ascending, or descending with `descending=True`); NULLs last."""
+        if not columns:
+            raise QueryError("order_by: name at least one column")
+        self.objects.check_columns(columns, "order_by")
+        way = "DESC" if descending else "ASC"
+        return replace(self, order=(*self.order, *(f"{quote(c)} {way} NULLS LAST" for c in columns)))
+
+    def limit(self, n: int) -> Query:
+        """At most `n` rows."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise QueryError(f"limit: {n!r}; expected a whole number >= 0")
+        return replace(self, limit_rows=int(n))
+
+    # -- the statement ---------------------------------------------------------------------------------
+    def to_sql(self, columns: str | None = None) -> str:
+        """The SELECT statement this query runs (over the `objects` view)."""
+        cols = columns or (", ".join(quote(c) for c in self.columns) if self.columns else "*")
+        sql = f"SELECT {cols} FROM objects"
+        if self.filters:
+            sql += " WHERE " + " AND ".join(self.filters)
+        if self.order:
+            sql += " ORDER BY " + ", ".join(self.order)
+        if self.limit_rows is not None:
+            sql += f" LIMIT {self.limit_rows}"
+        return sql
+
+    def relation(self) -> duckdb.DuckDBPyRelation:
+        """The DuckDB relation (still lazy)."""
+        return self.objects.sql(self.to_sql())
+
+    def sql(self, statement: str) -> duckdb.DuckDBPyRelation:
+        """Run SQL over this query's rows, available as the table `q`:
+        ``objs.where("area > 80").sql("SELECT class, avg(area) FROM q GROUP BY class")``."""
+        return self.objects.sql(f"WITH q AS ({self.to_sql()}) {statement}")
+
+    # -- results ---------------------------------------------------------------------------------------
+    def to_arrow(self) -> pyarrow.Table:
+        return self._run(self.to_sql(), "to_arrow_table")
+
+    def to_polars(self) -> polars.DataFrame:
+        return self._run(self.to_sql(), "pl")
+
+    def to_pandas(self) -> pandas.DataFrame:
+        return self._run(self.to_sql(), "df")
+
+    def count(self) -> int:
+        """Number of matching objects."""
+        inner = replace(self, columns=None, order=()).to_sql("1")
+        return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
+
+    def _run(self, sql: str, how: str = "fetchall"):
+        """Run a statement and materialise it (`how`: a relation method); errors found while running it (a
+        value that does not convert, say) become one-line QueryErrors like those found while binding."""
+        try:
+            return getattr(self.objects.sql(sql), how)()
+        except duckdb.Error as exc:
+            raise QueryError(self.objects.explain(exc)) from None
+
+    def label_ids(self) -> np.ndarray:
+        """The matching label ids (uint64): in the query's order if it has one, else ascending.
+
+        The result must come from one (image, label image) table; restrict several with
+        `.where("image = '...' AND label_image = '...'")`.
+        """
+        tables = self._run(
+            f"SELECT DISTINCT image, label_image FROM ({replace(self, columns=None).to_sql()})"
+        ) if len(self.objects.tables) > 1 else []
+        if len(tables) > 1:
+            names = ", ".join(f"{i}/{lbl}" for i, lbl in tables[:4])
+            raise QueryError(
+                f"label_ids: the result spans {len(tables)} tables ({names}); label ids are only unique within "
+                "one: add .where(\"image = '...' AND label_image = '...'\")"
+            )
+        ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
+        ids = np.asarray(ids, dtype=np.uint64)
+        return ids if self.order else np.sort(ids)
+
+    def describe(self, column: str) -> dict[str, Any]:
+        """A column's dtype, unit and description, with its count, nulls, min, max, mean and quantiles over
+        the matching rows (NaN values are left out of the statistics and counted)."""
+        self.objects.check_columns([column], "describe")
+        info = self.objects.column_info(column)
+        base = replace(self, columns=None, order=(), limit_rows=self.limit_rows)
+        col = quote(column)
+        numeric = info["dtype"] not in ("string", "bool") and not info["dtype"].startswith(("VARCHAR", "BOOL"))
+        if numeric:
+            qs = ", ".join(f"quantile_cont({col}, {q}) FILTER (WHERE NOT isnan({col}))" for q in _QUANTILES)
+            row = self._run(
+                f"SELECT count(*), count({col}), count(*) FILTER (WHERE isnan({col})), "
+                f"min({col}) FILTER (WHERE NOT isnan({col})), max({col}) FILTER (WHERE NOT isnan({col})), "
+                f"avg({col}) FILTER (WHERE NOT isnan({col})), {qs} FROM ({base.to_sql()})"
+            )[0]
+            stats = dict(zip(["rows", "count", "nan", "min", "max", "mean"], row[:6]))
+            stats["quantiles"] = dict(zip(_QUANTILES, row[6:]))
+        else:
+            row = self._run(f"SELECT count(*), count({col}), count(DISTINCT {col}) FROM ({base.to_sql()})")[0]
+            stats = dict(zip(["rows", "count", "distinct"], row))
+        stats["nulls"] = stats["rows"] - stats["count"]
+        return {"name": column, **info, **stats}
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _centroid(self, axis: str, units: str) -> str:
+        if units not in ("um", "px"):
+            raise QueryError(f"units={units!r}; expected 'um' (physical) or 'px' (pixels)")
+        name = f"centroid_{axis}_um" if units == "um" else f"centroid_{axis}"
+        if name not in self.objects.column_names:
+            if units == "um" and f"centroid_{axis}" in self.objects.column_names:
+                raise QueryError(f"no column {name}: the store has no physical centroids (an uncalibrated image "
+                                 "or not measured); use units='px'")
+            raise QueryError(f"no column {name}: the store's objects have no {axis} centroid "
+                             "(measure with the morphology group)")
+        return name
+
+    def _check_condition(self, condition: str) -> None:
+        """Bind the condition now (no rows are read), so that a wrong name fails where it was written."""
+        try:
+            self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition} LIMIT 0").fetchall()
+        except duckdb.Error as exc:
+            raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
+
+
+def _number(value: Any, what: str) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise QueryError(f"{what} = {value!r}; expected a number") from None
+    if not np.isfinite(out):
+        raise QueryError(f"{what} = {value!r}; expected a finite number")
+    return out
+
+
+_MISSING_COLUMN = re.compile(r'Referenced column "([^"]+)" not found')

@@ -1,0 +1,230 @@
+"""PathViewer-style commands through the CLI, as a user types them: filter (ids and masks), color, render,
+hist and annotate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import matplotlib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from skimage.io import imread
+
+import measure
+import ngff
+import query
+from ngff.write import write_image
+from tests.conftest import intensities, nuclei_like, read_table, run_cli
+
+
+@pytest.fixture(scope="module", params=["0.4", "0.5"])
+def measured(tmp_path_factory, request):
+    """A fresh copy per test of a measured image (with a 2-level pyramid) and its store."""
+    tmp = tmp_path_factory.mktemp(f"pv{request.param}")
+    labels = nuclei_like((96, 128), 45, seed=51)
+    image = write_image(tmp / "img.ome.zarr", intensities((96, 128), 2, seed=52), "cyx", chunks=(1, 32, 32),
+                        labels={"nuclei": labels}, channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5},
+                        n_levels=2, version=request.param)
+    measure.measure(str(image), "nuclei", tmp / "s.cellar", workers=1)
+    return tmp, labels
+
+
+@pytest.fixture
+def case(measured, tmp_path):
+    src, labels = measured
+    shutil.copytree(src / "img.ome.zarr", tmp_path / "img.ome.zarr")
+    shutil.copytree(src / "s.cellar", tmp_path / "s.cellar")
+    manifest = json.loads((tmp_path / "s.cellar" / "manifest.json").read_text())
+    manifest["tables"][0]["source"]["url"] = str(tmp_path / "img.ome.zarr")  # the copy, not the original
+    (tmp_path / "s.cellar" / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path, labels
+
+
+def _ok(result):
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def _fails(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cellar: error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def _image_label(image_dir, name):
+    return dict(ngff.open_image(str(image_dir)).label(name).image_label)
+
+
+def test_filter_prints_writes_json_and_parquet_ids(case):
+    tmp, _ = case
+    _, df = read_table(tmp / "s.cellar")
+    expected = np.sort(df[df.area > 60].label_id.to_numpy())
+    out = _ok(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60"))
+    assert [int(x) for x in out.stdout.split()] == expected.tolist()
+    _ok(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60", "--output", str(tmp / "ids.json")))
+    assert json.loads((tmp / "ids.json").read_text())["label_ids"] == expected.tolist()
+    _ok(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60", "--output", str(tmp / "ids.parquet")))
+    assert pq.read_table(tmp / "ids.parquet").column("label_id").to_pylist() == expected.tolist()
+    _fails(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60", "--output", str(tmp / "ids.json")),
+           "exists; pass --overwrite")
+
+
+def test_filter_mask_writes_a_label_image_of_the_matching_objects(case):
+    tmp, labels = case
+    _, df = read_table(tmp / "s.cellar")
+    keep = df[df.area > 60].label_id.to_numpy()
+    _ok(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60", "--mask", "big"))
+    image = ngff.open_image(str(tmp / "img.ome.zarr"))  # validated by ome-zarr-models
+    assert set(image.label_names) == {"nuclei", "big"}
+    big = image.label("big")
+    assert len(big.multiscale.levels) == 2
+    level0 = np.asarray(ngff.open_level(image.url, big.multiscale.levels[0].path)[...])
+    np.testing.assert_array_equal(level0, np.where(np.isin(labels, keep), labels, 0))
+    level1 = np.asarray(ngff.open_level(image.url, big.multiscale.levels[1].path)[...])
+    np.testing.assert_array_equal(level1, np.where(np.isin(labels[::2, ::2], keep), labels[::2, ::2], 0))
+    _fails(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 60", "--mask", "big"), "exists")
+    _ok(run_cli("filter", str(tmp / "s.cellar"), "--where", "area > 10000", "--mask", "big", "--overwrite"))
+    assert not np.asarray(ngff.open_level(image.url, big.multiscale.levels[0].path)[...]).any()
+    assert not any(p.name.startswith(".tmp") for p in (tmp / "img.ome.zarr" / "labels").iterdir())
+
+
+def test_color_writes_colormap_colours_and_hides_the_rest(case):
+    tmp, _ = case
+    _, df = read_table(tmp / "s.cellar")
+    _ok(run_cli("color", str(tmp / "s.cellar"), "--by", "area", "--where", "area > 40",
+                "--properties", "area,eccentricity"))
+    meta = _image_label(tmp / "img.ome.zarr", "nuclei")
+    colors = {c["label-value"]: c["rgba"] for c in meta["colors"]}
+    assert len(colors) == len(df)
+    sub = df[df.area > 40]
+    viridis = matplotlib.colormaps["viridis"]
+    lo_id = int(sub.label_id[sub.area.idxmin()])
+    hi_id = int(sub.label_id[sub.area.idxmax()])
+    assert colors[lo_id] == [int(round(c * 255)) for c in viridis(0.0)]
+    assert colors[hi_id] == [int(round(c * 255)) for c in viridis(1.0)]
+    hidden = df[df.area <= 40].label_id
+    assert len(hidden) and all(colors[int(i)][3] == 0 for i in hidden)
+    props = {p["label-value"]: p for p in meta["properties"]}
+    row = df.iloc[3]
+    assert props[int(row.label_id)]["area"] == row.area
+    assert props[int(row.label_id)]["eccentricity"] == pytest.approx(row.eccentricity)
+
+
+def test_color_with_a_range_and_grey_others(case):
+    tmp, _ = case
+    _, df = read_table(tmp / "s.cellar")
+    _ok(run_cli("color", str(tmp / "s.cellar"), "--by", "area", "--range", "0", "1000", "--cmap", "magma",
+                "--where", "area > 40", "--others", "grey"))
+    colors = {c["label-value"]: c["rgba"] for c in _image_label(tmp / "img.ome.zarr", "nuclei")["colors"]}
+    small = int(df[df.area <= 40].label_id.iloc[0])
+    assert colors[small] == [128, 128, 128, 255]
+    row = df[df.area > 40].iloc[0]
+    magma = matplotlib.colormaps["magma"]
+    assert colors[int(row.label_id)] == [int(round(c * 255)) for c in magma(row.area / 1000)]
+
+
+def test_color_by_a_text_annotation_uses_categories(case):
+    tmp, _ = case
+    _, df = read_table(tmp / "s.cellar")
+    classes = np.where(df.area > 50, "tumour", "stroma")
+    (tmp / "classes.csv").write_text("label_id,klass\n" + "".join(f"{i},{c}\n" for i, c in zip(df.label_id, classes)))
+    _ok(run_cli("annotate", str(tmp / "s.cellar"), "--from", str(tmp / "classes.csv")))
+    out = _ok(run_cli("color", str(tmp / "s.cellar"), "--by", "klass"))
+    assert "2 categories" in out.stderr
+    colors = {c["label-value"]: tuple(c["rgba"]) for c in _image_label(tmp / "img.ome.zarr", "nuclei")["colors"]}
+    by_class = {}
+    for i, c in zip(df.label_id, classes):
+        by_class.setdefault(c, set()).add(colors[int(i)])
+    assert all(len(v) == 1 for v in by_class.values()) and by_class["tumour"] != by_class["stroma"]
+
+
+def test_render_draws_the_filtered_objects(case):
+    tmp, _ = case
+    a, b = tmp / "all.png", tmp / "some.png"
+    out = _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                      "--out", str(a)))
+    assert "level 0" in out.stderr
+    _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                "--where", "area > 60", "--style", "fill", "--out", str(b)))
+    img_a, img_b = imread(a), imread(b)
+    assert img_a.ndim == 3 and img_a.shape[0] > 100 and not np.array_equal(img_a, img_b)
+    out = _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                      "--level", "1", "--region", "10:80,20:100", "--channel", "CD8", "--out", str(tmp / "r.png")))
+    assert "level 1, 40 x 35 px" in out.stderr
+    _fails(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                   "--region", "80:10,0:5", "--out", str(tmp / "x.png")), "--region 80:10,0:5")
+    _fails(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                   "--level", "7", "--out", str(tmp / "x.png")), "--level 7")
+    assert not (tmp / "x.png").exists()
+
+
+def test_hist_writes_a_png(case):
+    tmp, _ = case
+    out = _ok(run_cli("hist", str(tmp / "s.cellar"), "area_um2", "--where", "eccentricity < 0.7",
+                      "--out", str(tmp / "h.png")))
+    assert "match" in out.stderr and imread(tmp / "h.png").shape[0] > 100
+
+
+def test_annotations_are_versioned_and_joined(case):
+    tmp, _ = case
+    store = tmp / "s.cellar"
+    _, df = read_table(store)
+    ids = df.label_id.to_numpy()
+    (tmp / "v1.csv").write_text("cell,klass,score\n" + "".join(f"{i},a,{k / 10}\n" for k, i in enumerate(ids[:10])))
+    out = _ok(run_cli("annotate", str(store), "--from", str(tmp / "v1.csv"), "--key", "cell"))
+    assert "annotated 10 objects" in out.stderr and "version 1" in out.stderr
+    (tmp / "v2.csv").write_text("label_id,klass\n" + "".join(f"{i},b\n" for i in ids[:4]))
+    _ok(run_cli("annotate", str(store), "--from", str(tmp / "v2.csv")))
+    objs = query.open(store)
+    latest = dict(objs.sql("SELECT label_id, klass FROM objects WHERE klass IS NOT NULL").fetchall())
+    assert latest == {int(i): "b" for i in ids[:4]}
+    assert "score" not in objs.column_names  # the latest version only has klass
+    versions = objs.sql("SELECT version, count(*) FROM annotations GROUP BY version ORDER BY version").fetchall()
+    assert versions == [(1, 10), (2, 4)]
+    assert objs.sql("SELECT description FROM columns WHERE name = 'klass'").fetchall()[0][0].startswith("annotation (version 2")
+    assert len(read_table(store)[1]) == len(df)  # measurements untouched
+    assert query.open(store, cache=True).where("klass = 'b'").count() == 4
+
+
+def test_annotation_errors_are_reported(case):
+    tmp, _ = case
+    store = tmp / "s.cellar"
+    _, df = read_table(store)
+    good = int(df.label_id.iloc[0])
+    (tmp / "bad.csv").write_text(f"label_id,klass\n{good},a\n999999,b\n999998,c\n")
+    _fails(run_cli("annotate", str(store), "--from", str(tmp / "bad.csv")), "2 of 3 rows", "999998, 999999",
+           "--drop-unknown")
+    out = _ok(run_cli("annotate", str(store), "--from", str(tmp / "bad.csv"), "--drop-unknown"))
+    assert "annotated 1 objects" in out.stderr and "2 rows with unknown label ids not stored" in out.stderr
+    (tmp / "clash.csv").write_text(f"label_id,area\n{good},3\n")
+    _fails(run_cli("annotate", str(store), "--from", str(tmp / "clash.csv")), "column 'area'", "rename it")
+    (tmp / "dup.csv").write_text(f"label_id,k\n{good},1\n{good},2\n")
+    _fails(run_cli("annotate", str(store), "--from", str(tmp / "dup.csv")), f"more than once: {good}")
+    _fails(run_cli("annotate", str(store), "--from", str(tmp / "dup.csv"), "--key", "cell"), "no column 'cell'")
+
+
+def test_bad_object_commands_fail_with_one_line(case):
+    tmp, _ = case
+    store = str(tmp / "s.cellar")
+    _fails(run_cli("filter", store, "--where", "aera > 3"), "unknown column 'aera'", "did you mean: area")
+    _fails(run_cli("color", store, "--by", "eccentricty"), "did you mean: eccentricity")
+    _fails(run_cli("color", store, "--by", "area", "--cmap", "nope"), "--cmap nope: unknown colormap")
+    _fails(run_cli("color", store, "--by", "area", "--range", "5", "1"), "--range 5 1")
+    _fails(run_cli("hist", store, "area", "--out", str(tmp / "h.png"), "--where", "area >"), "where 'area >'")
+    _fails(run_cli("filter", store, "--where", "area > 3", "--image", "nope"), "no table nope/*")
+
+
+def test_the_image_label_metadata_stays_valid_ngff(case):
+    tmp, _ = case
+    _ok(run_cli("color", str(tmp / "s.cellar"), "--by", "area", "--properties", "area"))
+    group = zarr.open_group(str(tmp / "img.ome.zarr" / "labels" / "nuclei"), mode="r")
+    attrs = dict(group.attrs)
+    meta = (attrs.get("ome") or attrs)["image-label"]
+    assert meta["source"] == {"image": "../../"} and len(meta["colors"]) == len(meta["properties"])
+    ngff.open_image(str(tmp / "img.ome.zarr")).label("nuclei")  # ome-zarr-models accepts it
