@@ -96,12 +96,13 @@ def write_omero_h5(parquet: Path, out: Path, block: int = 131072) -> None:
     import tables
 
     pf = pq.ParquetFile(parquet)
-    dtype = np.dtype([(f.name, f.type.to_pandas_dtype()) for f in pf.schema_arrow])
+    # OMERO has 64-bit signed integers (LongColumn) and doubles (DoubleColumn)
+    dtype = np.dtype([(f.name, np.int64 if pa.types.is_integer(f.type) else np.float64) for f in pf.schema_arrow])
     kinds = [b"::omero::grid::LongColumn" if dtype[i].kind in "iu" else b"::omero::grid::DoubleColumn"
              for i in range(len(dtype))]
     with tables.open_file(out, "w", title="OMERO HDF Measurement Storage") as h5:
         group = h5.create_group("/", "OME")
-        tab = h5.create_table(group, "Measurements", dtype.descr, expectedrows=pf.metadata.num_rows)
+        tab = h5.create_table(group, "Measurements", dtype, expectedrows=pf.metadata.num_rows)
         h5.create_array(group, "ColumnTypes", kinds)
         h5.create_array(group, "ColumnDescriptions", [b""] * len(kinds))
         tab.attrs["__version"] = "2"

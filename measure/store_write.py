@@ -25,6 +25,7 @@ from schemas import store as layout
 from schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
+COMPRESSION = "lz4"
 
 
 def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
@@ -99,9 +100,11 @@ def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
     tmp = final.with_name(final.name + ".tmp")
     committed = False
     try:
-        # No dictionary encoding: measurement columns are mostly distinct floats, where it costs time and
-        # space (measured on 100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB).
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=True,
+        # LZ4, no dictionary encoding, 128k-row groups, chosen by measurement (benchmarks/bench_query.py and
+        # the README): measurement columns are mostly distinct floats, where dictionaries cost time and space
+        # (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
+        # measurements but decompress about twice as fast, which halves queries that read many columns.
+        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE, write_statistics=True,
                        use_dictionary=False)
         os.replace(tmp, final)
         layout.write_json_atomic(root / layout.SCHEMA, schemas.objects_schema())

@@ -120,10 +120,10 @@ class Query:
         return replace(self, limit_rows=int(n))
 
     # -- the statement ---------------------------------------------------------------------------------
-    def to_sql(self, columns: str | None = None) -> str:
+    def to_sql(self, columns: str | None = None, source: str = "objects") -> str:
         """The SELECT statement this query runs (over the `objects` view)."""
         cols = columns or (", ".join(quote(c) for c in self.columns) if self.columns else "*")
-        sql = f"SELECT {cols} FROM objects"
+        sql = f"SELECT {cols} FROM {source}"
         if self.filters:
             sql += " WHERE " + " AND ".join(self.filters)
         if self.order:
@@ -143,13 +143,25 @@ class Query:
 
     # -- results ---------------------------------------------------------------------------------------
     def to_arrow(self) -> pyarrow.Table:
+        cached = self.objects.cached
+        if cached is not None and (self.filters or self.limit_rows is not None):
+            # Late materialisation from the session cache: the filter and order columns find the rows, Arrow
+            # takes them whole (DuckDB would build every column of the result vector by vector).
+            from query.store import CACHED_VIEW, ROW_COLUMN
+
+            rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, CACHED_VIEW), "fetchnumpy")[ROW_COLUMN]
+            if self.columns:
+                cached = cached.select(list(self.columns))
+            return take_rows(cached, np.asarray(rows, np.int64))
         return self._run(self.to_sql(), "to_arrow_table")
 
     def to_polars(self) -> polars.DataFrame:
-        return self._run(self.to_sql(), "pl")
+        import polars
+
+        return polars.from_arrow(self.to_arrow())
 
     def to_pandas(self) -> pandas.DataFrame:
-        return self._run(self.to_sql(), "df")
+        return self.to_arrow().to_pandas()
 
     def count(self) -> int:
         """Number of matching objects."""
@@ -225,6 +237,25 @@ class Query:
             self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition} LIMIT 0").fetchall()
         except duckdb.Error as exc:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
+
+
+def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:
+    """`table.take(rows)`, batch by batch: pyarrow's take on a chunked column first concatenates its
+    chunks (for a cached 5M-row table, a copy of every column per query)."""
+    import pyarrow as pa
+
+    batches = table.to_batches()
+    if len(batches) <= 1 or len(rows) == 0:
+        return table.take(rows)
+    starts = np.cumsum([0] + [b.num_rows for b in batches])
+    which = np.searchsorted(starts, rows, side="right") - 1
+    order = np.argsort(which, kind="stable")
+    rows, which = rows[order], which[order]
+    cuts = np.searchsorted(which, np.arange(len(batches) + 1))
+    pieces = [batches[k].take(pa.array(rows[cuts[k]:cuts[k + 1]] - starts[k]))
+              for k in range(len(batches)) if cuts[k + 1] > cuts[k]]
+    grouped = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+    return grouped.take(np.argsort(order, kind="stable"))  # back to the query's order
 
 
 def _number(value: Any, what: str) -> float:

@@ -14,6 +14,8 @@ session cache for viewers and notebooks that filter the same store again and aga
 
 from __future__ import annotations
 
+import uuid
+import weakref
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +30,8 @@ from schemas import store as layout
 from schemas.errors import QueryError
 
 _CHANNEL_SEP = "__"
+CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
+ROW_COLUMN = "__row"
 
 
 def _quote(name: str) -> str:
@@ -51,7 +55,7 @@ class Objects:
         self.stores = tuple(stores)
         self.manifests = [layout.read_manifest(s) for s in self.stores]
         self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
-        self.con = duckdb.connect(":memory:", config={"threads": threads} if threads else {})
+        self.con = _connection(threads)
         self.cached: pa.Table | None = None
         self._create_views()
         if cache:
@@ -60,10 +64,13 @@ class Objects:
     def cache(self) -> Objects:
         """Hold the objects in RAM (one Arrow table) and answer from there from now on."""
         if self.cached is None and self.tables:
-            # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined
+            # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
+            # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
+            # Query.to_arrow) instead of DuckDB materialising every column.
             self.cached = self.con.sql("SELECT * FROM objects").to_arrow_table()
-            self.con.register("objects_cached", self.cached)
-            self.con.execute("CREATE OR REPLACE VIEW objects AS SELECT * FROM objects_cached")
+            rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
+            self.con.register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))
+            self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * EXCLUDE ({ROW_COLUMN}) FROM {CACHED_VIEW}")
             self.__dict__.pop("schema", None)
         return self
 
@@ -105,7 +112,7 @@ class Objects:
                              "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
         self.con.execute(f"CREATE VIEW objects AS {select_objects}")
         self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
-        self.con.execute(f"CREATE VIEW columns AS {self._columns_sql()}")
+        self._create_columns_view()
 
     def _channels_sql(self) -> str:
         per_channel: dict[str, list[str]] = {}  # channel column suffix -> feature names present
@@ -147,15 +154,14 @@ class Objects:
                                     f"{last['source']}, {last['created']})"}) for c in last["columns"])
         return out
 
-    def _columns_sql(self) -> str:
-        rows = []
-        for table, c in self._column_specs():
-            rows.append("(" + ", ".join(_literal(str(v)) for v in (
-                table["image"], table["label_image"], c["name"], c["dtype"], c["unit"], c["description"])) + ")")
-        if not rows:
-            return ("SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::VARCHAR AS name, "
-                    "NULL::VARCHAR AS dtype, NULL::VARCHAR AS unit, NULL::VARCHAR AS description WHERE false")
-        return ("SELECT * FROM (VALUES " + ", ".join(rows) + ") AS t(image, label_image, name, dtype, unit, description)")
+    def _create_columns_view(self) -> None:
+        """The `columns` view, from an Arrow table of the column specs (binding a long VALUES list costs more)."""
+        fields = ("image", "label_image", "name", "dtype", "unit", "description")
+        specs = self._column_specs()
+        data = {f: [str(table[f]) for table, _ in specs] for f in fields[:2]}
+        data.update({f: [str(c[f]) for _, c in specs] for f in fields[2:]})
+        self.con.register("columns_table", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
+        self.con.execute("CREATE VIEW columns AS SELECT * FROM columns_table")
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,
@@ -257,6 +263,40 @@ class Objects:
     def __repr__(self) -> str:
         stores = ", ".join(str(s) for s in self.stores)
         return f"<cellar.Objects {stores}: {len(self.tables)} tables, {len(self)} objects>"
+
+
+_DATABASE: duckdb.DuckDBPyConnection | None = None
+
+
+def _connection(threads: int | None) -> duckdb.DuckDBPyConnection:
+    """A connection with a schema of its own for this Objects' views.
+
+    Connections share one in-memory database per process (opening a DuckDB database costs ~25 ms, a
+    connection to it nothing, and its Parquet metadata cache is shared); each Objects creates its views in
+    a schema of its own, first on its search path, dropped when the Objects is garbage collected. Store
+    files never change once written (new writes get new names), so cached metadata cannot go stale.
+    `threads` asks for a private database with that many threads instead.
+    """
+    global _DATABASE
+    if threads:
+        return duckdb.connect(":memory:", config={"threads": threads})
+    if _DATABASE is None:
+        _DATABASE = duckdb.connect(":memory:")
+        _DATABASE.execute("SET parquet_metadata_cache = true")
+    con = _DATABASE.cursor()
+    schema = f"cellar_{uuid.uuid4().hex[:12]}"
+    con.execute(f"CREATE SCHEMA {schema}")
+    con.execute(f"SET search_path = '{schema}'")
+    weakref.finalize(con, _drop_schema, schema)
+    return con
+
+
+def _drop_schema(schema: str) -> None:
+    if _DATABASE is not None:
+        try:
+            _DATABASE.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        except duckdb.Error:  # at interpreter exit the database may be gone already
+            pass
 
 
 def one_line(exc: Exception) -> str:

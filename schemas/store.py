@@ -5,7 +5,7 @@ A store is a directory::
     STORE/
       manifest.json                       provenance and the list of committed tables
       schema.json                         copy of schemas/objects.json (the column templates)
-      objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (zstd)
+      objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (LZ4)
 
 Each (image, label image) pair is one *table*, one Hive partition. Within a table the rows are in Hilbert-curve
 order of their centroids (`spatial_order`), so that a row group holds objects that lie close together and its
