@@ -67,7 +67,13 @@ class Objects:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
-            self.cached = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            # One chunk per column (DuckDB hands over one per row group): taking rows from chunked columns
+            # concatenates them on every call. Column by column, so the copy costs one column of memory.
+            for i in range(table.num_columns):
+                if table.column(i).num_chunks > 1:
+                    table = table.set_column(i, table.field(i), pa.chunked_array([pa.concat_arrays(table.column(i).chunks)]))
+            self.cached = table
             rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
             self.con.register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))
             self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * EXCLUDE ({ROW_COLUMN}) FROM {CACHED_VIEW}")
