@@ -78,12 +78,16 @@ def segment_nuclei(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from skimage import color, exposure, feature, filters, measure, morphology, segmentation
 
     hed = color.rgb2hed(rgb)
-    # Each stain's 0.1-99.9 percentile range to 0-65535, so a few outlier pixels do not squash the rest.
-    stains = np.stack([
-        exposure.rescale_intensity(hed[..., i], in_range=tuple(np.percentile(hed[..., i], (0.1, 99.9))),
-                                   out_range=(0, 65535)).astype(np.uint16)
-        for i in range(3)
-    ])
+
+    def to_uint16(stain: np.ndarray) -> np.ndarray:
+        # The 0.1-99.9 percentile range to 0-65535, so a few outlier pixels do not squash the rest; the full
+        # range where that is empty (this H-DAB slide has almost no eosin: 99.9% of its pixels are 0).
+        lo, hi = np.percentile(stain, (0.1, 99.9))
+        if hi <= lo:
+            lo, hi = stain.min(), stain.max()
+        return exposure.rescale_intensity(stain, in_range=(lo, hi), out_range=(0, 65535)).astype(np.uint16)
+
+    stains = np.stack([to_uint16(hed[..., i]) for i in range(3)])
     h = filters.gaussian(hed[..., 0], sigma=1.5)
     d = filters.gaussian(hed[..., 2], sigma=1.5)
     mask = (h > filters.threshold_otsu(h)) & (d < filters.threshold_otsu(d))

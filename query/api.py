@@ -51,7 +51,7 @@ class Query:
     objects: Objects
     filters: tuple[str, ...] = ()
     columns: tuple[str, ...] | None = None  # None: every column
-    order: tuple[str, ...] = ()
+    order: tuple[tuple[str, bool], ...] = ()  # (column, descending)
     limit_rows: int | None = None
 
     # -- composing -----------------------------------------------------------------------------------
@@ -59,7 +59,8 @@ class Query:
         """Keep the objects for which the SQL `condition` holds (`"area_um2 > 80 AND class = 'tumour'"`)."""
         if not isinstance(condition, str) or not condition.strip():
             raise QueryError("where: expected a SQL condition such as \"area > 80\"")
-        self._check_condition(condition)
+        if not (simple_condition(condition, self.objects.column_names) and _polars_parses(condition)):
+            self._check_condition(condition)
         return replace(self, filters=(*self.filters, f"({condition})"))
 
     def select(self, *columns: str) -> Query:
@@ -110,8 +111,7 @@ class Query:
         if not columns:
             raise QueryError("order_by: name at least one column")
         self.objects.check_columns(columns, "order_by")
-        way = "DESC" if descending else "ASC"
-        return replace(self, order=(*self.order, *(f"{quote(c)} {way} NULLS LAST" for c in columns)))
+        return replace(self, order=(*self.order, *((c, bool(descending)) for c in columns)))
 
     def limit(self, n: int) -> Query:
         """At most `n` rows."""
@@ -127,7 +127,7 @@ class Query:
         if self.filters:
             sql += " WHERE " + " AND ".join(self.filters)
         if self.order:
-            sql += " ORDER BY " + ", ".join(self.order)
+            sql += " ORDER BY " + ", ".join(f"{quote(c)} {'DESC' if d else 'ASC'} NULLS LAST" for c, d in self.order)
         if self.limit_rows is not None:
             sql += f" LIMIT {self.limit_rows}"
         return sql
@@ -143,6 +143,13 @@ class Query:
 
     # -- results ---------------------------------------------------------------------------------------
     def to_arrow(self) -> pyarrow.Table:
+        frame = self._polars()
+        if frame is not None:
+            if self.columns:
+                frame = frame.select(list(self.columns))
+            table = self._collect(frame)
+            if table is not None:
+                return _plain_strings(table.to_arrow())
         cached = self.objects.cached
         if cached is not None and (self.filters or self.limit_rows is not None):
             # Late materialisation from the session cache: the filter and order columns find the rows, Arrow
@@ -165,8 +172,51 @@ class Query:
 
     def count(self) -> int:
         """Number of matching objects."""
+        frame = self._polars(ordered=False)
+        if frame is not None:
+            import polars as pl
+
+            result = self._collect(frame.select(pl.len()))
+            if result is not None:
+                return int(result.item())
         inner = replace(self, columns=None, order=()).to_sql("1")
         return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
+
+    def _polars(self, ordered: bool = True):
+        """This query as a polars LazyFrame over the Parquet files, or None where DuckDB answers instead.
+
+        polars scans Parquet faster than DuckDB (it decodes the other columns only for rows that pass the
+        filter), so plain queries on the files run there: filters in the subset of SQL that both read the
+        same way (`simple_condition`), order, limit, projection. The session cache, annotation joins and
+        anything else go to DuckDB. Both engines answer every query test (tests/test_query_api.py).
+        """
+        frame = self.objects.polars_frame()
+        if frame is None:
+            return None
+        import polars as pl
+
+        names = self.objects.column_names
+        for f in self.filters:
+            if not simple_condition(f, names):
+                return None
+            try:
+                frame = frame.filter(pl.sql_expr(f))
+            except Exception:  # polars' SQL parser could not take it: DuckDB will
+                return None
+        if ordered and self.order:
+            cols, desc = zip(*self.order)
+            frame = frame.sort(list(cols), descending=list(desc), nulls_last=True, maintain_order=True)
+        if self.limit_rows is not None:
+            frame = frame.head(self.limit_rows)
+        return frame
+
+    @staticmethod
+    def _collect(frame):
+        """The collected polars frame, or None if polars fails (DuckDB then runs the query and reports)."""
+        try:
+            return frame.collect()
+        except Exception:
+            return None
 
     def _run(self, sql: str, how: str = "fetchall"):
         """Run a statement and materialise it (`how`: a relation method); errors found while running it (a
@@ -191,7 +241,12 @@ class Query:
                 f"label_ids: the result spans {len(tables)} tables ({names}); label ids are only unique within "
                 "one: add .where(\"image = '...' AND label_image = '...'\")"
             )
-        ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
+        frame = self._polars() if len(self.objects.tables) == 1 else None
+        result = self._collect(frame.select("label_id")) if frame is not None else None
+        if result is not None:
+            ids = result.get_column("label_id").to_numpy()
+        else:
+            ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
         ids = np.asarray(ids, dtype=np.uint64)
         return ids if self.order else np.sort(ids)
 
@@ -237,6 +292,55 @@ class Query:
             self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition}")
         except duckdb.Error as exc:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
+
+
+_TOKEN = re.compile(
+    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<str>'(?:[^']|'')*')|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
+    r"|(?P<quoted>\"[^\"]+\")|(?P<op><=|>=|<>|!=|[=<>+\-*(),]))"
+)
+_WORDS = {"and", "or", "not", "between", "in", "is", "null", "true", "false"}
+
+
+def simple_condition(condition: str, columns: list[str]) -> bool:
+    """True if `condition` uses only known column names (exact case), numbers, quoted strings, comparisons,
+    AND/OR/NOT, BETWEEN, IN (...), IS [NOT] NULL, + - * and parentheses: SQL that DuckDB and polars read
+    alike. Division, functions, casts and anything else make it False."""
+    known = set(columns)
+    pos, prev = 0, None
+    text = condition.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            return False
+        kind, value = m.lastgroup, m.group(m.lastgroup)
+        if kind == "name" and value.lower() not in _WORDS and value not in known:
+            return False
+        if kind == "quoted" and value[1:-1] not in known:
+            return False
+        if kind == "op" and value == "(" and prev is not None and prev[0] in ("name", "quoted") \
+                and prev[1].lower() != "in" and prev[1].lower() not in ("and", "or", "not"):
+            return False  # a function call
+        prev, pos = (kind, value), m.end()
+    return True
+
+
+def _polars_parses(condition: str) -> bool:
+    import polars as pl
+
+    try:
+        pl.sql_expr(condition)
+    except Exception:
+        return False
+    return True
+
+
+def _plain_strings(table: pyarrow.Table) -> pyarrow.Table:
+    """polars hands strings over as large or view strings; DuckDB and the store use plain ones."""
+    import pyarrow as pa
+
+    fields = [pa.field(f.name, pa.string(), f.nullable, f.metadata)
+              if pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type) else f for f in table.schema]
+    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
 
 
 def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:

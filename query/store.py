@@ -51,15 +51,44 @@ class Objects:
         objs.sql("SELECT label_id, area FROM objects WHERE area > 80").pl()
     """
 
-    def __init__(self, stores: Sequence[Path], cache: bool = False, threads: int | None = None):
+    def __init__(self, stores: Sequence[Path], cache: bool = False, threads: int | None = None,
+                 engine: str = "auto"):
+        if engine not in ("auto", "duckdb"):
+            raise QueryError(f"engine={engine!r}; expected 'auto' or 'duckdb'")
+        self.engine = engine
         self.stores = tuple(stores)
         self.manifests = [layout.read_manifest(s) for s in self.stores]
         self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
-        self.con = _connection(threads)
+        self._files()  # a missing file is an error now, not at the first query
+        self._threads = threads
+        self._con: duckdb.DuckDBPyConnection | None = None
         self.cached: pa.Table | None = None
-        self._create_views()
         if cache:
             self.cache()
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection with the views, made on first use (plain queries on the files may run on
+        polars without it; see `polars_frame`)."""
+        if self._con is None:
+            self._con = _connection(self._threads)
+            self._create_views()
+        return self._con
+
+    def polars_frame(self):
+        """A polars LazyFrame over the tables' Parquet files (the `objects` view without DuckDB), or None when
+        the objects are cached or annotated (DuckDB answers those)."""
+        if self.engine == "duckdb" or self.cached is not None or not self.tables or any(
+                t.get("annotations") for _, t in self.tables):
+            return None
+        if "_frame" not in self.__dict__:
+            import polars as pl
+
+            frames = [pl.scan_parquet(store / table["dir"] / name).with_columns(
+                image=pl.lit(table["image"]), label_image=pl.lit(table["label_image"]))
+                for store, table in self.tables for name in table["files"]]
+            self._frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+        return self._frame
 
     def cache(self) -> Objects:
         """Hold the objects in RAM (one Arrow table) and answer from there from now on."""
@@ -237,14 +266,19 @@ class Objects:
         """Column name -> DuckDB type of the objects view."""
         return {name: str(dtype) for name, dtype, *_ in self.con.sql("DESCRIBE objects").fetchall()}
 
-    @property
+    @cached_property
     def column_names(self) -> list[str]:
-        return list(self.schema)
+        """The objects view's columns, from the manifests: measurements (unioned by name), the latest
+        annotations, then `image` and `label_image`."""
+        names = dict.fromkeys(c["name"] for _, c in self._column_specs())
+        names.update(dict.fromkeys(("image", "label_image")))
+        return list(names)
 
     def check_columns(self, columns: Sequence[str], what: str) -> None:
         """Raise a QueryError naming the first unknown column, with the closest known names."""
+        known = set(self.column_names)
         for c in columns:
-            if not isinstance(c, str) or c not in self.schema:
+            if not isinstance(c, str) or c not in known:
                 raise QueryError(f"{what}: unknown column {c!r}{suggest(str(c), self.column_names)}")
 
     def column_info(self, column: str) -> dict[str, str]:
@@ -318,14 +352,15 @@ def one_line(exc: Exception) -> str:
 
 
 def open(stores: str | Path | Sequence[str | Path], *, cache: bool = False,  # noqa: A001 - as duckdb/polars
-         threads: int | None = None) -> Objects:
+         threads: int | None = None, engine: str = "auto") -> Objects:
     """Open one store, or several as one table (`image`/`label_image` columns tell them apart).
 
     `cache=True` holds the objects in RAM for repeated queries (see `Objects.cache`); `threads` caps
-    DuckDB's threads (default: one per core).
+    DuckDB's threads (default: one per core); `engine="duckdb"` runs every query in DuckDB (by default plain
+    queries on the files run on polars' Parquet scan; see `Query._polars`).
     """
     if isinstance(stores, (str, Path)):
         stores = [stores]
     if not stores:
         raise QueryError("query.open needs at least one store")
-    return Objects([Path(s) for s in stores], cache=cache, threads=threads)
+    return Objects([Path(s) for s in stores], cache=cache, threads=threads, engine=engine)

@@ -15,6 +15,7 @@ from measure import features as registry
 from measure import store_write
 from ngff.write import write_image
 from schemas.errors import StoreError
+from schemas.store import spatial_order
 from tests.conftest import intensities, nuclei_like, read_table
 
 
@@ -59,18 +60,21 @@ def test_manifest_records_provenance_and_concrete_columns(tmp_path, image):
     assert json.loads((store / "schema.json").read_text()) == schemas.objects_schema()
 
 
-def test_parquet_is_hive_partitioned_zstd_with_units_in_field_metadata(tmp_path, image):
+def test_parquet_is_hive_partitioned_lz4_in_space_order_with_units_in_field_metadata(tmp_path, image):
     store = tmp_path / "s.cellar"
     measure.measure(str(image), "nuclei", store, workers=1)
     entry, df = read_table(store)
     assert entry["dir"] == "objects/image=slide/label_image=nuclei"
     path = store / entry["dir"] / entry["files"][0]
     meta = pq.ParquetFile(path).metadata
-    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert meta.row_group(0).column(0).compression == "LZ4"
     schema = pq.read_schema(path)
     assert schema.field("area_um2").metadata[b"unit"] == b"micrometer^2"
     assert schema.field("label_id").type == "uint64"
-    assert df["label_id"].is_monotonic_increasing
+    assert df["label_id"].is_monotonic_increasing  # read_table sorts; the file is in space order:
+    stored = pq.read_table(path, columns=["label_id", "centroid_y", "centroid_x"]).to_pandas()
+    order = spatial_order(stored.centroid_y.to_numpy(), stored.centroid_x.to_numpy())
+    np.testing.assert_array_equal(order, np.arange(len(stored)))
 
 
 def test_a_store_holds_several_label_images_and_refuses_to_replace_without_overwrite(tmp_path, image):
