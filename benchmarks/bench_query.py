@@ -245,6 +245,9 @@ def main() -> None:
     counts: dict[str, int] = {}
     for size in sizes:
         store = write_store(table, work / f"store-{size}.cellar", size)
+        if not args.row_groups:
+            del table  # every engine runs with the same free memory (and page cache)
+            gc.collect()
         objs = query.open(store)
         parquet = store / objs.tables[0][1]["dir"] / objs.tables[0][1]["files"][0]
         print(f"store ({size:,} rows per row group): {parquet.stat().st_size / 2**30:.2f} GiB", flush=True)
@@ -255,8 +258,6 @@ def main() -> None:
             results[key][name], counts[name] = timed(lambda: cellar_queries(query.open(store), params)[name](), args.repeat)
         if args.row_groups:
             continue
-        del table
-        gc.collect()
         results["polars scan_parquet"] = {}
         for name, fn in polars_queries(parquet, params).items():
             results["polars scan_parquet"][name], n = timed(fn, args.repeat)

@@ -143,6 +143,15 @@ class Query:
 
     # -- results ---------------------------------------------------------------------------------------
     def to_arrow(self) -> pyarrow.Table:
+        cached = self.objects.cached
+        if cached is not None:
+            if not (self.filters or self.order or self.limit_rows is not None):
+                return cached.select(list(self.columns)) if self.columns else cached
+            # Late materialisation from the session cache: the filter and order columns find the rows, Arrow
+            # takes them whole (building every column of the result inside an engine costs far more).
+            if self.columns:
+                cached = cached.select(list(self.columns))
+            return take_rows(cached, self._cached_rows())
         frame = self._polars()
         if frame is not None:
             if self.columns:
@@ -150,17 +159,19 @@ class Query:
             table = self._collect(frame)
             if table is not None:
                 return _plain_strings(table.to_arrow())
-        cached = self.objects.cached
-        if cached is not None and (self.filters or self.limit_rows is not None):
-            # Late materialisation from the session cache: the filter and order columns find the rows, Arrow
-            # takes them whole (DuckDB would build every column of the result vector by vector).
-            from query.store import CACHED_VIEW, ROW_COLUMN
-
-            rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, CACHED_VIEW), "fetchnumpy")[ROW_COLUMN]
-            if self.columns:
-                cached = cached.select(list(self.columns))
-            return take_rows(cached, np.asarray(rows, np.int64))
         return self._run(self.to_sql(), "to_arrow_table")
+
+    def _cached_rows(self) -> np.ndarray:
+        """Row numbers in the session cache of this query's rows, in its order: polars for plain filters
+        without order (it scans memory fastest), DuckDB otherwise (its top-N is the faster sort)."""
+        from query.store import CACHED_VIEW, ROW_COLUMN
+
+        frame = self._polars() if not self.order else None
+        result = self._collect(frame.select(ROW_COLUMN)) if frame is not None else None
+        if result is not None:
+            return result.get_column(ROW_COLUMN).to_numpy().astype(np.int64, copy=False)
+        rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, CACHED_VIEW), "fetchnumpy")[ROW_COLUMN]
+        return np.asarray(rows, np.int64)
 
     def to_polars(self) -> polars.DataFrame:
         import polars

@@ -76,10 +76,14 @@ class Objects:
         return self._con
 
     def polars_frame(self):
-        """A polars LazyFrame over the tables' Parquet files (the `objects` view without DuckDB), or None when
-        the objects are cached or annotated (DuckDB answers those)."""
-        if self.engine == "duckdb" or self.cached is not None or not self.tables or any(
-                t.get("annotations") for _, t in self.tables):
+        """A polars LazyFrame of the objects without DuckDB: over the session cache (zero-copy, with its
+        row-number column) or over the tables' Parquet files; None with engine="duckdb" and for annotated
+        files (DuckDB joins those)."""
+        if self.engine == "duckdb" or not self.tables:
+            return None
+        if self.cached is not None:
+            return self._cached_frame.lazy()
+        if any(t.get("annotations") for _, t in self.tables):
             return None
         if "_frame" not in self.__dict__:
             import polars as pl
@@ -104,7 +108,11 @@ class Objects:
                     table = table.set_column(i, table.field(i), pa.chunked_array([pa.concat_arrays(table.column(i).chunks)]))
             self.cached = table
             rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
-            self.con.register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))
+            numbered = self.cached.append_column(ROW_COLUMN, rows)
+            self.con.register(CACHED_VIEW, numbered)
+            import polars as pl
+
+            self._cached_frame = pl.from_arrow(numbered)  # the same memory
             self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * EXCLUDE ({ROW_COLUMN}) FROM {CACHED_VIEW}")
             self.__dict__.pop("schema", None)
         return self
