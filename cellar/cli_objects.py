@@ -134,14 +134,14 @@ def cmd_hist(args: argparse.Namespace) -> int:
 def cmd_annotate(args: argparse.Namespace) -> int:
     import query
     from query import annotate
+    from query.api import literal
 
     objs = query.open(args.store)
     store, entry = objs.table(args.image, args.labels)
     rows = annotate.read_source(Path(args.source_file), args.key)
-    known = objs.sql(f"SELECT label_id FROM measurements WHERE image = '{entry['image']}' AND label_image = "
-                     f"'{entry['label_image']}'" if entry.get("annotations") else
-                     f"SELECT label_id FROM objects WHERE image = '{entry['image']}' AND label_image = "
-                     f"'{entry['label_image']}'").fetchnumpy()["label_id"]
+    view = "measurements" if entry.get("annotations") else "objects"  # see query.store: objects joins annotations
+    known = objs.sql(f"SELECT label_id FROM {view} WHERE image = {literal(entry['image'])} AND label_image = "
+                     f"{literal(entry['label_image'])}").fetchnumpy()["label_id"]
     measured = [c["name"] for c in entry.get("columns", [])]
     record = annotate.annotate(store, entry["image"], entry["label_image"], rows, source=str(args.source_file),
                                known_ids=known, measured=measured, drop_unknown=args.drop_unknown)

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from itertools import product
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
@@ -148,8 +147,3 @@ def write_mask(image: NgffImage, label: str, name: str, keep: np.ndarray, overwr
 
     _update_ome(labels_dir, image.zarr_format, listed)
     return target
-
-
-def read_image_label(image: NgffImage, label: str) -> dict[str, Any]:
-    """The current `image-label` metadata of `labels/<label>` (re-read from storage)."""
-    return dict(image.label(label).image_label)

@@ -38,6 +38,11 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def literal(value: str) -> str:
+    """`value` as a SQL string literal."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
 def suggest(name: str, known: list[str]) -> str:
     """' (did you mean: a, b?)' for the closest known names, or ''."""
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)

@@ -18,7 +18,7 @@ import numpy as np
 
 import ngff
 from ngff import labels as ngff_labels
-from query.api import Query, quote
+from query.api import Query, literal, quote
 from query.store import Objects
 from schemas.errors import QueryError, UsageError
 
@@ -54,7 +54,7 @@ class Coloring:
 def table_query(objs: Objects, image: str | None, label_image: str | None) -> tuple[Query, dict]:
     """A query restricted to one (image, label image) table, and that table's manifest entry."""
     store, entry = objs.table(image, label_image)
-    q = objs.where(f"image = '{entry['image']}' AND label_image = '{entry['label_image']}'")
+    q = objs.where(f"image = {literal(entry['image'])} AND label_image = {literal(entry['label_image'])}")
     return q, entry
 
 

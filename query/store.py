@@ -25,21 +25,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from query.api import _MISSING_COLUMN, Query, suggest
+from query.api import _MISSING_COLUMN, Query, literal, quote, suggest
 from schemas import store as layout
 from schemas.errors import QueryError
 
 _CHANNEL_SEP = "__"
 CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
 ROW_COLUMN = "__row"
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 class Objects:
@@ -129,7 +121,7 @@ class Objects:
 
     @staticmethod
     def _read_parquet(files: list[str], keys: str) -> str:
-        listing = ", ".join(_literal(f) for f in files)
+        listing = ", ".join(literal(f) for f in files)
         return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
                 f"hive_types = {{{keys}}})")
 
@@ -176,12 +168,12 @@ class Objects:
         parts = []
         for col, feats in per_channel.items():
             values = ", ".join(
-                (f"{_quote(f + _CHANNEL_SEP + col)}" if f in feats else "NULL::DOUBLE") + f" AS {_quote(f)}"
+                (f"{quote(f + _CHANNEL_SEP + col)}" if f in feats else "NULL::DOUBLE") + f" AS {quote(f)}"
                 for f in features
             )
-            present = " OR ".join(f"{_quote(f + _CHANNEL_SEP + col)} IS NOT NULL" for f in feats)
+            present = " OR ".join(f"{quote(f + _CHANNEL_SEP + col)} IS NOT NULL" for f in feats)
             parts.append(
-                f"SELECT image, label_image, label_id, {_literal(names[col])} AS channel, {values} "
+                f"SELECT image, label_image, label_id, {literal(names[col])} AS channel, {values} "
                 f"FROM objects WHERE {present}"
             )
         return " UNION ALL ".join(parts)
