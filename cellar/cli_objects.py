@@ -1,5 +1,5 @@
-"""The `cellar` subcommands that act on the objects of a store the way PathViewer users do: `filter`, `color`,
-`render`, `hist` and `annotate` (see `query.pathviewer` and `query.annotate`)."""
+"""The `cellar` subcommands that act on the objects of a store: `filter`, `color`, `render`, `hist` (the
+PathViewer-style outputs of `query.pathviewer`), `annotate` (`query.annotate`) and `export` (`query.export`)."""
 
 from __future__ import annotations
 
@@ -151,6 +151,37 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import query
+    from query import export, pathviewer
+
+    if args.to[0] not in export.FORMATS:
+        raise UsageError(f"--to {args.to[0]}: unknown format (expected one of {', '.join(export.FORMATS)})")
+    if len(args.to) > 2:
+        raise UsageError(f"--to {' '.join(args.to)}: expected FORMAT [OUTPUT]")
+    args.to, args.output = args.to[0], (args.to[1] if len(args.to) == 2 else None)
+    objs = query.open(args.store)
+    if args.to == "ngff-properties" or args.image or args.labels:
+        q, _ = pathviewer.table_query(objs, args.image, args.labels)
+    else:
+        q = objs.query()
+    if args.where:
+        q = q.where(args.where)
+    if args.columns:
+        q = q.select(*[c.strip() for c in args.columns.split(",") if c.strip()])
+    if args.to != "ngff-properties" and not args.output:
+        raise UsageError(f"--to {args.to} needs an OUTPUT file")
+    summary = export.export(q, args.to, args.output or "", overwrite=args.overwrite, image_id=args.image_id,
+                            roi_column=args.roi_column, max_string=args.max_string, max_cells=args.max_cells,
+                            image_url=args.source)
+    for old, new in summary["renamed"].items():
+        print(f"renamed column {old} -> {new} (OMERO needs identifiers; the description keeps the name)",
+              file=sys.stderr)
+    where = summary.get("target", args.output)
+    print(f"exported {summary['rows']:,} rows x {summary['columns']} columns as {args.to} to {where}", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub, positive_int) -> None:
     p = sub.add_parser("filter", help="label ids of the objects matching a filter, or a label image of only them")
     p.add_argument("store")
@@ -214,3 +245,23 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--drop-unknown", action="store_true",
                    help="store the rows whose label ids exist and report the others (default: refuse)")
     p.set_defaults(func=cmd_annotate)
+
+    from query.export import FORMATS, MAX_CELLS, MAX_STRING
+
+    p = sub.add_parser("export", help="write objects as OMERO.tables HDF5, AnnData, CSV, Parquet or NGFF properties")
+    p.add_argument("store")
+    p.add_argument("--to", required=True, nargs="+", metavar="FORMAT [OUTPUT]",
+                   help=f"format ({', '.join(FORMATS)}) and output file (none for ngff-properties, which writes "
+                        "into the source image's label metadata)")
+    p.add_argument("--where", help="SQL condition: export only the matching objects")
+    p.add_argument("--columns", help="comma-separated columns (default: all)")
+    _table_args(p)
+    p.add_argument("--image-id", type=positive_int, help="omero-h5: add an Image column holding this OMERO image id")
+    p.add_argument("--roi-column", help="omero-h5: the column of OMERO ROI ids, written as a Roi column")
+    p.add_argument("--max-string", type=positive_int, default=MAX_STRING,
+                   help=f"omero-h5: longest text value in bytes (default {MAX_STRING})")
+    p.add_argument("--max-cells", type=positive_int, default=MAX_CELLS,
+                   help=f"ngff-properties: at most this many objects x columns (default {MAX_CELLS:,})")
+    p.add_argument("--source", help="ngff-properties: the image (path or URL) if it moved since it was measured")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.set_defaults(func=cmd_export)

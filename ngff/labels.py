@@ -68,9 +68,25 @@ def set_image_label(image: NgffImage, label: str, colors: list[dict] | None = No
             meta["colors"] = colors
         if properties is not None:
             meta["properties"] = properties
+        _consistent(meta)
 
     _update_ome(group_dir, image.zarr_format, change)
     return group_dir
+
+
+def _consistent(meta: dict) -> None:
+    """NGFF (and ome-zarr-models) want `colors` and `properties` to name the same label values: an empty
+    list is dropped, and each side gains entries for the values only the other names (a transparent colour;
+    properties holding only the label value)."""
+    for key in ("colors", "properties"):
+        if key in meta and not meta[key]:
+            del meta[key]
+    if "colors" not in meta or "properties" not in meta:
+        return
+    in_colors = {c["label-value"] for c in meta["colors"]}
+    in_props = {p["label-value"] for p in meta["properties"]}
+    meta["colors"] += [{"label-value": v, "rgba": [0, 0, 0, 0]} for v in sorted(in_props - in_colors)]
+    meta["properties"] += [{"label-value": v} for v in sorted(in_colors - in_props)]
 
 
 def _blocks(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:

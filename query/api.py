@@ -289,6 +289,13 @@ class Query:
         stats["nulls"] = stats["rows"] - stats["count"]
         return {"name": column, **info, **stats}
 
+    def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
+        """Write this query's rows as `fmt` ("omero-h5", "csv", "parquet", "anndata", "ngff-properties"); see
+        `query.export.export` for the options. Returns a summary (rows, columns, renamed columns)."""
+        from query.export import export
+
+        return export(self, fmt, output, **options)
+
     # -- helpers ---------------------------------------------------------------------------------------
     def _centroid(self, axis: str, units: str) -> str:
         if units not in ("um", "px"):

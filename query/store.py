@@ -247,6 +247,9 @@ class Objects:
     def to_pandas(self):
         return Query(self).to_pandas()
 
+    def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
+        return Query(self).export(fmt, output, **options)
+
     def table(self, image: str | None = None, label_image: str | None = None) -> tuple[Path, dict]:
         """(store, manifest entry) of the one table matching `image` and `label_image` (either may be
         omitted when it leaves a single table)."""

@@ -1,0 +1,312 @@
+"""Exports of a query's rows into the formats other tools read, streamed in row batches (DuckDB hands the
+rows over as Arrow record batches, so a large export never holds the whole table in memory; AnnData is the
+exception, being an in-memory format).
+
+- `omero-h5`: OMERO.tables' own HDF5 layout (see ../shared/FORMATS.md), appended with PyTables' table API:
+  group `/OME`, table `Measurements`, arrays `ColumnTypes` and `ColumnDescriptions`, attributes `__version`
+  = '2' and `__initialized`, the store's provenance as further attributes. Integers become LongColumn
+  (int64), floats DoubleColumn, booleans BoolColumn, text StringColumn (fixed width: the longest value);
+  `image_id` adds an ImageColumn `Image`, `roi_column` maps a column of ROI ids to a RoiColumn `Roi`.
+  Names are made identifier-safe (for `getWhereList` conditions); each description carries the unit and,
+  when renamed, the original name.
+- `csv`: comma-separated with a header row, after `#` comment lines giving the provenance and every
+  column's unit (read it with `comment='#'` in DuckDB, pandas or polars).
+- `parquet`: one file; units and descriptions as field metadata, provenance as file metadata.
+- `anndata` (`.h5ad` or `.zarr`; `pip install cellar[anndata]`): numeric measurements in `X` (names and
+  units in `var`), keys and text columns in `obs`, centroids (x, y) in `obsm["spatial"]`, and
+  `uns["spatialdata_attrs"]` linking it to the label image.
+- `ngff-properties`: columns written into the label image's `image-label.properties`, at most `max_cells`
+  values (it is JSON).
+
+Every file is written under a temporary name beside OUTPUT and renamed into place, so a failure midway
+(disk full, permissions) leaves no partial file at OUTPUT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from schemas import store as layout
+from schemas.errors import UsageError
+
+if TYPE_CHECKING:
+    from query.api import Query
+
+FORMATS = ("omero-h5", "csv", "parquet", "anndata", "ngff-properties")
+BATCH_ROWS = 65_536
+MAX_STRING = 1024  # bytes per text value in an OMERO StringColumn
+MAX_CELLS = 1_000_000  # objects x columns written into NGFF JSON metadata
+OMERO_TITLE = "OMERO HDF Measurement Storage"
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _atomic(output: Path, overwrite: bool, write: Callable[[Path], Any], directory: bool = False) -> Any:
+    """`write(tmp)` to a temporary name beside `output`, then rename it into place."""
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
+    if not output.parent.is_dir():
+        raise UsageError(f"{output}: directory {output.parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=output.parent)) / output.name
+    try:
+        result = write(tmp)
+        if output.is_dir() and not output.is_symlink():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+        return result
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def _provenance(q: Query) -> dict[str, str]:
+    tables = [t for _, t in q.objects.tables]
+    return {
+        "cellar_version": str(tables[0].get("cellar_version", "")) if tables else "",
+        "source": ", ".join(sorted({str(t.get("source", {}).get("url", "")) for t in tables})),
+        "tables": ", ".join(f"{t['image']}/{t['label_image']}" for t in tables),
+        "where": " AND ".join(q.filters) or "",
+        "exported": layout.now(),
+    }
+
+
+def _reader(q: Query) -> pa.RecordBatchReader:
+    return q.relation().arrow(batch_size=BATCH_ROWS)
+
+
+def export(q: Query, fmt: str, output: str | Path, *, overwrite: bool = False, image_id: int | None = None,
+           roi_column: str | None = None, max_string: int = MAX_STRING, max_cells: int = MAX_CELLS,
+           image_url: str | None = None) -> dict[str, Any]:
+    """Write the query's rows to `output` as `fmt` (one of FORMATS); returns a summary (rows, columns,
+    renamed columns, ...)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--to {fmt}: expected one of {', '.join(FORMATS)}")
+    if fmt == "ngff-properties":
+        return _ngff_properties(q, max_cells, image_url)
+    output = Path(output)
+    writer = {"omero-h5": lambda p: _omero(q, p, image_id, roi_column, max_string),
+              "csv": lambda p: _csv(q, p), "parquet": lambda p: _parquet(q, p),
+              "anndata": lambda p: _anndata(q, p)}[fmt]
+    if fmt == "anndata" and output.suffix not in (".h5ad", ".zarr"):
+        raise UsageError(f"{output}: an AnnData export ends in .h5ad or .zarr")
+    if fmt == "anndata":
+        try:
+            import anndata  # noqa: F401
+        except ImportError:
+            raise UsageError("the anndata export needs the anndata package: pip install 'cellar[anndata]'") from None
+    return _atomic(output, overwrite, writer)
+
+
+# -- OMERO.tables ---------------------------------------------------------------------------------------
+def omero_names(names: list[str]) -> dict[str, str]:
+    """Column name -> identifier-safe, unique OMERO column name (names starting with '__' are reserved)."""
+    safe = layout.unique_identifiers([n.lstrip("_") or "c" for n in names])
+    return dict(zip(names, safe))
+
+
+def _omero(q: Query, path: Path, image_id: int | None, roi_column: str | None, max_string: int) -> dict:
+    import tables
+
+    rel = q.relation()
+    schema = {name: str(t) for name, t in zip(rel.columns, rel.types)}
+    if roi_column is not None:
+        q.objects.check_columns([roi_column], "--roi-column")
+        if roi_column not in schema:
+            raise UsageError(f"--roi-column {roi_column}: not among the exported columns")
+    if image_id is not None and image_id < 0:
+        raise UsageError(f"--image-id {image_id}: expected an OMERO image id >= 0")
+    text = [c for c, t in schema.items() if t.startswith("VARCHAR")]
+    widths = {}
+    if text:
+        from query.api import quote
+
+        row = q.objects.sql(f"SELECT {', '.join(f'max(strlen({quote(c)}))' for c in text)} FROM ({q.to_sql()})").fetchall()[0]
+        for c, w in zip(text, row):
+            if w is not None and w > max_string:
+                raise UsageError(f"column {c!r} holds text of {w} bytes, longer than --max-string {max_string}; "
+                                 "raise it or leave the column out (--columns)")
+            widths[c] = max(1, int(w or 1))
+    names = omero_names(list(schema))
+    fields, kinds, descriptions = [], [], []
+    if image_id is not None:
+        fields.append(("Image", np.int64))
+        kinds.append("ImageColumn")
+        descriptions.append("OMERO image id")
+    for c, t in schema.items():
+        info = q.objects.column_info(c) if c in q.objects.column_names else {"unit": "", "description": ""}
+        if c == roi_column:
+            kind, dtype = "RoiColumn", np.int64
+        elif t.startswith(("VARCHAR",)):
+            kind, dtype = "StringColumn", f"S{widths[c]}"
+        elif t == "BOOLEAN":
+            kind, dtype = "BoolColumn", np.bool_
+        elif t in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"):
+            kind, dtype = "LongColumn", np.int64
+        elif t in ("FLOAT", "DOUBLE") or t.startswith("DECIMAL"):
+            kind, dtype = "DoubleColumn", np.float64
+        else:
+            raise UsageError(f"column {c!r} has type {t}, which OMERO.tables cannot hold; leave it out (--columns)")
+        name = "Roi" if c == roi_column else names[c]
+        fields.append((name, dtype))
+        kinds.append(kind)
+        text_parts = [f"unit: {info['unit']}" if info["unit"] else "", info["description"],
+                      f"cellar column: {c}" if name != c else ""]
+        descriptions.append("; ".join(p for p in text_parts if p))
+    dtype = np.dtype(fields)
+    n = 0
+    with tables.open_file(path, "w", title=OMERO_TITLE) as h5:
+        group = h5.create_group("/", "OME")
+        table = h5.create_table(group, "Measurements", dtype, expectedrows=max(1, q.count()))
+        h5.create_array(group, "ColumnTypes", [f"::omero::grid::{k}".encode() for k in kinds])
+        h5.create_array(group, "ColumnDescriptions", [d.encode() for d in descriptions])
+        for batch in _reader(q):
+            rec = np.zeros(batch.num_rows, dtype)
+            if image_id is not None:
+                rec["Image"] = image_id
+            for c in schema:
+                col = batch.column(c)
+                name = "Roi" if c == roi_column else names[c]
+                kind = dtype[name]
+                if kind.kind == "S":
+                    rec[name] = np.array([(v or "").encode() for v in col.to_pylist()], dtype=kind)
+                elif kind.kind == "b":
+                    rec[name] = col.fill_null(False).to_numpy(zero_copy_only=False)
+                elif kind.kind == "i":
+                    values = col.to_numpy(zero_copy_only=False)
+                    if col.null_count:
+                        raise UsageError(f"column {c!r} has missing values; OMERO's LongColumn cannot hold them")
+                    if values.dtype == np.uint64 and (values > _INT64_MAX).any():
+                        raise UsageError(f"column {c!r} holds values above 2^63-1, beyond OMERO's LongColumn")
+                    rec[name] = values.astype(np.int64)
+                else:  # doubles: NULL becomes NaN, non-finite values are kept
+                    rec[name] = col.cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+            table.append(rec)
+            n += batch.num_rows
+        table.attrs["__version"] = "2"
+        table.attrs["__initialized"] = time.time()
+        for key, value in _provenance(q).items():
+            table.attrs[key if key.startswith("cellar") else f"cellar_{key}"] = value
+        table.flush()
+    renamed = {c: v for c, v in names.items() if v != c and c != roi_column}
+    return {"rows": n, "columns": len(fields), "renamed": renamed}
+
+
+# -- CSV and Parquet ---------------------------------------------------------------------------------------
+def _units(q: Query, names: list[str]) -> list[str]:
+    return [q.objects.column_info(c)["unit"] if c in q.objects.column_names else "" for c in names]
+
+
+def _csv(q: Query, path: Path) -> dict:
+    import pyarrow.csv as pcsv
+
+    reader = _reader(q)
+    names = reader.schema.names
+    n = 0
+    with open(path, "wb") as fh:
+        prov = _provenance(q)
+        fh.write(("# cellar export: " + "; ".join(f"{k}={v}" for k, v in prov.items() if v) + "\n").encode())
+        fh.write(("# units: " + ", ".join(f"{c}={u}" for c, u in zip(names, _units(q, names)) if u) + "\n").encode())
+        with pcsv.CSVWriter(fh, reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+                n += batch.num_rows
+    return {"rows": n, "columns": len(names), "renamed": {}}
+
+
+def _parquet(q: Query, path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    reader = _reader(q)
+    names = reader.schema.names
+    fields = []
+    for f, unit in zip(reader.schema, _units(q, names)):
+        info = q.objects.column_info(f.name) if f.name in q.objects.column_names else {"description": ""}
+        fields.append(f.with_metadata({"unit": unit, "description": info["description"]}))
+    schema = pa.schema(fields, metadata={"cellar": json.dumps(_provenance(q))})
+    n = 0
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(pa.RecordBatch.from_arrays(batch.columns, schema=schema))
+            n += batch.num_rows
+    return {"rows": n, "columns": len(names), "renamed": {}}
+
+
+# -- AnnData ---------------------------------------------------------------------------------------------------
+def _anndata(q: Query, path: Path) -> dict:
+    import anndata as ad
+    import pandas as pd
+
+    table = q.to_arrow()
+    names = table.column_names
+    tables = {(t["image"], t["label_image"]) for _, t in q.objects.tables}
+    keys = [c for c in ("image", "label_image", "label_id") if c in names]
+    numeric = [c for c, f in zip(names, table.schema) if c not in keys
+               and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
+    other = [c for c in names if c not in keys and c not in numeric]
+    x = np.column_stack([table.column(c).cast(pa.float64()).fill_null(float("nan")).to_numpy(zero_copy_only=False)
+                         for c in numeric]) if numeric else np.zeros((table.num_rows, 0))
+    obs = pd.DataFrame({c: table.column(c).to_pandas() for c in [*keys, *other]})
+    if "label_image" in obs:
+        obs["region"] = pd.Categorical(obs["label_image"])
+    if "label_id" in obs:
+        obs["instance_id"] = obs["label_id"].astype(np.int64)
+    for c in other:
+        if obs[c].dtype == object:
+            obs[c] = pd.Categorical(obs[c])
+    obs.index = [f"{i}/{lbl}/{k}" for i, lbl, k in zip(obs.get("image", [""] * len(obs)),
+                                                      obs.get("label_image", [""] * len(obs)),
+                                                      obs.get("label_id", range(len(obs))))]
+    units = _units(q, numeric)
+    var = pd.DataFrame({"unit": units, "description": [q.objects.column_info(c)["description"] for c in numeric]},
+                       index=numeric)
+    adata = ad.AnnData(X=x, obs=obs, var=var)
+    xy = [c for c in ("centroid_x_um", "centroid_y_um") if c in names] or [c for c in ("centroid_x", "centroid_y")
+                                                                           if c in names]
+    if len(xy) == 2:
+        adata.obsm["spatial"] = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in xy])
+    regions = sorted({lbl for _, lbl in tables})
+    adata.uns["spatialdata_attrs"] = {"region": regions[0] if len(regions) == 1 else regions,
+                                      "region_key": "region", "instance_key": "instance_id"}
+    adata.uns["cellar"] = {**_provenance(q), "spatial_columns": xy}
+    if path.suffix == ".zarr":
+        adata.write_zarr(path)
+    else:
+        adata.write_h5ad(path)
+    return {"rows": table.num_rows, "columns": len(numeric), "renamed": {}}
+
+
+# -- NGFF label properties -----------------------------------------------------------------------------------------
+def _ngff_properties(q: Query, max_cells: int, image_url: str | None) -> dict:
+    from query import pathviewer
+
+    _, entry = q.objects.table(None, None) if len(q.objects.tables) == 1 else (None, None)
+    if entry is None:
+        raise UsageError("ngff-properties writes into one label image: choose one table with --image and --labels")
+    cols = [c for c in (q.columns or q.objects.column_names) if c not in ("image", "label_image", "label_id")]
+    n = q.count()
+    if n * len(cols) > max_cells:
+        raise UsageError(f"{n} objects x {len(cols)} columns = {n * len(cols):,} values, more than --max-cells "
+                         f"{max_cells:,} for JSON metadata; choose fewer columns (--columns) or objects (--where)")
+    data = q.select("label_id", *cols).order_by("label_id").to_arrow().to_pylist()
+    props = []
+    for row in data:
+        item = {"label-value": int(row.pop("label_id"))}
+        for k, v in row.items():
+            item[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        props.append(item)
+    image = pathviewer.source_image(entry, image_url)
+    from ngff import labels as ngff_labels
+
+    target = ngff_labels.set_image_label(image, entry["label_image"], properties=props)
+    return {"rows": len(props), "columns": len(cols), "renamed": {}, "target": str(target)}

@@ -1,0 +1,225 @@
+"""Exports read back with each format's own reader and compared with the store row for row."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tables
+
+import measure
+import ngff
+import query
+from ngff.write import write_image
+from query import export as export_mod
+from schemas.errors import QueryError, UsageError
+from tests.conftest import intensities, nuclei_like, read_table, run_cli
+
+OMERO_READ = Path(__file__).parent / "tools" / "omero_read.py"
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    labels = nuclei_like((90, 110), 40, seed=61)
+    chans = intensities((90, 110), 2, seed=62)
+    chans[1] = 500  # a constant channel: skewness and kurtosis are NaN for every object
+    image = write_image(tmp / "img.ome.zarr", chans, "cyx", chunks=(1, 45, 55), labels={"nuclei": labels},
+                        channel_names=["DAPI", "CD 8"], scale={"y": 0.5, "x": 0.5})
+    measure.measure(str(image), "nuclei", tmp / "s.cellar", workers=1)
+    return tmp
+
+
+@pytest.fixture
+def case(source, tmp_path):
+    shutil.copytree(source / "img.ome.zarr", tmp_path / "img.ome.zarr")
+    shutil.copytree(source / "s.cellar", tmp_path / "s.cellar")
+    manifest = json.loads((tmp_path / "s.cellar" / "manifest.json").read_text())
+    manifest["tables"][0]["source"]["url"] = str(tmp_path / "img.ome.zarr")
+    (tmp_path / "s.cellar" / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
+
+
+def _store_rows(store: Path, where: str = "true"):
+    return query.open(store).sql(f"SELECT * FROM objects WHERE {where} ORDER BY label_id").df()
+
+
+def _same(a, b, col):
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+        np.testing.assert_array_equal(a.astype(float), b.astype(float), err_msg=col)  # NaN == NaN here
+    else:
+        assert a.tolist() == b.tolist(), col
+
+
+def test_omero_h5_has_omeros_layout_and_the_stores_rows(case):
+    out = case / "t.h5"
+    r = run_cli("export", str(case / "s.cellar"), "--to", "omero-h5", str(out), "--image-id", "42",
+                "--where", "area > 20")
+    assert r.returncode == 0, r.stderr
+    expected = _store_rows(case / "s.cellar", "area > 20")
+    with tables.open_file(out) as h5:
+        assert h5.title == "OMERO HDF Measurement Storage"
+        t = h5.root.OME.Measurements
+        kinds = [k.decode() for k in h5.root.OME.ColumnTypes.read()]
+        descriptions = [d.decode() for d in h5.root.OME.ColumnDescriptions.read()]
+        assert t.attrs["__version"] == "2" and isinstance(t.attrs["__initialized"], float)
+        assert t.attrs["cellar_where"] == "(area > 20)"
+        names = t.colnames
+        assert names[0] == "Image" and kinds[0] == "::omero::grid::ImageColumn"
+        assert (t.col("Image") == 42).all()
+        by_name = dict(zip(names, kinds))
+        assert by_name["label_id"] == "::omero::grid::LongColumn" and t.coldtypes["label_id"] == np.int64
+        assert by_name["area_um2"] == "::omero::grid::DoubleColumn"
+        assert by_name["image"] == "::omero::grid::StringColumn"
+        assert descriptions[names.index("area_um2")].startswith("unit: micrometer^2; ")
+        assert t.nrows == len(expected)
+        data = t.read()
+        order = np.argsort(data["label_id"])
+        for col in expected.columns:
+            values = data[col][order]
+            if values.dtype.kind == "S":
+                values = [v.decode() for v in values]
+            _same(values, expected[col].to_numpy(), col)
+        assert np.isnan(data["intensity_skewness__CD_8"]).all()  # non-finite values kept
+        # numexpr conditions (OMERO's getWhereList) work on the column names
+        hits = t.get_where_list("(area > 40) & (intensity_mean__DAPI > 0)")
+        assert len(hits) == int(((expected.area > 40) & (expected.intensity_mean__DAPI > 0)).sum())
+
+
+def test_omero_roi_column_and_identifier_safe_names(case):
+    out = case / "roi.h5"
+    r = run_cli("export", str(case / "s.cellar"), "--to", "omero-h5", str(out), "--roi-column", "touching_neighbors",
+                "--columns", "label_id,area,touching_neighbors")
+    assert r.returncode == 0, r.stderr
+    with tables.open_file(out) as h5:
+        t = h5.root.OME.Measurements
+        assert t.colnames == ["label_id", "area", "Roi"]
+        assert h5.root.OME.ColumnTypes.read()[2] == b"::omero::grid::RoiColumn"
+    assert export_mod.omero_names(["a b", "__version", "ok", "a_b"]) == {
+        "a b": "a_b", "__version": "version", "ok": "ok", "a_b": "a_b_2"}
+
+
+def _omero_python() -> str | None:
+    for candidate in (os.environ.get("CELLAR_OMERO_PYTHON"), "/work/omero-venv/bin/python", shutil.which("python3.10")):
+        if candidate and Path(candidate).exists():
+            ok = subprocess.run([candidate, "-c", "import omero.hdfstorageV2, tables"], capture_output=True)
+            if ok.returncode == 0:
+                return candidate
+    return None
+
+
+def test_omero_reads_the_export_with_its_own_storage_class(case):
+    python = _omero_python()
+    if python is None:
+        pytest.skip("omero-py is not importable in a Python 3.10 here (set CELLAR_OMERO_PYTHON to a python with "
+                    "omero-py; see ../shared/FORMATS.md)")
+    out = case / "o.h5"
+    r = run_cli("export", str(case / "s.cellar"), "--to", "omero-h5", str(out), "--image-id", "7")
+    assert r.returncode == 0, r.stderr
+    expected = _store_rows(case / "s.cellar")
+    res = subprocess.run([python, str(OMERO_READ), str(out), "(area > 40)"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"rows {len(expected)} cols {len(expected.columns) + 1}"
+    assert "  Image ImageColumn 'OMERO image id'" in lines
+    assert any(ln.startswith("  area_um2 DoubleColumn 'unit: micrometer^2") for ln in lines)
+    assert any(ln.startswith("  label_id LongColumn") for ln in lines)
+    where = next(ln for ln in lines if ln.startswith("where "))
+    assert where.startswith(f"where {int((expected.area > 40).sum())} rows")
+
+
+def test_csv_and_parquet_round_trip_with_units(case):
+    expected = _store_rows(case / "s.cellar")
+    for fmt in ("csv", "parquet"):
+        out = case / f"t.{fmt}"
+        r = run_cli("export", str(case / "s.cellar"), "--to", fmt, str(out))
+        assert r.returncode == 0, r.stderr
+        reader = f"read_csv('{out}', comment='#', header=true)" if fmt == "csv" else f"read_parquet('{out}')"
+        got = duckdb.sql(f"SELECT * FROM {reader} ORDER BY label_id").df()
+        assert list(got.columns) == list(expected.columns)
+        for col in expected.columns:
+            _same(got[col].to_numpy(), expected[col].to_numpy(), col)
+    head = (case / "t.csv").read_text().splitlines()[:2]
+    assert head[0].startswith("# cellar export: ") and "area_um2=micrometer^2" in head[1]
+    assert pq.read_schema(case / "t.parquet").field("area_um2").metadata[b"unit"] == b"micrometer^2"
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_anndata_for_spatialdata(case, suffix):
+    import anndata
+
+    out = case / f"t{suffix}"
+    info = query.open(case / "s.cellar").where("area > 20").export("anndata", str(out))
+    a = anndata.read_h5ad(out) if suffix == ".h5ad" else anndata.read_zarr(out)
+    expected = _store_rows(case / "s.cellar", "area > 20")
+    assert a.n_obs == len(expected) == info["rows"]
+    order = np.argsort(a.obs["instance_id"].to_numpy())
+    np.testing.assert_array_equal(a.obs["instance_id"].to_numpy()[order], expected.label_id.to_numpy().astype(np.int64))
+    j = list(a.var_names).index("area_um2")
+    np.testing.assert_array_equal(a.X[order, j], expected.area_um2.to_numpy())
+    assert a.var.loc["area_um2", "unit"] == "micrometer^2"
+    np.testing.assert_array_equal(a.obsm["spatial"][order], expected[["centroid_x_um", "centroid_y_um"]].to_numpy())
+    assert dict(a.uns["spatialdata_attrs"]) == {"region": "nuclei", "region_key": "region", "instance_key": "instance_id"}
+    assert set(a.obs["region"]) == {"nuclei"}
+
+
+def test_ngff_properties_are_written_and_bounded(case):
+    r = run_cli("export", str(case / "s.cellar"), "--to", "ngff-properties", "--columns", "area,eccentricity")
+    assert r.returncode == 0, r.stderr
+    props = ngff.open_image(str(case / "img.ome.zarr")).label("nuclei").image_label["properties"]
+    expected = _store_rows(case / "s.cellar")
+    assert [p["label-value"] for p in props] == expected.label_id.tolist()
+    assert [p["area"] for p in props] == expected.area.tolist()
+    r = run_cli("export", str(case / "s.cellar"), "--to", "ngff-properties", "--max-cells", "10")
+    assert r.returncode == 2 and "more than --max-cells 10" in r.stderr
+
+
+def test_bad_exports_fail_cleanly(case, monkeypatch):
+    store = str(case / "s.cellar")
+    (case / "exists.csv").write_text("x")
+    for args, fragment in [
+        (("--to", "csv", str(case / "exists.csv")), "exists; pass --overwrite"),
+        (("--to", "csv", str(case / "x.csv"), "--columns", "aera"), "unknown column 'aera' (did you mean: area"),
+        (("--to", "xlsx", str(case / "x.xlsx")), "--to xlsx: unknown format (expected one of omero-h5, csv"),
+        (("--to", "anndata", str(case / "x.csv")), "ends in .h5ad or .zarr"),
+        (("--to", "csv"), "--to csv needs an OUTPUT file"),
+    ]:
+        r = run_cli("export", store, *args)
+        assert r.returncode == 2 and fragment in r.stderr and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert (case / "exists.csv").read_text() == "x" and not (case / "x.csv").exists()
+    # long text: an annotation with a 40-byte value against --max-string 16
+    _, df = read_table(case / "s.cellar")
+    (case / "notes.csv").write_text(f"label_id,note\n{df.label_id[0]},{'x' * 40}\n")
+    assert run_cli("annotate", store, "--from", str(case / "notes.csv")).returncode == 0
+    r = run_cli("export", store, "--to", "omero-h5", str(case / "n.h5"), "--max-string", "16")
+    assert r.returncode == 2 and "column 'note' holds text of 40 bytes, longer than --max-string 16" in r.stderr
+    assert not (case / "n.h5").exists()
+
+    # a write that fails midway (disk full) leaves nothing at OUTPUT and no temporary files
+    def failing(q):
+        real = q.relation().arrow(batch_size=8)
+
+        def batches():
+            for batch in real:
+                yield batch
+                raise OSError(28, "No space left on device")
+
+        return pa.RecordBatchReader.from_batches(real.schema, batches())
+
+    monkeypatch.setattr(export_mod, "_reader", failing)
+    with pytest.raises(UsageError, match="cannot write \\(No space left on device\\)"):
+        query.open(store).export("csv", str(case / "full.csv"))
+    assert not (case / "full.csv").exists()
+    assert not [p for p in case.iterdir() if p.name.startswith(".tmp")]
+    with pytest.raises(QueryError):
+        query.open(store).where("nope > 1").export("csv", str(case / "q.csv"))
