@@ -178,8 +178,8 @@ def _omero(q: Query, path: Path, image_id: int | None, roi_column: str | None, m
                 col = batch.column(c)
                 name = "Roi" if c == roi_column else names[c]
                 kind = dtype[name]
-                if kind.kind == "S":
-                    rec[name] = np.array([(v or "").encode() for v in col.to_pylist()], dtype=kind)
+                if kind.kind == "S":  # UTF-8 bytes, NULL as empty
+                    rec[name] = col.fill_null("").cast(pa.binary()).to_numpy(zero_copy_only=False).astype(kind)
                 elif kind.kind == "b":
                     rec[name] = col.fill_null(False).to_numpy(zero_copy_only=False)
                 elif kind.kind == "i":
