@@ -223,3 +223,26 @@ def test_bad_exports_fail_cleanly(case, monkeypatch):
     assert not [p for p in case.iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(QueryError):
         query.open(store).where("nope > 1").export("csv", str(case / "q.csv"))
+
+
+def test_omero_widens_annotation_types(case):
+    store = case / "s.cellar"
+    _, df = read_table(store)
+    ids = df.label_id.to_numpy()[:5]
+    rows = "".join(f"{i},{'tumour' if k % 2 else 'ok'},{k % 2 == 0},{k * 0.5}\n" for k, i in enumerate(ids))
+    (case / "a.csv").write_text("label_id,klass,reviewed,score\n" + rows)
+    assert run_cli("annotate", str(store), "--from", str(case / "a.csv")).returncode == 0
+    r = run_cli("export", str(store), "--to", "omero-h5", str(case / "a.h5"), "--where", "klass IS NOT NULL",
+                "--columns", "label_id,klass,reviewed,score")
+    assert r.returncode == 0, r.stderr
+    with tables.open_file(case / "a.h5") as h5:
+        t = h5.root.OME.Measurements
+        kinds = [k.decode().split("::")[-1] for k in h5.root.OME.ColumnTypes.read()]
+        assert kinds == ["LongColumn", "StringColumn", "BoolColumn", "DoubleColumn"]
+        assert t.coldtypes["klass"] == np.dtype("S6")  # the longest value, 'tumour'
+        data = np.sort(t.read(), order="label_id")
+    order = np.argsort(ids)
+    assert data["label_id"].tolist() == ids[order].tolist()
+    assert [v.decode() for v in data["klass"]] == [("tumour" if k % 2 else "ok") for k in order]
+    assert data["reviewed"].tolist() == [k % 2 == 0 for k in order]
+    assert data["score"].tolist() == [k * 0.5 for k in order]
