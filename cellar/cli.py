@@ -40,16 +40,27 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     import measure
 
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
-    result = measure.measure(
-        args.image, args.labels, args.out, channels=channels, features=args.features, radius=args.radius,
+    # several tables: a log line each as it is committed
+    log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    results = measure.measure_many(
+        args.images, args.labels, args.out, channels=channels, features=args.features, radius=args.radius,
         texture_levels=args.texture_levels,
         level=args.level, timepoint=args.timepoint, workers=args.workers, region_pixels=args.region_pixels,
         halo=args.halo, image_name=args.image_name, overwrite=args.overwrite,
-        progress=False if args.quiet else None,
+        progress=False if args.quiet else None, log=log if len(args.images) > 1 else None,
     )
-    if not args.quiet:
-        print(f"measured {result.n_objects} objects of {result.image}/labels/{result.label_image} "
-              f"({result.n_regions} regions) in {result.elapsed_s:.2f} s -> {result.store}")
+    if args.quiet:
+        pass
+    elif len(results) == 1:
+        r = results[0]
+        print(f"{r.image}/labels/{r.label_image}: already in {r.store} with the same settings, kept (--overwrite "
+              "to measure again)" if r.skipped else
+              f"measured {r.n_objects} objects of {r.image}/labels/{r.label_image} ({r.n_regions} regions) "
+              f"in {r.elapsed_s:.2f} s -> {r.store}")
+    else:
+        done = sum(not r.skipped for r in results)
+        print(f"{sum(r.n_objects for r in results)} objects in {len(results)} tables ({done} measured now, "
+              f"{len(results) - done} already there) -> {args.out}")
     return 0
 
 
@@ -163,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("measure", help="measure every object of a label image into a store")
-    p.add_argument("image", help="OME-Zarr image: local path or URL (file://, http(s)://, s3://)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="OME-Zarr images or HCS plates: local paths or URLs (file://, http(s)://, s3://)")
     p.add_argument("--labels", required=True, help="label image name under the image's labels/ group")
     p.add_argument("--out", required=True, help="store directory (created, or added to if it is a store)")
     p.add_argument("--channels", help="comma-separated channel names or indices to measure (default: all)")

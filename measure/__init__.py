@@ -5,6 +5,6 @@
 """
 
 from ngff import NgffImage, open_image
-from measure.run import MeasureResult, measure
+from measure.run import MeasureResult, measure, measure_many
 
-__all__ = ["MeasureResult", "NgffImage", "measure", "open_image"]
+__all__ = ["MeasureResult", "NgffImage", "measure", "measure_many", "open_image"]

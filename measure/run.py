@@ -34,7 +34,7 @@ from measure.accumulate import Merger
 from measure.block import BlockResult, KernelPlan, measure_block, measure_object
 from measure.shape_kernels import INTENSITY_STATS, surface_lut
 from schemas import store as layout
-from schemas.errors import InvalidImageError, UsageError
+from schemas.errors import InvalidImageError, StoreError, UsageError
 
 DEFAULT_REGION_PIXELS = 1 << 22  # about 4 Mpixel per region: ~50 MB of working set with 4 uint16 channels
 DEFAULT_HALO = 64  # pixels around each region: objects reaching further are measured on their own crop
@@ -66,6 +66,16 @@ class MeasureResult:
     n_objects: int
     n_regions: int
     elapsed_s: float
+    skipped: bool = False  # the store already held this table, measured with the same settings
+
+
+CONTEXT_DESCRIPTIONS = {
+    "plate": "Name of the HCS plate the image belongs to.",
+    "well": "Well path in the plate (row/column).",
+    "row": "Well row name.",
+    "column": "Well column name.",
+    "field": "Field (image) index within the well.",
+}
 
 
 def _selection(roles: tuple[str, ...], timepoint: int, channel, spatial: tuple[slice, ...]) -> tuple:
@@ -304,6 +314,7 @@ def measure(
     image_name: str | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
+    context: dict[str, str | int] | None = None,
 ) -> MeasureResult:
     """Measure every object of `labels/<labels>` in the image at `image_url` into the store `out`.
 
@@ -313,6 +324,12 @@ def measure(
     `texture_levels` the grey levels of the texture group's co-occurrence matrices. `workers`
     processes (default: one per core) each read and reduce regions of about `region_pixels` pixels plus a
     `halo` of pixels around them; objects reaching beyond the halo are measured on a crop of their own.
+    `context` adds constant columns to every row (a plate's `plate`, `well`, `row`, `column`, `field`).
+
+    A table the store already holds with the same settings (source, level, time point, channels, features,
+    radius, texture levels, context) is kept and the call returns at once (`skipped`), so re-running an
+    interrupted multi-image command completes the store; with other settings it is refused unless
+    `overwrite`.
 
     Example: ``measure("slide.ome.zarr", "nuclei", "slide.cellar", channels=["DAPI", "CD8"])``
     """
@@ -326,9 +343,21 @@ def measure(
     if not any(f.per_channel for f in selected):
         chan_idx = ()  # no intensity feature asked for: do not read the image at all
     name = image_name or image.name
-    store_write.check_output(out, name, labels, overwrite)
     if radius is not None and not (math.isfinite(radius) and radius > 0):
         raise UsageError(f"--radius {radius}: expected a positive distance")
+    settings = {
+        "url": _absolute(image.url), "labels": labels, "level": level, "timepoint": timepoint,
+        "channels": [image.channel_names[i] for i in chan_idx], "features": [f.name for f in selected],
+        "radius": radius, "texture_levels": texture_levels, "context": dict(context or {}),
+    }
+    existing = store_write.existing_entry(out, name, labels)
+    if existing is not None and not overwrite:
+        if existing.get("settings") == settings:
+            return MeasureResult(out, name, labels, int(existing["n_objects"]), 0, time.perf_counter() - t0,
+                                 skipped=True)
+        raise StoreError(f"{out}: already holds image={name} label_image={labels}, measured with other settings; "
+                         "pass --overwrite to replace it")
+    store_write.check_output(out, name, labels, overwrite)
 
     im, lb = image.multiscale, label.multiscale
     suffixes = layout.unique_identifiers([image.channel_names[i] for i in chan_idx])
@@ -390,6 +419,10 @@ def measure(
     columns = registry.columns(geo, selected)
     column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in columns)]
     values = registry.compute_columns(results, geo, selected)
+    for key, value in (context or {}).items():  # constant columns, for example a plate's well and field
+        values[key] = np.full(len(stats), value, dtype=object if isinstance(value, str) else np.int64)
+        column_specs.append({"name": key, "dtype": "string" if isinstance(value, str) else "int64", "unit": "",
+                             "description": CONTEXT_DESCRIPTIONS.get(key, f"{key} of the measured image")})
     level_meta = im.levels[level]
     entry = {
         "image": name,
@@ -418,6 +451,8 @@ def measure(
         "radius": geo.radius if "spatial" in needed else None,
         "texture_levels": texture_levels if kplan.texture else None,
         "halo": plan.halo,
+        "settings": settings,
+        "context": dict(context or {}),
         "columns": column_specs,
         "regions": len(regions),
         "workers": workers,
@@ -426,6 +461,46 @@ def measure(
     entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
     store_write.write_table(out, entry, table, overwrite=overwrite)
     return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
+
+
+def measure_many(images: list[str], labels: str, out: str | Path, *, image_name: str | None = None,
+                 log: Callable[[str], None] | None = None, **options) -> list[MeasureResult]:
+    """Measure several images, and every field of every well of HCS plates, into one store, one table each.
+
+    Each table is committed on its own, so a run stopped at any moment (even by SIGKILL) and started again
+    with the same arguments keeps the tables already written (`measure` skips those with the same settings)
+    and measures the rest: the store ends as an uninterrupted run would leave it. Plate fields are named
+    `<plate>_<row><column>_<field>` and carry `plate`, `well`, `row`, `column`, `field` columns. `log` gets one
+    line per table. Other keyword arguments go to `measure`.
+    """
+    sources: list[tuple[str, str | None, dict | None]] = []
+    for url in images:
+        fields = ngff.plate_fields(url)
+        if fields is None:
+            sources.append((url, image_name, None))
+        else:
+            if not fields:
+                raise InvalidImageError(f"{url}: the plate lists no fields")
+            sources.extend((f.url, f.name, f.context) for f in fields)
+    if image_name is not None and len(sources) > 1:
+        raise UsageError("--image-name names one image; several images (or a plate) take their own names")
+    names: dict[str, str] = {}
+    for url, name, _ in sources:
+        key = name or ngff.open_image(url).name
+        if key in names:
+            raise UsageError(f"{url} and {names[key]} would both be image '{key}' in the store; "
+                             "measure them into different stores or rename one")
+        names[key] = url
+    results = []
+    for i, (url, name, context) in enumerate(sources, 1):
+        result = measure(url, labels, out, image_name=name, context=context, **options)
+        results.append(result)
+        if log is not None:
+            what = f"{result.image}/labels/{result.label_image}"
+            log(f"[{i}/{len(sources)}] " + (f"{what}: already in the store with the same settings, kept" if result.skipped
+                else f"measured {result.n_objects} objects of {what} ({result.n_regions} regions) in "
+                     f"{result.elapsed_s:.2f} s"))
+    return results
 
 
 def _whole_object_rows(ex: _Executor, stats, ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, ndim: int,

@@ -47,6 +47,15 @@ def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> No
         )
 
 
+def existing_entry(out: Path, image: str, label_image: str) -> dict | None:
+    """The manifest entry of the (image, label image) table if `out` is a store that holds it."""
+    if not layout.is_store(out):
+        return None
+    manifest = layout.read_manifest(out)
+    i = _find(manifest, image, label_image)
+    return None if i is None else manifest["tables"][i]
+
+
 def _find(manifest: dict, image: str, label_image: str) -> int | None:
     for i, t in enumerate(manifest.get("tables", [])):
         if t.get("image") == image and t.get("label_image") == label_image:
@@ -63,7 +72,9 @@ def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: d
     fields = []
     for spec in column_specs:
         meta = {"unit": spec["unit"], "description": spec["description"]}
-        fields.append(pa.field(spec["name"], pa.from_numpy_dtype(columns[spec["name"]].dtype), metadata=meta))
+        dtype = columns[spec["name"]].dtype
+        fields.append(pa.field(spec["name"], pa.string() if dtype == object else pa.from_numpy_dtype(dtype),
+                               metadata=meta))
     schema = pa.schema(fields, metadata={"cellar": json.dumps(provenance)})
     return pa.table([columns[f.name] for f in fields], schema=schema)
 
@@ -77,6 +88,10 @@ def write_table(out: Path, entry: dict, table: pa.Table, overwrite: bool = False
     if layout.is_store(out):
         _commit_into(out, entry, table)
         return out
+    # Staging directories of earlier attempts at this store that were killed before their rename: no reader
+    # ever saw them (concurrent writers to one store are not supported).
+    for stale in out.parent.glob(f"{layout.TMP_PREFIX}{out.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = out.parent / f"{layout.TMP_PREFIX}{out.name}-{run_id}"
     try:
         staging.mkdir()

@@ -140,6 +140,66 @@ class NgffImage:
         return LabelImage(name, multiscale, dict(attrs.get("image-label") or {}))
 
 
+@dataclass(frozen=True)
+class PlateField:
+    """One field (image) of an HCS plate, with where it sits."""
+
+    url: str
+    plate: str
+    row: str
+    column: str
+    field: int
+
+    @property
+    def name(self) -> str:
+        """The image's name in a store: plate, well and field (`plate1_A1_0`)."""
+        return f"{self.plate}_{self.row}{self.column}_{self.field}"
+
+    @property
+    def context(self) -> dict[str, str | int]:
+        return {"plate": self.plate, "well": f"{self.row}/{self.column}", "row": self.row, "column": self.column,
+                "field": self.field}
+
+
+def plate_fields(url: str) -> list[PlateField] | None:
+    """Every field of every well of the HCS plate at `url`, in row, column, field order; None if `url` is not
+    a plate."""
+    url = str(url).rstrip("/")
+    group = _open_group(url)
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
+    plate = ome.get("plate")
+    if plate is None:
+        return None
+    if not isinstance(plate, dict) or not isinstance(plate.get("wells"), list):
+        raise InvalidImageError(f"{url}: 'plate' metadata without a 'wells' list")
+    name = plate.get("name") if isinstance(plate.get("name"), str) and plate.get("name") else _image_name(url, None)
+    rows = [r.get("name") for r in plate.get("rows", []) if isinstance(r, dict)]
+    columns = [c.get("name") for c in plate.get("columns", []) if isinstance(c, dict)]
+    fields = []
+    for well in plate["wells"]:
+        path = well.get("path") if isinstance(well, dict) else None
+        if not isinstance(path, str) or path.count("/") != 1:
+            raise InvalidImageError(f"{url}: plate well {well!r}: expected a 'path' like 'A/1'")
+        row, column = path.split("/")
+        if (rows and row not in rows) or (columns and column not in columns):
+            raise InvalidImageError(f"{url}: well {path} is not in the plate's rows and columns")
+        try:
+            wgroup = group[path]
+        except KeyError:
+            raise InvalidImageError(f"{url}/{path}: well listed in the plate but missing") from None
+        wattrs = dict(wgroup.attrs)
+        wome = wattrs.get("ome") if isinstance(wattrs.get("ome"), dict) else wattrs
+        images = (wome.get("well") or {}).get("images") if isinstance(wome.get("well"), dict) else None
+        if not isinstance(images, list):
+            raise InvalidImageError(f"{url}/{path}: no 'well.images' list in its metadata")
+        for k, img in enumerate(images):
+            if not isinstance(img, dict) or not isinstance(img.get("path"), str):
+                raise InvalidImageError(f"{url}/{path}: field {k} has no 'path'")
+            fields.append(PlateField(f"{url}/{path}/{img['path']}", name, row, column, k))
+    return fields
+
+
 def local_path(url: str) -> Path | None:
     """The filesystem path of a local image (plain path or file:// URL), None for a remote URL."""
     if url.startswith("file://"):

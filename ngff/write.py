@@ -116,3 +116,39 @@ def write_image(
             })
             _write_levels(g, lab, label_axes, n_levels, label_chunks)
     return path
+
+
+def write_plate(path: str | Path, wells: dict[str, list[tuple[np.ndarray, dict[str, np.ndarray]]]], axes: str, *,
+                version: str = "0.5", name: str = "plate", overwrite: bool = False, **image_kw: Any) -> Path:
+    """Write an HCS plate: `wells` maps 'A/1' to a list of fields, each (image data, {label name: labels});
+    every field is written with `write_image` (same `axes` and keyword arguments)."""
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(path)
+        shutil.rmtree(path)
+    zarr_format = 3 if version == "0.5" else 2
+    rows = sorted({w.split("/")[0] for w in wells})
+    cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
+    plate: dict[str, Any] = {
+        "name": name, "rows": [{"name": r} for r in rows], "columns": [{"name": c} for c in cols],
+        "wells": [{"path": w, "rowIndex": rows.index(w.split("/")[0]), "columnIndex": cols.index(w.split("/")[1])}
+                  for w in wells],
+        "field_count": max(len(f) for f in wells.values()),
+    }
+    if version == "0.4":
+        plate["version"] = "0.4"
+    root = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    _set_ome(root, version, {"plate": plate})
+    for well, fields in wells.items():
+        row, col = well.split("/")
+        rgroup = root.require_group(row)
+        wgroup = rgroup.create_group(col)
+        well_meta: dict[str, Any] = {"images": [{"path": str(k)} for k in range(len(fields))]}
+        if version == "0.4":
+            well_meta["version"] = "0.4"
+        _set_ome(wgroup, version, {"well": well_meta})
+        for k, (data, labels) in enumerate(fields):
+            write_image(path / row / col / str(k), data, axes, labels=labels, version=version,
+                        name=f"{name}_{row}{col}_{k}", **image_kw)
+    return path

@@ -77,14 +77,17 @@ def test_parquet_is_hive_partitioned_lz4_in_space_order_with_units_in_field_meta
     np.testing.assert_array_equal(order, np.arange(len(stored)))
 
 
-def test_a_store_holds_several_label_images_and_refuses_to_replace_without_overwrite(tmp_path, image):
+def test_a_store_holds_several_label_images_keeps_same_settings_and_refuses_others_without_overwrite(tmp_path, image):
     store = tmp_path / "s.cellar"
     measure.measure(str(image), "nuclei", store, workers=1)
     measure.measure(str(image), "cells", store, workers=1)
     manifest = json.loads((store / "manifest.json").read_text())
     assert [t["label_image"] for t in manifest["tables"]] == ["nuclei", "cells"]
-    with pytest.raises(StoreError, match="already holds image=slide label_image=nuclei; pass --overwrite"):
-        measure.measure(str(image), "nuclei", store, workers=1)
+    again = measure.measure(str(image), "nuclei", store, workers=1)  # same settings: kept, not measured again
+    assert again.skipped and json.loads((store / "manifest.json").read_text()) == manifest
+    with pytest.raises(StoreError, match="already holds image=slide label_image=nuclei, measured with other "
+                                         "settings; pass --overwrite"):
+        measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"])
     old_file = manifest["tables"][0]["files"][0]
     measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"], overwrite=True)
     entry, df = read_table(store, label_image="nuclei")

@@ -1,0 +1,106 @@
+"""Several images and HCS plates into one store, and resuming a run that was killed."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import measure
+import query
+from ngff.write import write_image, write_plate
+from tests.conftest import intensities, nuclei_like, read_table, run_cli
+
+
+def _plate(path: Path, version: str = "0.5") -> Path:
+    wells = {w: [(intensities((48, 64), 2, seed=10 * i + k), {"nuclei": nuclei_like((48, 64), 12, seed=10 * i + k)})
+                 for k in range(2)] for i, w in enumerate(("A/1", "A/2", "B/1"))}
+    return write_plate(path, wells, "cyx", version=version, name="p1", chunks=(1, 24, 32),
+                       channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5})
+
+
+def _rows(store: Path) -> dict[str, list]:
+    objs = query.open(store)
+    df = objs.sql("SELECT * FROM objects ORDER BY image, label_image, label_id").df()
+    return {c: df[c].tolist() for c in df.columns}
+
+
+def test_several_images_go_into_one_store(tmp_path):
+    paths = []
+    for k in range(2):
+        paths.append(write_image(tmp_path / f"im{k}.ome.zarr", intensities((50, 60), 1, seed=k), "cyx",
+                                 labels={"nuclei": nuclei_like((50, 60), 10, seed=k)}, chunks=(1, 25, 30)))
+    r = run_cli("measure", *map(str, paths), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "[1/2] measured" in r.stderr and "[2/2] measured" in r.stderr and "2 tables (2 measured now" in r.stdout
+    for k, p in enumerate(paths):
+        measure.measure(str(p), "nuclei", tmp_path / f"one{k}.cellar", workers=1)
+        _, alone = read_table(tmp_path / f"one{k}.cellar")
+        _, together = read_table(tmp_path / "s.cellar", image=f"im{k}")
+        assert together.equals(alone)
+    again = run_cli("measure", *map(str, paths), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"))
+    assert again.returncode == 0 and "already in the store with the same settings, kept" in again.stderr
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_a_plate_is_measured_field_by_field_with_well_columns(tmp_path, version):
+    plate = _plate(tmp_path / "plate.zarr", version)
+    r = run_cli("measure", str(plate), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    objs = query.open(tmp_path / "s.cellar")
+    per = objs.sql('SELECT image, well, row, "column", field, plate, count(*) AS n FROM objects '
+                   "GROUP BY ALL ORDER BY image").fetchall()
+    assert [p[:6] for p in per] == [
+        ("p1_A1_0", "A/1", "A", "1", 0, "p1"), ("p1_A1_1", "A/1", "A", "1", 1, "p1"),
+        ("p1_A2_0", "A/2", "A", "2", 0, "p1"), ("p1_A2_1", "A/2", "A", "2", 1, "p1"),
+        ("p1_B1_0", "B/1", "B", "1", 0, "p1"), ("p1_B1_1", "B/1", "B", "1", 1, "p1")]
+    field = str(plate / "B" / "1" / "1")
+    measure.measure(field, "nuclei", tmp_path / "f.cellar", workers=1)
+    _, alone = read_table(tmp_path / "f.cellar")
+    _, inplate = read_table(tmp_path / "s.cellar", image="p1_B1_1")
+    assert inplate[alone.columns].equals(alone)
+    assert inplate.well.unique().tolist() == ["B/1"]
+    units = dict(objs.sql("SELECT name, description FROM columns WHERE name IN ('well', 'field')").fetchall())
+    assert units["well"].startswith("Well path")
+
+
+def test_a_killed_run_resumes_to_the_same_store(tmp_path):
+    """SIGKILL `cellar measure PLATE` at random moments, start it again each time, and compare the finished
+    store with an uninterrupted run: no duplicate and no missing rows. Between attempts, a reader sees only
+    complete tables."""
+    plate = _plate(tmp_path / "plate.zarr")
+    args = [str(plate), "--labels", "nuclei", "--workers", "1", "--quiet"]
+    assert run_cli("measure", *args, "--out", str(tmp_path / "whole.cellar")).returncode == 0
+    store = tmp_path / "killed.cellar"
+    exe = Path(sys.executable).with_name("cellar")
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(40):
+        proc = subprocess.Popen([str(exe), "measure", *args, "--out", str(store)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 2.5))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            if store.exists():  # what a reader sees now: complete tables only
+                manifest = json.loads((store / "manifest.json").read_text())
+                counts = dict(query.open(store).sql("SELECT image, count(*) FROM objects GROUP BY image").fetchall())
+                assert counts == {t["image"]: t["n_objects"] for t in manifest["tables"] if t["n_objects"]}
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        break
+    else:
+        pytest.fail("the run never finished")
+    assert kills >= 1, kills
+    print(f"killed {kills} times, finished on attempt {attempt + 1}")
+    assert _rows(store) == _rows(tmp_path / "whole.cellar")
+    leftovers = [p for p in tmp_path.rglob(".tmp*")] + [p for p in store.rglob("*.tmp")]
+    assert not leftovers, leftovers
+
