@@ -118,9 +118,35 @@ class RegionReader:
             raise InvalidImageError(
                 f"{p.url}: cannot read region [{where}] of {p.label_path} or {p.image_path} ({ngff.error_text(exc)})"
             ) from None
+        except Exception as exc:  # a codec that cannot decode a chunk (corrupt or truncated data)
+            raise InvalidImageError(self._bad_chunk(box, exc)) from None
         if labels.ndim == 2:
             labels, chans = labels[None], chans[:, None]
         return labels, chans
+
+    def _bad_chunk(self, box: tuple[slice, ...], exc: Exception) -> str:
+        """One line naming the chunk of `box` that does not decode (found by reading the box chunk by chunk)."""
+        p = self.plan
+        for arr, path, roles, channel in ((self.labels, p.label_path, p.label_roles, 0),
+                                          (self.image, p.image_path, p.image_roles, None)):
+            if arr is None:
+                continue
+            sel = _selection(roles, p.timepoint, slice(None) if channel is None else channel, box)
+            ranges = []
+            for s_, c, n in zip(sel, arr.chunks, arr.shape):
+                if isinstance(s_, slice):
+                    start, stop = s_.indices(n)[:2]
+                    ranges.append(range(start // c, max(start // c + 1, -(-stop // c))))
+                else:
+                    ranges.append(range(s_ // c, s_ // c + 1))
+            for coords in product(*ranges):
+                try:
+                    arr[tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(coords, arr.chunks, arr.shape))]
+                except Exception as chunk_exc:
+                    key = arr.metadata.encode_chunk_key(coords)
+                    return (f"{p.url}/{path}/{key}: chunk cannot be decoded ({type(chunk_exc).__name__}: "
+                            f"{ngff.error_text(chunk_exc)})")
+        return f"{p.url}: cannot decode region of {p.label_path} or {p.image_path} ({ngff.error_text(exc)})"
 
     def block(self, region: tuple[slice, ...]) -> BlockResult:
         """Reduce the region plus its halo (see `measure.block`)."""
