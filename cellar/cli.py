@@ -47,7 +47,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         texture_levels=args.texture_levels,
         level=args.level, timepoint=args.timepoint, workers=args.workers, region_pixels=args.region_pixels,
         halo=args.halo, image_name=args.image_name, overwrite=args.overwrite,
-        progress=False if args.quiet else None, log=log if len(args.images) > 1 else None,
+        progress=False if args.quiet else None, log=log,
     )
     if args.quiet:
         pass

@@ -244,15 +244,13 @@ class _Executor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def map(self, func: Callable, local: Callable[[RegionReader], Callable], items: list,
-            on_done: Callable[[], None] = lambda: None) -> Iterator:
+    def map(self, func: Callable, local: Callable[[RegionReader], Callable], items: list) -> Iterator:
         """Results of `func(item)` in a worker (or `local(reader)(item)` here), in completion order."""
         if self.workers <= 1 or len(items) <= 1:
             if self._reader is None:
                 self._reader = RegionReader(self.plan)
             for item in items:
                 yield local(self._reader)(item)
-                on_done()
             return
         if self._pool is None:
             _compile_kernels(self.plan)  # once here, inherited by the forked workers
@@ -272,7 +270,6 @@ class _Executor:
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 yield fut.result()
-                on_done()
                 item = next(todo, None)
                 if item is not None:
                     running.add(self._pool.submit(func, item))
@@ -341,6 +338,7 @@ def measure(
     overwrite: bool = False,
     progress: bool | None = None,
     context: dict[str, str | int] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> MeasureResult:
     """Measure every object of `labels/<labels>` in the image at `image_url` into the store `out`.
 
@@ -351,6 +349,8 @@ def measure(
     processes (default: one per core) each read and reduce regions of about `region_pixels` pixels plus a
     `halo` of pixels around them; objects reaching beyond the halo are measured on a crop of their own.
     `context` adds constant columns to every row (a plate's `plate`, `well`, `row`, `column`, `field`).
+    `progress`: a progress bar on an interactive terminal (None: when stderr is one; False: never); `log`
+    receives plain progress lines instead when there is no bar.
 
     A table the store already holds with the same settings (source, level, time point, channels, features,
     radius, texture levels, context) is kept and the call returns at once (`skipped`), so re-running an
@@ -422,13 +422,14 @@ def measure(
     merger = Merger(0 if kplan.intensity_crop else len(chan_idx))
     crop_ids, crops, crop_counts, pairs = [], [], [], []
     with _Executor(plan, workers) as ex:
-        with _progress(len(regions), progress) as tick:
-            for block in ex.map(_worker_block, lambda r: r.block, regions, tick):
+        with _progress(len(regions), progress, log, f"{name}/labels/{labels}") as tick:
+            for block in ex.map(_worker_block, lambda r: r.block, regions):
                 merger.add(block.stats)
                 crop_ids.append(block.crop_ids)
                 crops.append(block.crop)
                 crop_counts.append(block.crop_counts)
                 pairs.append(block.pairs)
+                tick(len(block.crop_ids) if kplan.crop else len(block.stats))  # objects (seen whole, or seen)
         stats = merger.result()
         results = registry.Results(stats)
         if kplan.crop:
@@ -519,9 +520,9 @@ def measure_many(images: list[str], labels: str, out: str | Path, *, image_name:
         names[key] = url
     results = []
     for i, (url, name, context) in enumerate(sources, 1):
-        result = measure(url, labels, out, image_name=name, context=context, **options)
+        result = measure(url, labels, out, image_name=name, context=context, log=log, **options)
         results.append(result)
-        if log is not None:
+        if log is not None and len(sources) > 1:
             what = f"{result.image}/labels/{result.label_image}"
             log(f"[{i}/{len(sources)}] " + (f"{what}: already in the store with the same settings, kept" if result.skipped
                 else f"measured {result.n_objects} objects of {what} ({result.n_regions} regions) in "
@@ -571,23 +572,53 @@ def _absolute(url: str) -> str:
 
 
 class _progress:
-    """A rich progress bar on an interactive terminal; nothing otherwise."""
+    """Progress over the regions of one table: a rich bar (regions, objects, rate, ETA) on an interactive
+    terminal; elsewhere plain lines through `log`, at most one every 2 s; nothing when `enabled` is False."""
 
-    def __init__(self, total: int, enabled: bool | None):
-        self.total = total
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+    def __init__(self, total: int, enabled: bool | None, log: Callable[[str], None] | None = None, what: str = ""):
+        self.total, self.what, self.log = total, what, log
+        self.bar = sys.stderr.isatty() if enabled is None else enabled
+        if enabled is False:
+            self.log = None
         self._bar = None
+        self._done = self._objects = self._lines = 0
+        self._t0 = self._last = time.perf_counter()
 
-    def __enter__(self) -> Callable[[], None]:
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __enter__(self) -> Callable[[int], None]:
+        if self.bar:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
 
-        self._bar = Progress(TextColumn("measuring"), BarColumn(), MofNCompleteColumn(), TextColumn("regions"),
-                             TimeRemainingColumn(), transient=True)
-        self._bar.start()
-        task = self._bar.add_task("measure", total=self.total)
-        return lambda: self._bar.advance(task)
+            self._bar = Progress(TextColumn(f"measuring {self.what}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("regions"), TaskProgressColumn(),
+                                 TextColumn("{task.fields[objects]:,} objects, {task.fields[rate]:,.0f} objects/s"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+            self._bar.start()
+            task = self._bar.add_task("measure", total=self.total, objects=0, rate=0.0)
+
+            def tick(objects: int) -> None:
+                self._objects += objects
+                rate = self._objects / max(time.perf_counter() - self._t0, 1e-9)
+                self._bar.update(task, advance=1, objects=self._objects, rate=rate)
+
+            return tick
+        if self.log is None:
+            return lambda objects: None
+
+        def log_tick(objects: int) -> None:
+            self._done += 1
+            self._objects += objects
+            now = time.perf_counter()
+            # at most a line every 2 s (short runs print none), and the last one if any came before
+            if now - self._last >= 2.0 or (self._done == self.total and self._lines):
+                self._last = now
+                self._lines += 1
+                elapsed = now - self._t0
+                eta = elapsed / self._done * (self.total - self._done)
+                self.log(f"measuring {self.what}: {self._done}/{self.total} regions, {self._objects:,} objects, "
+                         f"{self._objects / max(elapsed, 1e-9):,.0f} objects/s, {elapsed:.1f} s elapsed, ETA {eta:.1f} s")
+
+        return log_tick
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

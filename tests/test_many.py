@@ -104,3 +104,27 @@ def test_a_killed_run_resumes_to_the_same_store(tmp_path):
     leftovers = [p for p in tmp_path.rglob(".tmp*")] + [p for p in store.rglob("*.tmp")]
     assert not leftovers, leftovers
 
+
+
+def test_progress_lines_when_not_on_a_terminal(monkeypatch):
+    """Without a terminal, progress goes to plain log lines, at most one every 2 s; short runs print none."""
+    import measure.run as run
+
+    clock = iter([0.0] + [0.9 * k for k in range(1, 11)])  # the start, then one reading per region
+    monkeypatch.setattr(run.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    with run._progress(10, None, lines.append, "img/labels/nuclei") as tick:
+        for _ in range(10):
+            tick(7)
+    assert lines[0].startswith("measuring img/labels/nuclei: 3/10 regions, 21 objects")
+    assert lines[-1].startswith("measuring img/labels/nuclei: 10/10 regions, 70 objects") and "ETA 0.0 s" in lines[-1]
+    assert [ln.split(": ")[1].split(" ")[0] for ln in lines] == ["3/10", "6/10", "9/10", "10/10"]
+    quick: list[str] = []
+    monkeypatch.setattr(run.time, "perf_counter", lambda: 0.0)
+    with run._progress(10, None, quick.append, "x") as tick:
+        for _ in range(10):
+            tick(1)
+    assert quick == []
+    with run._progress(10, False, quick.append, "x") as tick:  # --quiet
+        tick(1)
+    assert quick == []
