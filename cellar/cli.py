@@ -47,7 +47,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         texture_levels=args.texture_levels,
         level=args.level, timepoint=args.timepoint, workers=args.workers, region_pixels=args.region_pixels,
         halo=args.halo, image_name=args.image_name, overwrite=args.overwrite,
-        progress=False if args.quiet else None, log=log,
+        progress=False if args.quiet else None, log=log, scheduler=args.scheduler or args.cluster,
     )
     if args.quiet:
         pass
@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")
     p.add_argument("--timepoint", type=_positive_int, default=0, help="time point for images with a t axis")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the tasks on a running dask.distributed cluster (tcp://host:port); needs cellar[dask]")
+    p.add_argument("--cluster", choices=("local",),
+                   help="start a dask LocalCluster of --workers processes for the run; needs cellar[dask]")
     p.add_argument("--region-pixels", type=_positive_int, default=None,
                    help="pixels per region read by a worker (default: ~4M; 0 = one chunk per region)")
     p.add_argument("--texture-levels", type=_positive_int, default=16,

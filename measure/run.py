@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from itertools import product
+from itertools import islice, product
 from pathlib import Path
 
 import numpy as np
@@ -232,10 +232,12 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 class _Executor:
     """Runs reader tasks in worker processes (or in this one), at most two per worker in flight."""
 
-    def __init__(self, plan: ReadPlan, workers: int):
-        self.plan, self.workers = plan, workers
+    def __init__(self, plan: ReadPlan, workers: int, scheduler: str | None = None):
+        self.plan, self.workers, self.scheduler = plan, workers, scheduler
         self._pool: ProcessPoolExecutor | None = None
         self._reader: RegionReader | None = None
+        self._client = None
+        self._cluster = None
 
     def __enter__(self) -> _Executor:
         return self
@@ -243,9 +245,34 @@ class _Executor:
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._client is not None:
+            self._client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+    def _dask(self):
+        """A dask.distributed client: a LocalCluster of `workers` processes, or the scheduler at an address."""
+        if self._client is None:
+            try:
+                from distributed import Client, LocalCluster
+            except ImportError:
+                raise UsageError("--scheduler/--cluster need dask.distributed: pip install 'cellar[dask]'") from None
+            try:
+                if self.scheduler == "local":
+                    self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
+                                                 dashboard_address=None)
+                    self._client = Client(self._cluster)
+                else:
+                    self._client = Client(self.scheduler, timeout="10s")
+            except (OSError, TimeoutError) as exc:
+                raise UsageError(f"--scheduler {self.scheduler}: cannot connect ({ngff.error_text(exc)})") from None
+        return self._client
 
     def map(self, func: Callable, local: Callable[[RegionReader], Callable], items: list) -> Iterator:
         """Results of `func(item)` in a worker (or `local(reader)(item)` here), in completion order."""
+        if self.scheduler is not None and items:
+            yield from self._map_dask(func, items)
+            return
         if self.workers <= 1 or len(items) <= 1:
             if self._reader is None:
                 self._reader = RegionReader(self.plan)
@@ -273,6 +300,36 @@ class _Executor:
                 item = next(todo, None)
                 if item is not None:
                     running.add(self._pool.submit(func, item))
+
+
+    def _map_dask(self, func: Callable, items: list) -> Iterator:
+        """`func(item)` as dask tasks, at most two per worker thread in flight. Each task carries the small
+        ReadPlan; the workers open the image from its URL themselves and keep a reader per plan."""
+        from distributed import as_completed
+
+        client = self._dask()
+        slots = 2 * max(1, sum(client.nthreads().values()))
+        todo = iter(items)
+        first = [client.submit(_dask_task, self.plan, func.__name__, item, pure=False)
+                 for item in islice(todo, slots)]
+        queue = as_completed(first)
+        for fut in queue:
+            yield fut.result()
+            fut.release()
+            item = next(todo, None)
+            if item is not None:
+                queue.add(client.submit(_dask_task, self.plan, func.__name__, item, pure=False))
+
+
+_DASK_READERS: dict[ReadPlan, RegionReader] = {}
+
+
+def _dask_task(plan: ReadPlan, kind: str, item):
+    """A region (`_worker_block`) or an object (`_worker_object`) on a dask worker."""
+    reader = _DASK_READERS.get(plan)
+    if reader is None:
+        reader = _DASK_READERS[plan] = RegionReader(plan)
+    return reader.block(item) if kind == "_worker_block" else reader.object(item)
 
 
 def _resolve_channels(image: ngff.NgffImage, channels: list[str] | None) -> tuple[int, ...]:
@@ -339,6 +396,7 @@ def measure(
     progress: bool | None = None,
     context: dict[str, str | int] | None = None,
     log: Callable[[str], None] | None = None,
+    scheduler: str | None = None,
 ) -> MeasureResult:
     """Measure every object of `labels/<labels>` in the image at `image_url` into the store `out`.
 
@@ -350,7 +408,9 @@ def measure(
     `halo` of pixels around them; objects reaching beyond the halo are measured on a crop of their own.
     `context` adds constant columns to every row (a plate's `plate`, `well`, `row`, `column`, `field`).
     `progress`: a progress bar on an interactive terminal (None: when stderr is one; False: never); `log`
-    receives plain progress lines instead when there is no bar.
+    receives plain progress lines instead when there is no bar. `scheduler` runs the region and object tasks
+    on dask.distributed: "local" starts a LocalCluster of `workers` processes, an address such as
+    "tcp://host:8786" uses a running cluster (its workers read the image from its URL themselves).
 
     A table the store already holds with the same settings (source, level, time point, channels, features,
     radius, texture levels, context) is kept and the call returns at once (`skipped`), so re-running an
@@ -421,7 +481,7 @@ def measure(
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     merger = Merger(0 if kplan.intensity_crop else len(chan_idx))
     crop_ids, crops, crop_counts, pairs = [], [], [], []
-    with _Executor(plan, workers) as ex:
+    with _Executor(plan, workers, scheduler) as ex:
         with _progress(len(regions), progress, log, f"{name}/labels/{labels}") as tick:
             for block in ex.map(_worker_block, lambda r: r.block, regions):
                 merger.add(block.stats)

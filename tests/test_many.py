@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import measure
@@ -128,3 +129,21 @@ def test_progress_lines_when_not_on_a_terminal(monkeypatch):
     with run._progress(10, False, quick.append, "x") as tick:  # --quiet
         tick(1)
     assert quick == []
+
+
+def test_a_dask_local_cluster_gives_the_same_table(tmp_path):
+    labels = nuclei_like((120, 150), 60, seed=71)
+    image = write_image(tmp_path / "img.zarr", intensities((120, 150), 2, seed=72), "cyx", chunks=(1, 40, 50),
+                        labels={"nuclei": labels})
+    measure.measure(str(image), "nuclei", tmp_path / "pool.cellar", workers=2, region_pixels=0, halo=6)
+    measure.measure(str(image), "nuclei", tmp_path / "dask.cellar", workers=2, region_pixels=0, halo=6,
+                    scheduler="local")
+    _, pool = read_table(tmp_path / "pool.cellar")
+    _, dask = read_table(tmp_path / "dask.cellar")
+    assert list(pool.columns) == list(dask.columns) and len(pool) > 40
+    for col in pool.columns:  # float sums may merge in another order: equal to rounding
+        np.testing.assert_allclose(dask[col].to_numpy(np.float64), pool[col].to_numpy(np.float64), rtol=1e-12,
+                                   err_msg=col)
+    r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(tmp_path / "x.cellar"),
+                "--scheduler", "tcp://127.0.0.1:9")
+    assert r.returncode == 2 and "--scheduler tcp://127.0.0.1:9: cannot connect" in r.stderr, r.stderr
