@@ -209,12 +209,38 @@ def local_path(url: str) -> Path | None:
     return Path(url)
 
 
+RETRIES = 4  # further attempts at a remote read that failed for a transient reason
+RETRY_DELAY_S = 0.25  # the first wait; each next one doubles
+
+
+class RetryingStore(zarr.storage.WrapperStore):
+    """A read-only remote store whose reads are retried with exponential backoff on transient failures
+    (HTTP 5xx, refused or reset connections, truncated bodies, timeouts); a read that keeps failing raises
+    an OSError naming its key. Missing keys (404) are not retried: Zarr reads them as fill values."""
+
+    async def get(self, key, prototype, byte_range=None):
+        import asyncio
+
+        import aiohttp
+
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self._store.get(key, prototype, byte_range)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                if attempt == RETRIES:
+                    raise OSError(f"{key}: {error_text(exc)} (failed {RETRIES + 1} times)") from None
+                await asyncio.sleep(RETRY_DELAY_S * 2**attempt)
+
+
 def _open_group(url: str) -> zarr.Group:
     path = local_path(url)
     if path is not None and not path.exists():
         raise InvalidImageError(f"{url}: no such file or directory")
     try:
-        return zarr.open_group(str(path) if path is not None else url, mode="r")
+        if path is not None:
+            return zarr.open_group(str(path), mode="r")
+        store = RetryingStore(zarr.storage.FsspecStore.from_url(url, read_only=True))
+        return zarr.open_group(store=store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         raise InvalidImageError(f"{url}: not a Zarr group (no .zgroup or zarr.json found)") from None
     except ImportError as exc:  # e.g. s3fs not installed for s3:// URLs

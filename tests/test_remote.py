@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import http.server
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from tests.conftest import intensities, nuclei_like, read_table
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers do (HTTP/1.0 closes and stalls aiohttp ~1 s a request)
+
     def log_message(self, *args):
         pass
 
@@ -53,6 +56,75 @@ def test_http_url_that_is_not_there_is_one_clear_error(served):
         measure.open_image(f"{base}/missing.zarr")
 
 
-def test_refused_connection_is_one_clear_error():
+def test_refused_connection_is_one_clear_error(monkeypatch):
+    import ngff
+
+    monkeypatch.setattr(ngff, "RETRY_DELAY_S", 0.01)  # refused connections are retried too (a restarting server)
     with pytest.raises(InvalidImageError, match="cannot read .*Cannot connect to host 127.0.0.1:9"):
         measure.open_image("http://127.0.0.1:9/x.zarr")
+
+
+class _Flaky(_Quiet):
+    """Fails the first request of the chunks in `flaky` with HTTP 503 and their second with a truncated body,
+    and every request of the chunks in `always`."""
+
+    seen: dict[str, int] = {}
+    always: set[str] = set()
+    flaky: set[str] = set()
+    lock = threading.Lock()
+
+    def do_GET(self):
+        file = Path(self.translate_path(self.path))
+        is_chunk = file.is_file() and ("/c/" in self.path or self.path.rsplit("/", 1)[-1].replace(".", "").isdigit())
+        with self.lock:
+            n = self.seen[self.path] = self.seen.get(self.path, 0) + 1
+        if is_chunk and (self.path in self.always or (n == 1 and self.path in self.flaky)):
+            self.send_error(503, "busy")
+            return
+        if is_chunk and n == 2 and self.path in self.flaky:
+            body = file.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # then the connection closes: a truncated body
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def flaky(tmp_path, monkeypatch):
+    import ngff
+
+    monkeypatch.setattr(ngff, "RETRY_DELAY_S", 0.01)
+    _Flaky.seen, _Flaky.always, _Flaky.flaky = {}, set(), set()
+    handler = functools.partial(_Flaky, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_transient_http_errors_are_retried(flaky):
+    root, base = flaky
+    labels = nuclei_like((40, 50), 12, seed=43)
+    write_image(root / "img.ome.zarr", intensities((40, 50), 1, seed=44), "cyx", chunks=(1, 16, 16),
+                labels={"nuclei": labels})
+    _Flaky.flaky = {"/img.ome.zarr/0/c/0/1/1", "/img.ome.zarr/labels/nuclei/0/c/1/1", "/img.ome.zarr/0/c/0/0/2"}
+    measure.measure(f"{base}/img.ome.zarr", "nuclei", root / "remote.cellar", workers=1, region_pixels=0)
+    measure.measure(str(root / "img.ome.zarr"), "nuclei", root / "local.cellar", workers=1, region_pixels=0)
+    _, remote = read_table(root / "remote.cellar")
+    _, local = read_table(root / "local.cellar")
+    assert remote.equals(local)
+    assert all(_Flaky.seen[p] >= 3 for p in _Flaky.flaky)  # asked again after a 503 and after a truncated body
+
+
+def test_a_chunk_that_keeps_failing_is_named(flaky):
+    root, base = flaky
+    write_image(root / "img.ome.zarr", intensities((40, 50), 1, seed=45), "cyx", chunks=(1, 16, 16),
+                labels={"nuclei": nuclei_like((40, 50), 12, seed=46)})
+    _Flaky.always = {"/img.ome.zarr/labels/nuclei/0/c/1/2"}
+    with pytest.raises(InvalidImageError, match=r"labels/nuclei/0/c/1/2: .*503.*\(failed 5 times\)"):
+        measure.measure(f"{base}/img.ome.zarr", "nuclei", root / "s.cellar", workers=1, region_pixels=0)
+    assert not (root / "s.cellar").exists()
