@@ -30,6 +30,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _timepoint(text: str) -> int | str:
+    return "all" if text == "all" else _positive_int(text)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cellar import demo
 
@@ -184,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--radius", type=float, default=None,
                    help="radius of neighbors_within_radius (default: 20 um, or 50 px without units)")
     p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")
-    p.add_argument("--timepoint", type=_positive_int, default=0, help="time point for images with a t axis")
+    p.add_argument("--timepoint", type=_timepoint, default=0,
+                   help="time point for images with a t axis, or 'all': every time point as a table of its own")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the tasks on a running dask.distributed cluster (tcp://host:port); needs cellar[dask]")

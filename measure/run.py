@@ -75,6 +75,7 @@ CONTEXT_DESCRIPTIONS = {
     "row": "Well row name.",
     "column": "Well column name.",
     "field": "Field (image) index within the well.",
+    "timepoint": "Index of the time point (t axis) the table was measured at.",
 }
 
 
@@ -551,14 +552,17 @@ def measure(
 
 
 def measure_many(images: list[str], labels: str, out: str | Path, *, image_name: str | None = None,
-                 log: Callable[[str], None] | None = None, **options) -> list[MeasureResult]:
+                 timepoint: int | str = 0, log: Callable[[str], None] | None = None,
+                 **options) -> list[MeasureResult]:
     """Measure several images, and every field of every well of HCS plates, into one store, one table each.
 
     Each table is committed on its own, so a run stopped at any moment (even by SIGKILL) and started again
     with the same arguments keeps the tables already written (`measure` skips those with the same settings)
     and measures the rest: the store ends as an uninterrupted run would leave it. Plate fields are named
-    `<plate>_<row><column>_<field>` and carry `plate`, `well`, `row`, `column`, `field` columns. `log` gets one
-    line per table. Other keyword arguments go to `measure`.
+    `<plate>_<row><column>_<field>` and carry `plate`, `well`, `row`, `column`, `field` columns.
+    `timepoint="all"` measures every time point of images with a t axis as a table of its own, named
+    `<image>_t<k>` with a `timepoint` column. `log` gets one line per table. Other keyword arguments go to
+    `measure`.
     """
     sources: list[tuple[str, str | None, dict | None]] = []
     for url in images:
@@ -571,20 +575,31 @@ def measure_many(images: list[str], labels: str, out: str | Path, *, image_name:
             sources.extend((f.url, f.name, f.context) for f in fields)
     if image_name is not None and len(sources) > 1:
         raise UsageError("--image-name names one image; several images (or a plate) take their own names")
+    runs: list[tuple[str, str | None, dict | None, int]] = []
+    for url, name, context in sources:
+        if timepoint != "all":
+            runs.append((url, name, context, int(timepoint)))
+            continue
+        image = ngff.open_image(url)
+        n_t = image.multiscale.size("time", options.get("level", 0))
+        if image.multiscale.index("time") is None:
+            runs.append((url, name, context, 0))
+        else:
+            runs.extend((url, f"{name or image.name}_t{t}", {**(context or {}), "timepoint": t}, t) for t in range(n_t))
     names: dict[str, str] = {}
-    for url, name, _ in sources:
+    for url, name, _, _ in runs:
         key = name or ngff.open_image(url).name
         if key in names:
             raise UsageError(f"{url} and {names[key]} would both be image '{key}' in the store; "
                              "measure them into different stores or rename one")
         names[key] = url
     results = []
-    for i, (url, name, context) in enumerate(sources, 1):
-        result = measure(url, labels, out, image_name=name, context=context, log=log, **options)
+    for i, (url, name, context, t) in enumerate(runs, 1):
+        result = measure(url, labels, out, image_name=name, context=context, timepoint=t, log=log, **options)
         results.append(result)
-        if log is not None and len(sources) > 1:
+        if log is not None and len(runs) > 1:
             what = f"{result.image}/labels/{result.label_image}"
-            log(f"[{i}/{len(sources)}] " + (f"{what}: already in the store with the same settings, kept" if result.skipped
+            log(f"[{i}/{len(runs)}] " + (f"{what}: already in the store with the same settings, kept" if result.skipped
                 else f"measured {result.n_objects} objects of {what} ({result.n_regions} regions) in "
                      f"{result.elapsed_s:.2f} s"))
     return results

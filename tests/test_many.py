@@ -147,3 +147,17 @@ def test_a_dask_local_cluster_gives_the_same_table(tmp_path):
     r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(tmp_path / "x.cellar"),
                 "--scheduler", "tcp://127.0.0.1:9")
     assert r.returncode == 2 and "--scheduler tcp://127.0.0.1:9: cannot connect" in r.stderr, r.stderr
+
+
+def test_every_timepoint_as_a_table(tmp_path):
+    t_labels = np.stack([nuclei_like((40, 50), 8, seed=80 + t) for t in range(3)])  # (t, y, x)
+    data = np.stack([intensities((40, 50), 1, seed=90 + t) for t in range(3)])  # (t, c, y, x)
+    image = write_image(tmp_path / "movie.zarr", data, "tcyx", chunks=(1, 1, 20, 25), labels={"nuclei": t_labels})
+    r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"),
+                "--timepoint", "all", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    for t in range(3):
+        measure.measure(str(image), "nuclei", tmp_path / f"t{t}.cellar", timepoint=t, workers=1)
+        _, alone = read_table(tmp_path / f"t{t}.cellar")
+        _, part = read_table(tmp_path / "s.cellar", image=f"movie_t{t}")
+        assert (part.timepoint == t).all() and part[alone.columns].equals(alone)
