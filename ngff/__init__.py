@@ -239,7 +239,10 @@ def _open_group(url: str) -> zarr.Group:
     try:
         if path is not None:
             return zarr.open_group(str(path), mode="r")
-        store = RetryingStore(zarr.storage.FsspecStore.from_url(url, read_only=True))
+        # A filesystem of its own (not fsspec's shared instance): a forked worker must not reuse the parent's
+        # HTTP session, whose pooled keep-alive connections it would share with the parent and hang on.
+        store = RetryingStore(zarr.storage.FsspecStore.from_url(url, read_only=True,
+                                                                storage_options={"skip_instance_cache": True}))
         return zarr.open_group(store=store, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         raise InvalidImageError(f"{url}: not a Zarr group (no .zgroup or zarr.json found)") from None
