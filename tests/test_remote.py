@@ -128,3 +128,32 @@ def test_a_chunk_that_keeps_failing_is_named(flaky):
     with pytest.raises(InvalidImageError, match=r"labels/nuclei/0/c/1/2: .*503.*\(failed 5 times\)"):
         measure.measure(f"{base}/img.ome.zarr", "nuclei", root / "s.cellar", workers=1, region_pixels=0)
     assert not (root / "s.cellar").exists()
+
+
+def test_s3_url_through_a_local_s3_server(tmp_path, monkeypatch):
+    """s3:// through s3fs, against moto's S3-compatible server on 127.0.0.1 (the endpoint comes from
+    AWS_ENDPOINT_URL, as for any S3-compatible store such as MinIO)."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (pip install 'moto[server]')")
+    s3fs = pytest.importorskip("s3fs", reason="s3fs is not installed (pip install 'cellar[s3]')")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for key, value in dict(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                               AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=endpoint).items():
+            monkeypatch.setenv(key, value)
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        fs.mkdir("cellar-test")
+        local = write_image(tmp_path / "img.ome.zarr", intensities((40, 50), 2, seed=47), "cyx", chunks=(1, 20, 25),
+                            labels={"nuclei": nuclei_like((40, 50), 10, seed=48)})
+        fs.put(str(local), "cellar-test/img.ome.zarr", recursive=True)
+        measure.measure("s3://cellar-test/img.ome.zarr", "nuclei", tmp_path / "s3.cellar", workers=2, region_pixels=0)
+        measure.measure(str(local), "nuclei", tmp_path / "local.cellar", workers=1, region_pixels=0)
+        entry, remote = read_table(tmp_path / "s3.cellar")
+        _, here = read_table(tmp_path / "local.cellar")
+        assert entry["source"]["url"] == "s3://cellar-test/img.ome.zarr" and len(remote) == len(here) > 5
+        for col in here.columns:
+            np.testing.assert_allclose(remote[col].to_numpy(np.float64), here[col].to_numpy(np.float64), rtol=1e-12)
+    finally:
+        server.stop()
