@@ -522,6 +522,18 @@ PARTITION_COLUMNS = (
     },
 )
 
+# Constant columns of tables measured as parts of a collection (`measure.run.measure_many`): HCS plate fields
+# and time points measured one table each.
+CONTEXT_COLUMNS = {c["name"]: c for c in (
+    {"name": "plate", "dtype": "string", "unit": "", "description": "Name of the HCS plate the image belongs to."},
+    {"name": "well", "dtype": "string", "unit": "", "description": "Well path in the plate (row/column)."},
+    {"name": "row", "dtype": "string", "unit": "", "description": "Well row name."},
+    {"name": "column", "dtype": "string", "unit": "", "description": "Well column name."},
+    {"name": "field", "dtype": "int64", "unit": "", "description": "Field (image) index within the well."},
+    {"name": "timepoint", "dtype": "int64", "unit": "",
+     "description": "Index of the time point (t axis) the table was measured at (cellar measure --timepoint all)."},
+)}
+
 
 def select(spec: str | None) -> tuple[Feature, ...]:
     """The features named by `spec`: comma-separated groups ("morphology", ...) or feature names, or "all".
@@ -595,6 +607,7 @@ def schema_json() -> dict:
         "groups": list(GROUPS),
         "default_groups": list(DEFAULT_GROUPS),
         "partition_columns": list(PARTITION_COLUMNS),
+        "context_columns": list(CONTEXT_COLUMNS.values()),
         "features": [f.to_json() for f in FEATURES],
     }
 

@@ -69,16 +69,6 @@ class MeasureResult:
     skipped: bool = False  # the store already held this table, measured with the same settings
 
 
-CONTEXT_DESCRIPTIONS = {
-    "plate": "Name of the HCS plate the image belongs to.",
-    "well": "Well path in the plate (row/column).",
-    "row": "Well row name.",
-    "column": "Well column name.",
-    "field": "Field (image) index within the well.",
-    "timepoint": "Index of the time point (t axis) the table was measured at.",
-}
-
-
 def _selection(roles: tuple[str, ...], timepoint: int, channel, spatial: tuple[slice, ...]) -> tuple:
     it = iter(spatial)
     return tuple(timepoint if r == "time" else channel if r == "channel" else next(it) for r in roles)
@@ -508,9 +498,10 @@ def measure(
     column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in columns)]
     values = registry.compute_columns(results, geo, selected)
     for key, value in (context or {}).items():  # constant columns, for example a plate's well and field
-        values[key] = np.full(len(stats), value, dtype=object if isinstance(value, str) else np.int64)
-        column_specs.append({"name": key, "dtype": "string" if isinstance(value, str) else "int64", "unit": "",
-                             "description": CONTEXT_DESCRIPTIONS.get(key, f"{key} of the measured image")})
+        spec = registry.CONTEXT_COLUMNS.get(key) or {"name": key, "dtype": "string" if isinstance(value, str) else "int64",
+                                                     "unit": "", "description": f"{key} of the measured image"}
+        values[key] = np.full(len(stats), value, dtype=object if spec["dtype"] == "string" else np.int64)
+        column_specs.append(spec)
     level_meta = im.levels[level]
     entry = {
         "image": name,
