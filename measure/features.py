@@ -500,7 +500,7 @@ _TEXTURE_DOC = (
     "of channel {channel}: grey-level co-occurrence matrix of the object (its pixels quantised to "
     "--texture-levels levels, linearly between the object's own min and max; the rest of its crop left out), "
     "distance 1, angles 0, 45, 90, 135 degrees, symmetric (skimage.feature.graycomatrix); "
-    "skimage.feature.graycoprops averaged over the angles."
+    "skimage.feature.graycoprops averaged over the angles. NaN if a pixel of the object is NaN or infinite."
 )
 _TEXTURE = {
     "contrast": "Haralick contrast", "dissimilarity": "Haralick dissimilarity", "homogeneity": "Haralick homogeneity",

@@ -805,13 +805,17 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
                 _radix_sort_u16(keys, int(lo), int(hi), v)
             else:
                 v.sort()
-            med = _quantile_sorted(v, 0.5)
-            out[j, o] = med
-            out[j, o + 1] = _quantile_sorted(v, 0.05)
-            out[j, o + 2] = _quantile_sorted(v, 0.25)
-            out[j, o + 3] = _quantile_sorted(v, 0.75)
-            out[j, o + 4] = _quantile_sorted(v, 0.95)
-            out[j, o + 5] = _mad_sorted(v, med)
+            if v[n - 1] != v[n - 1]:  # a NaN pixel (sorted last): the order statistics are NaN, as in numpy
+                for q in range(6):
+                    out[j, o + q] = np.nan
+            else:
+                med = _quantile_sorted(v, 0.5)
+                out[j, o] = med
+                out[j, o + 1] = _quantile_sorted(v, 0.05)
+                out[j, o + 2] = _quantile_sorted(v, 0.25)
+                out[j, o + 3] = _quantile_sorted(v, 0.75)
+                out[j, o + 4] = _quantile_sorted(v, 0.95)
+                out[j, o + 5] = _mad_sorted(v, med)
             if m2 > 0:
                 out[j, o + 6] = m3 / m2**1.5
                 out[j, o + 7] = m4 / (m2 * m2) - 3.0
@@ -909,8 +913,13 @@ def texture_crop(idx, sel, counts, bmin, bmax, chans, levels):
         vals = np.empty(n, np.float64)
         q = np.zeros((h, w), np.int64)
         for c in range(nc):
+            finite = True
             for t in range(n):
                 vals[t] = chans[c, 0, py[t], px[t]]
+                finite = finite and math.isfinite(vals[t])
+            if not finite:  # no linear quantisation between the object's min and max
+                out[j, c * nt:(c + 1) * nt] = np.nan
+                continue
             lv = quantise(vals, levels)
             for t in range(n):
                 q[py[t] - y0, px[t] - x0] = lv[t]

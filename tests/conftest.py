@@ -83,6 +83,8 @@ def _texture(crop_mask: np.ndarray, values: np.ndarray, levels: int) -> np.ndarr
     """skimage graycomatrix / graycoprops of an object's crop, quantised and masked as cellar documents."""
     from skimage.feature import graycomatrix, graycoprops
 
+    if not np.isfinite(values).all():
+        return np.full(7, np.nan)
     lo, hi = values.min(), values.max()
     q = np.ones(values.shape, np.int64)
     if hi > lo:

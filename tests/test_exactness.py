@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy import ndimage as ndi
 
 import measure
 from ngff.write import write_image
@@ -141,6 +143,28 @@ def test_nan_intensities_propagate_like_numpy(tmp_path):
     assert np.isnan(df.loc[0, ["intensity_mean__c0", "intensity_min__c0", "intensity_max__c0"]].astype(float)).all()
     assert df.loc[1, "intensity_max__c0"] == 9.0 and df.loc[1, "intensity_min__c0"] == 5.0
     np.testing.assert_allclose(df.loc[1, "intensity_mean__c0"], (60 * 5 + 4 * 9) / 64)
+
+
+def test_non_finite_intensities_give_numpys_and_scipys_values(tmp_path):
+    """NaN and +-inf pixels: every intensity column equals numpy / scipy / regionprops on the same pixels
+    (NaN propagates to the sums, moments and order statistics; infinities follow numpy's arithmetic)."""
+    labels = nuclei_like((64, 96), 12, seed=41)
+    chans = intensities((64, 96), 2, seed=42).astype(np.float32)
+    # Only pixels inside no other object's bounding box: regionprops multiplies the whole box by the mask,
+    # so a neighbour's inf or NaN in the box would turn its own values into NaN (0 * inf).
+    boxes = ndi.find_objects(labels)
+    cover = np.zeros(labels.shape, int)
+    for box in filter(None, boxes):
+        cover[box] += 1
+    ids = [k + 1 for k, box in enumerate(boxes) if box and ((labels == k + 1) & (cover == 1)).sum() >= 2]
+    for k, (value, c) in enumerate([(np.nan, 0), (np.inf, 0), (-np.inf, 1), (np.nan, 1), (np.inf, 1)]):
+        ys, xs = np.nonzero((labels == ids[k]) & (cover == 1))
+        chans[c, ys[0], xs[0]] = value
+        chans[c, ys[-1], xs[-1]] = value
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        store = _measure(tmp_path, labels, chans, "cyx", (1, 16, 16))
+        assert assert_matches_regionprops(store, labels, chans) > 0
 
 
 def test_sparse_64bit_label_values(tmp_path):
