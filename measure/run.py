@@ -439,6 +439,9 @@ def measure(
     im, lb = image.multiscale, label.multiscale
     suffixes = layout.unique_identifiers([image.channel_names[i] for i in chan_idx])
     spacing_um = im.spacing_um(level)
+    if im.unknown_units and log is not None:
+        log(f"{image.url}: unit {', '.join(sorted(repr(u) for u in set(im.unknown_units)))} is not a length unit (NGFF names "
+            "them as UDUNITS-2 does: micrometer, nanometer, ...); measuring in pixels only")
     geo = registry.Geometry(
         axes=im.spatial_names, spacing_um=spacing_um, origin_um=im.origin_um(level), channels=tuple(suffixes),
         radius=radius if radius is not None else (registry.DEFAULT_RADIUS_UM if spacing_um else registry.DEFAULT_RADIUS_PX),

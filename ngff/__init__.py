@@ -93,6 +93,13 @@ class Multiscale:
             return None
         return tuple(values[i] * f for i, f in zip(self.spatial, factors))
 
+    @property
+    def unknown_units(self) -> tuple[str, ...]:
+        """Units of spatial axes that are not length units cellar knows (such axes leave the image
+        uncalibrated)."""
+        return tuple(a.unit for i in self.spatial if (a := self.axes[i]).unit
+                     and a.unit.strip().lower() not in _UM_PER_UNIT)
+
     def spacing_um(self, level: int) -> tuple[float, ...] | None:
         """Pixel size per spatial axis in micrometres, or None if any spatial axis lacks a length unit."""
         return self._in_um(self.levels[level].scale)

@@ -86,3 +86,48 @@ def test_many_tiny_objects(tmp_path):
     expected = dict(zip(labels[::2, ::2].ravel().tolist(), near.ravel().tolist()))
     assert [int(i) for i in df.nearest_neighbor_id] == [expected[int(i)] for i in df.label_id]
     assert assert_matches_regionprops(tmp_path / "s.cellar", labels, chans) > 0
+
+
+def _six_axes(ms: dict, root) -> None:
+    ms["axes"] = [{"name": "w", "type": "space"}, *ms["axes"]]
+    for ds in ms["datasets"]:
+        ds["coordinateTransformations"][0]["scale"] = [1.0, *ds["coordinateTransformations"][0]["scale"]]
+    root.create_array("0", shape=(1, 1, 1, 1, 16, 16), dtype="uint16", overwrite=True)
+
+
+def _scale(value):
+    def mutate(ms: dict, root) -> None:
+        ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (_six_axes, "Length of axes (6) not valid"),
+    (_scale(-0.5), "expected positive finite values"),
+    (_scale(0.0), "expected positive finite values"),
+    (lambda ms, root: ms["axes"][-1].update(type="wavelength"), "multiscales.0.axes"),
+], ids=["6-D", "negative scale", "zero scale", "unknown axis type"])
+def test_absurd_metadata_is_one_line_at_the_command_line(tmp_path, mutate, fragment):
+    import zarr
+
+    image = write_image(tmp_path / "img.zarr", intensities((1, 16, 16), 1, seed=5)[None], "tczyx",
+                        labels={"nuclei": nuclei_like((1, 1, 16, 16), 3, seed=6)})
+    root = zarr.open_group(str(image), mode="r+")
+    ome = dict(root.attrs["ome"])
+    mutate(ome["multiscales"][0], root)
+    root.attrs["ome"] = ome
+    r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"), "--workers", "1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(image) in lines[0] and fragment in lines[0], lines[0]
+    assert not (tmp_path / "s.cellar").exists()
+
+
+def test_an_unknown_length_unit_measures_in_pixels_and_says_so(tmp_path):
+    image = write_image(tmp_path / "img.zarr", intensities((16, 16), 1, seed=5), "cyx", unit="furlong",
+                        labels={"nuclei": nuclei_like((16, 16), 3, seed=6)})
+    r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(tmp_path / "s.cellar"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "unit 'furlong' is not a length unit" in r.stderr and "measuring in pixels only" in r.stderr
+    entry, df = read_table(tmp_path / "s.cellar")
+    assert entry["spacing_um"] is None and "area_um2" not in df and "area" in df
