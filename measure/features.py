@@ -74,6 +74,24 @@ class Results:
     crop: dict[str, np.ndarray] = field(default_factory=dict)  # whole-object kernel columns
     touching: np.ndarray | None = None  # face-sharing neighbours per object
     cache: dict = field(default_factory=dict)  # values shared by several features (neighbour queries)
+    subset: bool = False  # some objects only (`rows`): features over all objects must be in the cache
+
+    def rows(self, sel: np.ndarray, crop: dict[str, np.ndarray], stats: Stats | None = None) -> Results:
+        """The results of the objects at positions `sel`, given their whole-object columns `crop` (and
+        their `stats`, if not `self.stats.take(sel)`). Needs `prepare` first: the neighbour queries are
+        over all objects and are taken from the cache."""
+        neighbours = self.cache.get("neighbours")
+        return Results(stats=self.stats.take(sel) if stats is None else stats, crop=crop,
+                       touching=None if self.touching is None else self.touching[sel],
+                       cache={} if neighbours is None else {"neighbours": {k: v[sel] for k, v in neighbours.items()}},
+                       subset=True)
+
+
+def prepare(results: Results, geo: Geometry, features: tuple[Feature, ...]) -> None:
+    """Compute the values that need every object at once (the neighbour queries of the spatial group), so
+    that columns can then be finished a slice of objects at a time (`Results.rows`)."""
+    if any(f.kernel == "spatial" and next(f.columns(geo), None) is not None for f in features):
+        results.cache["neighbours"] = _spatial_neighbours(results, geo)
 
 
 @dataclass(frozen=True)
@@ -323,6 +341,8 @@ def _spatial_neighbours(r: Results, geo: Geometry) -> dict[str, np.ndarray]:
 def _cached_neighbours(key: str) -> Callable[[Results, Geometry], np.ndarray]:
     def compute(r: Results, g: Geometry) -> np.ndarray:
         if "neighbours" not in r.cache:
+            if r.subset:
+                raise RuntimeError("bug: neighbour queries on a subset of the objects (call prepare first)")
             r.cache["neighbours"] = _spatial_neighbours(r, g)
         return r.cache["neighbours"][key]
 

@@ -474,37 +474,33 @@ def measure(
     regions = plan_regions(shape, lb.spatial_chunks(level), region_pixels)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
     merger = Merger(0 if kplan.intensity_crop else len(chan_idx))
-    crop_ids, crops, crop_counts, pairs = [], [], [], []
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pairs = []
     with _Executor(plan, workers, scheduler) as ex:
         with _progress(len(regions), progress, log, f"{name}/labels/{labels}") as tick:
             for block in ex.map(_worker_block, lambda r: r.block, regions):
                 merger.add(block.stats)
-                crop_ids.append(block.crop_ids)
-                crops.append(block.crop)
-                crop_counts.append(block.crop_counts)
+                if kplan.crop:
+                    blocks.append((block.crop_ids, block.crop, block.crop_counts))
                 pairs.append(block.pairs)
                 tick(len(block.crop_ids) if kplan.crop else len(block.stats))  # objects (seen whole, or seen)
         stats = merger.result()
         results = registry.Results(stats)
+        whole = None
         if kplan.crop:
-            crop_cols = kplan.crop_columns(len(chan_idx))
-            values = _whole_object_rows(ex, stats, np.concatenate(crop_ids), np.concatenate(crops),
-                                        np.concatenate(crop_counts), geo.ndim, len(crop_cols))
-            values = np.ascontiguousarray(values.T)  # one contiguous array per column
-            results.crop = {c: values[j] for j, c in enumerate(crop_cols)}
-            if kplan.intensity_crop:
-                results.stats = stats = _crop_intensity_stats(stats, results.crop, len(chan_idx))
+            whole = _whole_object_rows(ex, stats, blocks, geo.ndim, kplan.crop_columns(len(chan_idx)))
         if kplan.touching:
-            results.touching = _touching_counts(stats.ids, np.concatenate(pairs))
+            pairs = np.concatenate(pairs)
+            results.touching = _touching_counts(stats.ids, pairs)
+        del pairs
+    registry.prepare(results, geo, selected)  # neighbour queries, over all objects at once
 
     columns = registry.columns(geo, selected)
     column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in columns)]
-    values = registry.compute_columns(results, geo, selected)
     for key, value in (context or {}).items():  # constant columns, for example a plate's well and field
-        spec = registry.CONTEXT_COLUMNS.get(key) or {"name": key, "dtype": "string" if isinstance(value, str) else "int64",
-                                                     "unit": "", "description": f"{key} of the measured image"}
-        values[key] = np.full(len(stats), value, dtype=object if spec["dtype"] == "string" else np.int64)
-        column_specs.append(spec)
+        column_specs.append(registry.CONTEXT_COLUMNS.get(key) or {
+            "name": key, "dtype": "string" if isinstance(value, str) else "int64", "unit": "",
+            "description": f"{key} of the measured image"})
     level_meta = im.levels[level]
     entry = {
         "image": name,
@@ -539,9 +535,29 @@ def measure(
         "regions": len(regions),
         "workers": workers,
     }
-    table = store_write.arrow_table(values, column_specs[len(registry.PARTITION_COLUMNS):], entry)
+    specs = column_specs[len(registry.PARTITION_COLUMNS):]
+    provenance = dict(entry)
+
+    def row_groups() -> Iterator:
+        """The table a row group at a time, rows in the store's spatial order (`schemas.store.spatial_order`
+        of the centroids): only one row group's columns are ever built, besides the whole-object rows."""
+        n = len(stats)
+        order = layout.spatial_order(stats.coord_sum[:, 1] / np.maximum(stats.count, 1),
+                                     stats.coord_sum[:, 2] / np.maximum(stats.count, 1))
+        for start in range(0, n, store_write.ROW_GROUP_SIZE) if n else [0]:
+            sel = order[start:start + store_write.ROW_GROUP_SIZE]
+            part, crop = stats.take(sel), {}
+            if whole is not None:
+                crop = whole.columns(sel)
+                if kplan.intensity_crop:
+                    part = _crop_intensity_stats(part, crop, len(chan_idx))
+            values = registry.compute_columns(results.rows(sel, crop, part), geo, selected)
+            for key, value in (context or {}).items():
+                values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
+            yield store_write.arrow_table(values, specs, provenance)
+
     entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
-    store_write.write_table(out, entry, table, overwrite=overwrite)
+    store_write.write_table(out, entry, row_groups(), overwrite=overwrite)
     return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
 
 
@@ -599,22 +615,64 @@ def measure_many(images: list[str], labels: str, out: str | Path, *, image_name:
     return results
 
 
-def _whole_object_rows(ex: _Executor, stats, ids: np.ndarray, rows: np.ndarray, counts: np.ndarray, ndim: int,
-                       n_cols: int) -> np.ndarray:
-    """Whole-object rows aligned with `stats.ids`: the block rows that saw all of their object (their pixel
-    count is the merged count), and for every other object a row measured on a crop of its own."""
-    whole = counts == stats.count[np.searchsorted(stats.ids, ids)]
-    ids, rows = ids[whole], rows[whole]
-    todo = np.setdiff1d(stats.ids, ids)
-    at = np.searchsorted(stats.ids, todo)
-    items = [(int(i), tuple(stats.bbox_min[r, 3 - ndim:]), tuple(stats.bbox_max[r, 3 - ndim:])) for i, r in zip(todo, at)]
+class _WholeRows:
+    """The whole-object rows of every object (aligned with `stats.ids`), kept in the pieces the blocks and
+    the own-crop measurements sent, so that the rows are never copied into one array: row groups take
+    theirs as they are written (`columns`)."""
+
+    def __init__(self, stats, names: list[str]):
+        self.ids, self.count, self.names = stats.ids, stats.count, names
+        self.pieces: list[np.ndarray] = []
+        self.piece = np.full(len(stats), -1, np.int64)  # which piece holds each object's row
+        self.row = np.zeros(len(stats), np.int64)  # and where in it
+
+    def add(self, ids: np.ndarray, rows: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """Rows of the objects `ids`; with `counts` (pixels the block saw of each), only the rows of objects
+        the block saw entirely."""
+        pos = np.searchsorted(self.ids, ids)
+        at = np.arange(len(pos))
+        if counts is not None:  # the block's array is kept as it is, rows of objects not seen whole unused
+            keep = counts == self.count[pos]
+            pos, at = pos[keep], at[keep]
+        if (self.piece[pos] >= 0).any() or len(np.unique(pos)) != len(pos):
+            raise RuntimeError("bug: an object was measured whole twice")
+        self.piece[pos] = len(self.pieces)
+        self.row[pos] = at
+        self.pieces.append(rows)
+
+    def missing(self) -> np.ndarray:
+        """Positions of the objects no block saw whole."""
+        return np.flatnonzero(self.piece < 0)
+
+    def columns(self, sel: np.ndarray) -> dict[str, np.ndarray]:
+        """The whole-object columns of the objects at positions `sel`."""
+        piece, row = self.piece[sel], self.row[sel]
+        if (piece < 0).any():
+            raise RuntimeError("bug: whole-object features do not cover every object")
+        out = np.empty((len(self.names), len(sel)))
+        by_piece = np.argsort(piece, kind="stable")
+        bounds = np.flatnonzero(np.diff(piece[by_piece])) + 1
+        for group in np.split(by_piece, bounds) if len(sel) else []:
+            out[:, group] = self.pieces[piece[group[0]]][row[group]].T
+        return {name: out[j] for j, name in enumerate(self.names)}
+
+
+def _whole_object_rows(ex: _Executor, stats, blocks: list, ndim: int, names: list[str]) -> _WholeRows:
+    """Whole-object rows of every object: those from blocks that saw all of their object (their pixel count
+    is the merged count; `blocks` is emptied as they are taken), and for every other object a row measured
+    on a crop of its own."""
+    whole = _WholeRows(stats, names)
+    while blocks:
+        ids, rows, counts = blocks.pop()
+        whole.add(ids, rows.reshape(len(ids), len(names)), counts)
+    at = whole.missing()
+    items = [(int(stats.ids[r]), tuple(stats.bbox_min[r, 3 - ndim:]), tuple(stats.bbox_max[r, 3 - ndim:])) for r in at]
     own = list(ex.map(_worker_object, lambda r: r.object, items))
-    ids = np.concatenate([ids, np.array([i for i, _ in own], np.uint64)])
-    rows = np.concatenate([rows, np.array([v for _, v in own]).reshape(len(own), n_cols)])
-    order = np.argsort(ids)
-    if not np.array_equal(ids[order], stats.ids):
-        raise RuntimeError("bug: whole-object features do not cover every object exactly once")
-    return rows[order]
+    if own:
+        whole.add(np.array([i for i, _ in own], np.uint64), np.array([v for _, v in own]).reshape(len(own), len(names)))
+    if len(whole.missing()):
+        raise RuntimeError("bug: whole-object features do not cover every object")
+    return whole
 
 
 def _crop_intensity_stats(stats, crop: dict[str, np.ndarray], n_channels: int):
@@ -630,9 +688,9 @@ def _touching_counts(ids: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Number of distinct face-sharing neighbours of each id, from (a, b) label pairs found per block."""
     if not len(pairs):
         return np.zeros(len(ids), np.int64)
-    pairs = np.unique(pairs, axis=0)  # a pair seen by two blocks counts once
-    ends = np.searchsorted(ids, pairs.ravel())
-    return np.bincount(ends, minlength=len(ids)).astype(np.int64)
+    ends = np.searchsorted(ids, pairs)  # positions of both labels, as one int64 key per pair
+    keys = np.unique(ends[:, 0] * len(ids) + ends[:, 1])  # a pair seen by two blocks counts once
+    return np.bincount(np.concatenate([keys // len(ids), keys % len(ids)]), minlength=len(ids)).astype(np.int64)
 
 
 def _absolute(url: str) -> str:

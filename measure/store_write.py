@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -64,11 +64,8 @@ def _find(manifest: dict, image: str, label_image: str) -> int | None:
 
 
 def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: dict) -> pa.Table:
-    """An Arrow table whose fields carry each column's unit and description as field metadata, its rows in
-    the store's spatial order (`schemas.store.spatial_order` of the centroids, when measured)."""
-    if "centroid_y" in columns and "centroid_x" in columns:
-        order = layout.spatial_order(columns["centroid_y"], columns["centroid_x"])
-        columns = {name: np.asarray(values)[order] for name, values in columns.items()}
+    """An Arrow table whose fields carry each column's unit and description as field metadata (the caller
+    puts the rows in the store's spatial order, `schemas.store.spatial_order`)."""
     fields = []
     for spec in column_specs:
         meta = {"unit": spec["unit"], "description": spec["description"]}
@@ -79,8 +76,11 @@ def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: d
     return pa.table([columns[f.name] for f in fields], schema=schema)
 
 
-def write_table(out: Path, entry: dict, table: pa.Table, overwrite: bool = False) -> Path:
-    """Commit `table` as the store table described by `entry` (which gains `dir`, `files`, `created`)."""
+def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], overwrite: bool = False) -> Path:
+    """Commit `table` as the store table described by `entry` (which gains `dir`, `files`, `created`).
+
+    `table` may be an iterable of tables with one schema (at least one, possibly empty), written one after
+    the other into the same file, so that a large table need never be in memory whole."""
     check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
     entry = dict(entry, dir=layout.table_dir(entry["image"], entry["label_image"]),
@@ -108,7 +108,7 @@ def write_table(out: Path, entry: dict, table: pa.Table, overwrite: bool = False
     return out
 
 
-def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
+def _commit_into(root: Path, entry: dict, table: pa.Table | Iterable[pa.Table]) -> None:
     part_dir = root / entry["dir"]
     part_dir.mkdir(parents=True, exist_ok=True)
     final = part_dir / entry["files"][0]
@@ -119,8 +119,18 @@ def _commit_into(root: Path, entry: dict, table: pa.Table) -> None:
         # the README): measurement columns are mostly distinct floats, where dictionaries cost time and space
         # (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
         # measurements but decompress about twice as fast, which halves queries that read many columns.
-        pq.write_table(table, tmp, compression=COMPRESSION, row_group_size=ROW_GROUP_SIZE, write_statistics=True,
-                       use_dictionary=False)
+        writer = None
+        try:
+            for part in [table] if isinstance(table, pa.Table) else table:
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, part.schema, compression=COMPRESSION, write_statistics=True,
+                                              use_dictionary=False)
+                writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError("bug: write_table was given no table")
         os.replace(tmp, final)
         layout.write_json_atomic(root / layout.SCHEMA, schemas.objects_schema())
         manifest = layout.read_manifest(root)

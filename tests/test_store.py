@@ -99,7 +99,7 @@ def test_a_failed_write_leaves_no_store_and_no_temporary_files(tmp_path, image, 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_write.pq, "write_table", boom)
+    monkeypatch.setattr(store_write.pq, "ParquetWriter", boom)
     store = tmp_path / "new.cellar"
     with pytest.raises(OSError, match="disk full"):
         measure.measure(str(image), "nuclei", store, workers=1)
