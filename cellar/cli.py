@@ -1,5 +1,5 @@
-"""The `cellar` command: `demo`, `measure`, `features`, `sql`, `info`, and the object commands of
-`cellar.cli_objects` (`filter`, `color`, `render`, `hist`, `annotate`).
+"""The `cellar` command: `demo`, `measure`, `features`, `sql`, `info`, `view` (the web viewer of `viewer/`), and
+the object commands of `cellar.cli_objects` (`filter`, `color`, `render`, `hist`, `annotate`).
 
 User mistakes (`schemas.errors.CellarError`) print one line, `cellar: error: ...`, and exit with status 2;
 anything else is a bug and keeps its traceback.
@@ -166,6 +166,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_view(args: argparse.Namespace) -> int:
+    from viewer.server import serve
+
+    if not args.sql_timeout > 0:
+        raise UsageError(f"--sql-timeout {args.sql_timeout:g}: expected a positive number of seconds")
+    serve(args.image, args.store, labels=args.labels, image_name=args.image_name, host=args.host, port=args.port,
+          open_browser=not args.no_browser, timeout_s=args.sql_timeout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellar", description="Per-object measurements of OME-Zarr images, stored as Parquet, queried with SQL."
@@ -227,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     from cellar import cli_objects
 
     cli_objects.add_parsers(sub, _positive_int)
+
+    p = sub.add_parser("view", help="a local web viewer: the image with its objects, filtered and coloured by columns")
+    p.add_argument("image", help="the OME-Zarr image (path or URL)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--labels", help="label image name in the store (needed when the store holds several)")
+    p.add_argument("--image", "--image-name", dest="image_name",
+                   help="image name in the store (needed when the store holds several)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=_positive_int, default=0, help="port (default: 0, a free one)")
+    p.add_argument("--no-browser", action="store_true", help="only print the URL; do not open a browser")
+    p.add_argument("--sql-timeout", type=float, default=5.0, help="time limit of a filter's SQL in seconds (default: 5)")
+    p.set_defaults(func=_cmd_view)
     return parser
 
 

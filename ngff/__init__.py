@@ -126,6 +126,11 @@ class NgffImage:
     channel_names: tuple[str, ...]
     label_names: tuple[str, ...] | None  # None when the image has no labels group
 
+    def attributes(self) -> dict[str, Any]:
+        """The image group's OME attributes as NGFF defines them (0.5: those under "ome"), read afresh; for
+        what cellar does not model, such as the `omero` channel colours and windows."""
+        return _ome_attrs(_open_group(self.url), self.version)
+
     def label(self, name: str) -> LabelImage:
         """Open the label image `labels/<name>`."""
         if self.label_names is None:
