@@ -555,8 +555,8 @@ def measure(
             for key, value in (context or {}).items():
                 values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
             yield store_write.arrow_table(values, specs, provenance)
+        entry["elapsed_s"] = round(time.perf_counter() - t0, 3)  # before the manifest is written
 
-    entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
     store_write.write_table(out, entry, row_groups(), overwrite=overwrite)
     return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
 

@@ -83,8 +83,9 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
     the other into the same file, so that a large table need never be in memory whole."""
     check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
-    entry = dict(entry, dir=layout.table_dir(entry["image"], entry["label_image"]),
-                 files=[f"part-{run_id}.parquet"], created=layout.now())
+    # `entry` itself is completed (not a copy), so a generator of `table` may still add to it while it runs
+    entry.update(dir=layout.table_dir(entry["image"], entry["label_image"]), files=[f"part-{run_id}.parquet"],
+                 created=layout.now())
     if layout.is_store(out):
         _commit_into(out, entry, table)
         return out
