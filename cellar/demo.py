@@ -140,6 +140,7 @@ def run(root: Path, workers: int | None = None) -> int:
         objs.sql(sql).show(max_width=120)
     pathviewer_outputs(paths, objs)
     print(f"\nThe store is {paths.store}. Try:\n"
+          f"  cellar view {paths.image} --store {paths.store}      # the web viewer\n"
           f"  cellar filter {paths.store} --where \"{DAB_FILTER}\"\n"
           f"  cellar render {paths.image} --store {paths.store} --by area_um2 --where \"{DAB_FILTER}\" "
           f"--region 0:256,0:256 --out zoom.png\n"
