@@ -9,7 +9,7 @@ share are counted twice). The last table compares time per pixel and per object 
 a ratio of 1.0 is linear scaling.
 
 Run: `python benchmarks/bench_scale.py` (8192 and 32768; about 10 minutes to generate and 3 to measure on
-2 cores, 17 GB of disk in a temporary directory), `--sizes 8192,16384` for a shorter run.
+2 cores, about 4 GB of disk in a temporary directory), `--sizes 8192,16384` for a shorter run.
 """
 
 from __future__ import annotations
