@@ -76,12 +76,11 @@ class Results:
     cache: dict = field(default_factory=dict)  # values shared by several features (neighbour queries)
     subset: bool = False  # some objects only (`rows`): features over all objects must be in the cache
 
-    def rows(self, sel: np.ndarray, crop: dict[str, np.ndarray], stats: Stats | None = None) -> Results:
-        """The results of the objects at positions `sel`, given their whole-object columns `crop` (and
-        their `stats`, if not `self.stats.take(sel)`). Needs `prepare` first: the neighbour queries are
-        over all objects and are taken from the cache."""
+    def rows(self, sel: np.ndarray, stats: Stats, crop: dict[str, np.ndarray]) -> Results:
+        """The results of the objects at positions `sel`, given their `stats` and whole-object columns
+        `crop`. Needs `prepare` first: the neighbour queries are over all objects and come from the cache."""
         neighbours = self.cache.get("neighbours")
-        return Results(stats=self.stats.take(sel) if stats is None else stats, crop=crop,
+        return Results(stats=stats, crop=crop,
                        touching=None if self.touching is None else self.touching[sel],
                        cache={} if neighbours is None else {"neighbours": {k: v[sel] for k, v in neighbours.items()}},
                        subset=True)

@@ -551,7 +551,7 @@ def measure(
                 crop = whole.columns(sel)
                 if kplan.intensity_crop:
                     part = _crop_intensity_stats(part, crop, len(chan_idx))
-            values = registry.compute_columns(results.rows(sel, crop, part), geo, selected)
+            values = registry.compute_columns(results.rows(sel, part, crop), geo, selected)
             for key, value in (context or {}).items():
                 values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
             yield store_write.arrow_table(values, specs, provenance)
