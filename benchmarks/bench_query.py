@@ -14,11 +14,15 @@ Queries, each timed `--repeat` times (median):
 4. filter -> all columns of about 0.1% of the rows;
 5. top-100 objects by a column.
 
-Engines: cellar cold (`query.open(store)` afresh for every run: manifest, views, then the query on the
-Parquet file), cellar warm (`query.open(store, cache=True)` once, then the queries on Arrow memory), polars
-(`pl.scan_parquet` on the same file), PyTables (`Table.get_where_list` + `read_coordinates`; reading the table
-in blocks where it has no query call, for the group-by and top-k). "Cold" means a new engine state each run:
-the operating system's page cache is warm for every engine alike (the file was just written and read).
+Engines: cellar cold from the Parquet files (`query.open(store, cache=False)` afresh for every run:
+manifest, then the query on the Parquet file), polars (`pl.scan_parquet` on the same file), cellar warm from
+RAM (`query.open(store, cache=True)` once, the store read into Arrow memory), then, after `cellar cache`
+writes the store's on-disk session cache: cellar cold from the cache (`query.open(store)` afresh for every
+run: the files memory-mapped anew), the same after `cellar cache --rows` adds the row-major copy, and warm
+from that cache (opened once); and PyTables (`Table.get_where_list` +
+`read_coordinates`; reading the table in blocks where it has no query call, for the group-by and top-k).
+"Cold" means a new engine state each run: the operating system's page cache is warm for every engine alike
+(the files were just written and read).
 
 Run: `python benchmarks/bench_query.py` (the issue's 5M x 200), or `--rows 1000000` for a quicker run;
 `--row-groups 32768,131072,524288` times the cold queries at several row-group sizes instead (the choice of
@@ -209,6 +213,21 @@ def pytables_queries(h5: Path, p: dict) -> dict:
     }
 
 
+def warm_queries(results: dict, key: str, opener, store: Path, params: dict, counts: dict, repeat: int) -> float:
+    """Time every query on one `opener(store, cache=True)` (each run once first); returns the opening time."""
+    t = time.perf_counter()
+    warm = opener(store, cache=True)
+    load = time.perf_counter() - t
+    results[key] = {}
+    for name, fn in cellar_queries(warm, params).items():
+        fn()
+        results[key][name], n = timed(fn, repeat)
+        assert n == counts[name], (name, n, counts[name])
+    del warm
+    gc.collect()
+    return load
+
+
 def timed(fn, repeat: int) -> tuple[float, int]:
     """(median seconds, the result's row count) of `repeat` calls."""
     times, n = [], 0
@@ -251,28 +270,34 @@ def main() -> None:
         objs = query.open(store)
         parquet = store / objs.tables[0][1]["dir"] / objs.tables[0][1]["files"][0]
         print(f"store ({size:,} rows per row group): {parquet.stat().st_size / 2**30:.2f} GiB", flush=True)
-        key = f"cellar cold ({size:,}-row groups)" if args.row_groups else "cellar cold"
+        key = f"cellar cold ({size:,}-row groups)" if args.row_groups else "cellar cold, Parquet"
         results[key] = {}
         for name in names:
             # a fresh query.open (manifest, DuckDB connection, views) for every run
-            results[key][name], counts[name] = timed(lambda: cellar_queries(query.open(store), params)[name](), args.repeat)
+            results[key][name], counts[name] = timed(
+                lambda: cellar_queries(query.open(store, cache=False), params)[name](), args.repeat)
         if args.row_groups:
             continue
         results["polars scan_parquet"] = {}
         for name, fn in polars_queries(parquet, params).items():
             results["polars scan_parquet"][name], n = timed(fn, args.repeat)
             assert n == counts[name], (name, n, counts[name])
-        t = time.perf_counter()
-        warm = query.open(store, cache=True)
-        load = time.perf_counter() - t
-        results["cellar warm (session cache)"] = {}
-        for name, fn in cellar_queries(warm, params).items():
-            fn()
-            results["cellar warm (session cache)"][name], n = timed(fn, args.repeat)
-            assert n == counts[name], (name, n, counts[name])
-        print(f"session cache loaded in {load:.1f} s ({warm.cached.nbytes / 2**30:.2f} GiB)", flush=True)
-        del warm
-        gc.collect()
+        load = warm_queries(results, "cellar warm, RAM (session cache)", query.open, store, params, counts, args.repeat)
+        print(f"session cache read into RAM in {load:.1f} s", flush=True)
+        from query import hotcache
+
+        for rows in (False, True):
+            built = hotcache.build(store, rows=rows)
+            what = "with its row-major copy (cellar cache --rows)" if rows else "(cellar cache)"
+            print(f"on-disk session cache {what} written in {built['seconds']:.1f} s "
+                  f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)
+            key = f"cellar cold, mapped cache{' + rows' if rows else ''}"
+            results[key] = {}
+            for name in names:  # a fresh query.open maps the files anew: no pages of them are mapped yet
+                results[key][name], n = timed(lambda: cellar_queries(query.open(store), params)[name](), args.repeat)
+                assert n == counts[name], (name, n, counts[name])
+        load = warm_queries(results, "cellar warm, mapped cache + rows", query.open, store, params, counts, args.repeat)
+        print(f"mapped session cache opened in {load * 1000:.1f} ms", flush=True)
         h5 = work / "omero.h5"
         t = time.perf_counter()
         write_omero_h5(parquet, h5)
@@ -290,10 +315,12 @@ def main() -> None:
     print("|---|" + "---|" * len(names))
     for engine, row in results.items():
         print(f"| {engine} | " + " | ".join(f"{row[n] * 1000:,.1f} ms" for n in names) + " |")
-    if "cellar cold" in results:
+    for cold in ("cellar cold, Parquet", "cellar cold, mapped cache", "cellar cold, mapped cache + rows"):
+        if cold not in results:
+            continue
         for peer in ("polars scan_parquet", "PyTables (OMERO.tables layout)"):
-            print(f"| cellar cold faster than {peer} by | " + " | ".join(
-                f"{results[peer][n] / results['cellar cold'][n]:.1f}x" for n in names) + " |")
+            print(f"| {cold} faster than {peer.split(' (')[0]} by | " + " | ".join(
+                f"{results[peer][n] / results[cold][n]:.1f}x" for n in names) + " |")
     if not args.workdir:
         shutil.rmtree(work)
     sys.stdout.flush()

@@ -1,5 +1,6 @@
 """The `cellar` subcommands that act on the objects of a store: `filter`, `color`, `render`, `hist` (the
-PathViewer-style outputs of `query.pathviewer`), `annotate` (`query.annotate`) and `export` (`query.export`)."""
+PathViewer-style outputs of `query.pathviewer`), `annotate` (`query.annotate`), `export` (`query.export`) and
+`cache` (`query.hotcache`)."""
 
 from __future__ import annotations
 
@@ -151,6 +152,31 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from query import hotcache
+    from schemas import store as layout
+
+    for store in map(Path, args.stores):
+        manifest = layout.read_manifest(store)  # a wrong path fails here, before anything is written
+        if args.drop:
+            n = layout.remove_stale_caches(store, None)
+            print(f"{store}: {n} cache file{'s' * (n != 1)} removed", file=sys.stderr)
+            continue
+        fresh = hotcache.find(store, manifest)
+        if args.status or (fresh and not args.rebuild and (hotcache.status(store)["row_major"] or not args.rows)):
+            info = hotcache.status(store)
+            rows = " with its row-major copy" if info["row_major"] else ""
+            state = (f"fresh{rows}, {info['bytes'] / 2**20:,.1f} MiB (the Parquet files: {info['parquet_bytes'] / 2**20:,.1f} MiB)"
+                     if info["fresh"] else "none" + (f" ({info['stale_files']} stale)" if info["stale_files"] else ""))
+            print(f"{store}: session cache {state}", file=sys.stderr)
+            continue
+        info = hotcache.build(store, rows=args.rows, progress=sys.stderr.isatty())
+        kind = " with its row-major copy" if info["row_major"] else ""
+        print(f"{store}: session cache{kind} of {info['rows']:,} objects written in {info['seconds']:.1f} s "
+              f"({info['bytes'] / 2**20:,.1f} MiB): {info['path']}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import query
     from query import export, pathviewer
@@ -245,6 +271,18 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--drop-unknown", action="store_true",
                    help="store the rows whose label ids exist and report the others (default: refuse)")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("cache", help="write (or drop) a store's session cache: a memory-mapped copy that queries "
+                                     "and the viewer answer from at once")
+    p.add_argument("stores", nargs="+", metavar="store")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--status", action="store_true", help="report whether a fresh cache exists and its size")
+    what.add_argument("--rebuild", action="store_true", help="write it again even if it is fresh")
+    what.add_argument("--drop", action="store_true", help="remove the cache files (the store's data stay)")
+    p.add_argument("--rows", action="store_true",
+                   help="also write a row-major copy of the numeric columns: whole rows of scattered objects (a "
+                        "filter's matches, a top-k) come from it at once (as much disk again)")
+    p.set_defaults(func=cmd_cache)
 
     from query.export import FORMATS, MAX_CELLS, MAX_STRING
 

@@ -155,3 +155,4 @@ def _commit_into(root: Path, entry: dict, table: pa.Table | Iterable[pa.Table]) 
     for stale in part_dir.iterdir():
         if stale.name not in entry["files"]:
             stale.unlink(missing_ok=True)
+    layout.remove_stale_caches(root, manifest)  # the session cache of the previous state

@@ -111,6 +111,7 @@ def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, sourc
     except BaseException:
         (part / name).unlink(missing_ok=True)
         raise
+    layout.remove_stale_caches(store, manifest)  # the session cache of the previous state
     return record
 
 

@@ -58,6 +58,7 @@ class Query:
     columns: tuple[str, ...] | None = None  # None: every column
     order: tuple[tuple[str, bool], ...] = ()  # (column, descending)
     limit_rows: int | None = None
+    ranges: tuple[tuple[str, float, float], ...] = ()  # the boxes' (column, lo, hi), also in `filters`
 
     # -- composing -----------------------------------------------------------------------------------
     def where(self, condition: str) -> Query:
@@ -94,7 +95,8 @@ class Query:
             if lo > hi:
                 raise QueryError(f"within: {axis}0 = {lo:g} > {axis}1 = {hi:g}; corners inverted (expected {axis}0 <= {axis}1)")
             conds.append(f"{quote(self._centroid(axis, units))} BETWEEN {lo!r} AND {hi!r}")
-        return replace(self, filters=(*self.filters, " AND ".join(conds)))
+        ranges = tuple((self._centroid(a, units), float(lo), float(hi)) for a, (lo, hi) in box.items())
+        return replace(self, filters=(*self.filters, " AND ".join(conds)), ranges=(*self.ranges, *ranges))
 
     def near(self, x: float, y: float, r: float, z: float | None = None, *, units: str = "um") -> Query:
         """Objects whose centroid lies within distance `r` of (x, y[, z]) (`units` as in `within`)."""
@@ -109,7 +111,8 @@ class Query:
         # distance test then runs on the few rows left.
         box = " AND ".join(f"{cols[a]} BETWEEN {c - r!r} AND {c + r!r}" for a, c in centre.items())
         dist = " + ".join(f"({cols[a]} - {c!r}) * ({cols[a]} - {c!r})" for a, c in centre.items())
-        return replace(self, filters=(*self.filters, f"{box} AND {dist} <= {r * r!r}"))
+        ranges = tuple((self._centroid(a, units), c - r, c + r) for a, c in centre.items())
+        return replace(self, filters=(*self.filters, f"{box} AND {dist} <= {r * r!r}"), ranges=(*self.ranges, *ranges))
 
     def order_by(self, *columns: str, descending: bool = False) -> Query:
         """Sort by these columns (ascending, or descending with `descending=True`); NULLs last."""
@@ -148,16 +151,15 @@ class Query:
 
     # -- results ---------------------------------------------------------------------------------------
     def to_arrow(self) -> pyarrow.Table:
-        cached = self.objects.cached
-        if cached is not None:
+        if self.objects.is_cached:
             if not (self.filters or self.order or self.limit_rows is not None):
+                cached = self.objects.cached
                 return cached.select(list(self.columns)) if self.columns else cached
-            # Late materialisation from the session cache: the filter and order columns find the rows, Arrow
-            # takes them whole (building every column of the result inside an engine costs far more).
-            if self.columns:
-                cached = cached.select(list(self.columns))
-            return take_rows(cached, self._cached_rows())
-        frame = self._polars()
+            # Late materialisation from the session cache: the filter and order columns find the rows, whole
+            # rows are then taken from Arrow memory or the mapped files (building every column of the result
+            # inside an engine costs far more).
+            return self.objects.take(self._cached_rows(), self.columns)
+        frame = self._polars(needs=self.columns)
         if frame is not None:
             if self.columns:
                 frame = frame.select(list(self.columns))
@@ -168,14 +170,16 @@ class Query:
 
     def _cached_rows(self) -> np.ndarray:
         """Row numbers in the session cache of this query's rows, in its order: polars for plain filters
-        without order (it scans memory fastest), DuckDB otherwise (its top-N is the faster sort)."""
-        from query.store import CACHED_VIEW, ROW_COLUMN
+        (it scans memory fastest) and for any query on the mapped cache (it reads only the columns the query
+        names), DuckDB for ordered queries on the cache in RAM (its top-N is the faster sort there)."""
+        from query.store import ROW_COLUMN
 
-        frame = self._polars() if not self.order else None
+        polars_first = not self.order or self.objects.mapped
+        frame = self._polars(needs=()) if polars_first else None
         result = self._collect(frame.select(ROW_COLUMN)) if frame is not None else None
         if result is not None:
             return result.get_column(ROW_COLUMN).to_numpy().astype(np.int64, copy=False)
-        rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, CACHED_VIEW), "fetchnumpy")[ROW_COLUMN]
+        rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, self.objects.numbered_view()), "fetchnumpy")[ROW_COLUMN]
         return np.asarray(rows, np.int64)
 
     def to_polars(self) -> polars.DataFrame:
@@ -188,7 +192,7 @@ class Query:
 
     def count(self) -> int:
         """Number of matching objects."""
-        frame = self._polars(ordered=False)
+        frame = self._polars(ordered=False, needs=())
         if frame is not None:
             import polars as pl
 
@@ -198,23 +202,30 @@ class Query:
         inner = replace(self, columns=None, order=()).to_sql("1")
         return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
 
-    def _polars(self, ordered: bool = True):
+    def _polars(self, ordered: bool = True, needs: tuple[str, ...] | None = None):
         """This query as a polars LazyFrame over the Parquet files, or None where DuckDB answers instead.
+
+        `needs`: the columns the caller will take from the result (None: all); with the filter and order
+        columns, the only ones the mapped session cache has to materialise.
 
         polars scans Parquet faster than DuckDB (it decodes the other columns only for rows that pass the
         filter), so plain queries on the files run there: filters in the subset of SQL that both read the
         same way (`simple_condition`), order, limit, projection. The session cache, annotation joins and
         anything else go to DuckDB. Both engines answer every query test (tests/test_query_api.py).
         """
-        frame = self.objects.polars_frame()
+        names = self.objects.column_names
+        if not all(simple_condition(f, names) for f in self.filters):
+            return None
+        columns = None
+        if needs is not None:
+            columns = [*needs, *(c for c, _ in self.order), *(n for f in self.filters for n in referenced(f, names))]
+            columns = [c for c in dict.fromkeys(columns) if c in names]
+        frame = self.objects.polars_frame(columns, self.ranges)
         if frame is None:
             return None
         import polars as pl
 
-        names = self.objects.column_names
         for f in self.filters:
-            if not simple_condition(f, names):
-                return None
             try:
                 frame = frame.filter(pl.sql_expr(f))
             except Exception:  # polars' SQL parser could not take it: DuckDB will
@@ -257,7 +268,7 @@ class Query:
                 f"label_ids: the result spans {len(tables)} tables ({names}); label ids are only unique within "
                 "one: add .where(\"image = '...' AND label_image = '...'\")"
             )
-        frame = self._polars() if len(self.objects.tables) == 1 else None
+        frame = self._polars(needs=("label_id",)) if len(self.objects.tables) == 1 else None
         result = self._collect(frame.select("label_id")) if frame is not None else None
         if result is not None:
             ids = result.get_column("label_id").to_numpy()
@@ -347,6 +358,23 @@ def simple_condition(condition: str, columns: list[str]) -> bool:
     return True
 
 
+def referenced(condition: str, columns: list[str]) -> list[str]:
+    """The known column names a `simple_condition` uses."""
+    known, out, pos = set(columns), [], 0
+    text = condition.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            break
+        value = m.group(m.lastgroup)
+        if m.lastgroup == "quoted":
+            value = value[1:-1]
+        if m.lastgroup in ("name", "quoted") and value in known:
+            out.append(value)
+        pos = m.end()
+    return out
+
+
 def _polars_parses(condition: str) -> bool:
     import polars as pl
 
@@ -367,22 +395,51 @@ def _plain_strings(table: pyarrow.Table) -> pyarrow.Table:
 
 
 def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:
-    """`table.take(rows)`, batch by batch: pyarrow's take on a chunked column first concatenates its
-    chunks (for a cached 5M-row table, a copy of every column per query)."""
+    """`table.take(rows)` for a few rows of a large, possibly chunked (memory-mapped) table.
+
+    pyarrow's take concatenates a chunked column first (a copy of the column per call) and costs tens of
+    microseconds per array, so fixed-width columns without nulls are gathered with numpy straight from each
+    chunk's buffer, touching only the pages that hold the rows; other columns take per chunk with pyarrow.
+    """
     import pyarrow as pa
 
-    batches = table.to_batches()
-    if len(batches) <= 1 or len(rows) == 0:
-        return table.take(rows)
-    starts = np.cumsum([0] + [b.num_rows for b in batches])
-    which = np.searchsorted(starts, rows, side="right") - 1
-    order = np.argsort(which, kind="stable")
-    rows, which = rows[order], which[order]
-    cuts = np.searchsorted(which, np.arange(len(batches) + 1))
-    pieces = [batches[k].take(pa.array(rows[cuts[k]:cuts[k + 1]] - starts[k]))
-              for k in range(len(batches)) if cuts[k + 1] > cuts[k]]
-    grouped = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
-    return grouped.take(np.argsort(order, kind="stable"))  # back to the query's order
+    rows = np.asarray(rows, dtype=np.int64)
+    if table.num_columns == 0 or len(rows) == 0:
+        return table.take(pa.array(rows))
+    plans: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
+    columns = []
+    for i in range(table.num_columns):
+        column = table.column(i)
+        lengths = tuple(len(c) for c in column.chunks)
+        plan = plans.get(lengths)
+        if plan is None:  # which rows each chunk holds (columns of one table share their chunking)
+            starts = np.cumsum((0,) + lengths)
+            which = np.searchsorted(starts, rows, side="right") - 1
+            order = np.argsort(which, kind="stable")
+            cuts = np.searchsorted(which[order], np.arange(len(lengths) + 1))
+            plan = plans[lengths] = [(k, order[cuts[k]:cuts[k + 1]], rows[order[cuts[k]:cuts[k + 1]]] - starts[k])
+                                     for k in range(len(lengths)) if cuts[k + 1] > cuts[k]]
+        columns.append(_take_column(column, plan, len(rows)))
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
+def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int):
+    import pyarrow as pa
+
+    kind = column.type
+    fixed = (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and column.null_count == 0
+    if fixed:
+        dtype = np.dtype(kind.to_pandas_dtype())
+        out = np.empty(n, dtype)
+        for k, where, offsets in plan:
+            chunk = column.chunk(k)
+            values = np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+            out[where] = values[offsets]
+        return pa.array(out, type=kind)
+    pieces = [column.chunk(k).take(pa.array(offsets)) for k, _, offsets in plan]
+    where = np.concatenate([w for _, w, _ in plan])
+    taken = pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0]
+    return taken.take(pa.array(np.argsort(where, kind="stable")))  # back to the rows' order
 
 
 def _number(value: Any, what: str) -> float:

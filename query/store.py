@@ -7,9 +7,11 @@ Views:
   `image, label_image, label_id, channel, intensity_sum, intensity_mean, ...`.
 - `columns`: every column's name, dtype, unit and description, per image and label image.
 
-By default the views read the Parquet files (cold: only the row groups and columns a query needs). With
-`cache=True` the objects are read once into Arrow memory and DuckDB scans that in place (no copy): the
-session cache for viewers and notebooks that filter the same store again and again.
+By default the views read the Parquet files (cold: only the row groups and columns a query needs), or, when
+the store has a fresh on-disk session cache (`cellar cache`, see `query.hotcache`), its memory-mapped Arrow
+file. With `cache=True` the objects are held as one Arrow table (the mapped cache file, or else the store read
+once into RAM) and DuckDB and polars scan it in place (no copy): the session cache for viewers and notebooks
+that filter the same store again and again.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from query.api import _MISSING_COLUMN, Query, literal, quote, suggest
+from query import hotcache
+from query.api import _MISSING_COLUMN, Query, literal, quote, suggest, take_rows
 from schemas import store as layout
 from schemas.errors import QueryError
 
 _CHANNEL_SEP = "__"
+CACHED_TABLE = "objects_cache"  # the session cache
 CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
 ROW_COLUMN = "__row"
 
@@ -43,7 +47,7 @@ class Objects:
         objs.sql("SELECT label_id, area FROM objects WHERE area > 80").pl()
     """
 
-    def __init__(self, stores: Sequence[Path], cache: bool = False, threads: int | None = None,
+    def __init__(self, stores: Sequence[Path], cache: bool | None = None, threads: int | None = None,
                  engine: str = "auto"):
         if engine not in ("auto", "duckdb"):
             raise QueryError(f"engine={engine!r}; expected 'auto' or 'duckdb'")
@@ -54,9 +58,31 @@ class Objects:
         self._files()  # a missing file is an error now, not at the first query
         self._threads = threads
         self._con: duckdb.DuckDBPyConnection | None = None
-        self.cached: pa.Table | None = None
+        self._cached: pa.Table | None = None  # the session cache in RAM
+        self._mapped: hotcache.Mapped | None = None  # or on disk (query.hotcache)
+        self._numbered = False
+        if cache is not False and self.tables:
+            found = [hotcache.find(s, m) for s, m in zip(self.stores, self.manifests) if m.get("tables")]
+            if all(found):
+                self._mapped = hotcache.Mapped(found)
         if cache:
             self.cache()
+
+    @property
+    def cached(self) -> pa.Table | None:
+        """The session cache as one Arrow table (None without one): in RAM, or over the mapped files."""
+        if self._cached is None and self._mapped is not None:
+            return self._mapped.table
+        return self._cached
+
+    @property
+    def is_cached(self) -> bool:
+        return self._cached is not None or self._mapped is not None
+
+    @property
+    def mapped(self) -> list[Path]:
+        """The on-disk session cache files in use (empty if none)."""
+        return self._mapped.paths if self._mapped is not None else []
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -65,15 +91,23 @@ class Objects:
         if self._con is None:
             self._con = _connection(self._threads)
             self._create_views()
+            if self.is_cached:
+                self._register_cached()
         return self._con
 
-    def polars_frame(self):
+    def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = ()):
         """A polars LazyFrame of the objects without DuckDB: over the session cache (zero-copy, with its
-        row-number column) or over the tables' Parquet files; None with engine="duckdb" and for annotated
-        files (DuckDB joins those)."""
+        row-number column ROW_COLUMN) or over the tables' Parquet files; None with engine="duckdb" and for
+        annotated files (DuckDB joins those).
+
+        `columns` (None: all) are the columns the query will touch: the mapped cache materialises only those.
+        `ranges` ((column, lo, hi), a box) let the mapped cache skip the batches whose statistics rule them out.
+        """
         if self.engine == "duckdb" or not self.tables:
             return None
-        if self.cached is not None:
+        if self._mapped is not None and self._cached is None:
+            return self._mapped_frame(columns, ranges)
+        if self._cached is not None:
             return self._cached_frame.lazy()
         if any(t.get("annotations") for _, t in self.tables):
             return None
@@ -86,9 +120,32 @@ class Objects:
             self._frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         return self._frame
 
+    def _mapped_frame(self, columns: Sequence[str] | None, ranges: Sequence[tuple[str, float, float]]):
+        import polars as pl
+
+        mapped = self._mapped
+        names = list(mapped.schema.names) if columns is None else list(dict.fromkeys(columns))
+        stats = mapped.batch_ranges if ranges else None
+        if stats is not None and all(c in stats for c, _, _ in ranges):
+            # a box: only the batches whose centroid ranges overlap it (the store is in Hilbert order)
+            keep = np.ones(len(stats["starts"]) - 1, bool)
+            for c, lo, hi in ranges:
+                mins, maxs = stats[c]
+                keep &= (maxs >= lo) & (mins <= hi)
+            starts = stats["starts"]
+            frames = [pl.from_arrow(mapped.rows(int(starts[k]), int(starts[k + 1]), names), rechunk=False).lazy()
+                      .with_row_index(ROW_COLUMN, offset=int(starts[k])) for k in np.flatnonzero(keep)]
+            if frames:
+                return frames[0] if len(frames) == 1 else pl.concat(frames)
+            return pl.from_arrow(mapped.columns(names).slice(0, 0)).lazy().with_row_index(ROW_COLUMN)
+        return pl.from_arrow(mapped.columns(names), rechunk=False).lazy().with_row_index(ROW_COLUMN)
+
     def cache(self) -> Objects:
-        """Hold the objects in RAM (one Arrow table) and answer from there from now on."""
-        if self.cached is None and self.tables:
+        """Hold the objects as one Arrow table and answer from there from now on: the store's on-disk cache
+        if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM."""
+        if self._mapped is not None:
+            return self  # the mapped files answer as fast: the operating system keeps their pages in memory
+        if self._cached is None and self.tables:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
@@ -98,16 +155,35 @@ class Objects:
             for i in range(table.num_columns):
                 if table.column(i).num_chunks > 1:
                     table = table.set_column(i, table.field(i), pa.chunked_array([pa.concat_arrays(table.column(i).chunks)]))
-            self.cached = table
-            rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
-            numbered = self.cached.append_column(ROW_COLUMN, rows)
-            self.con.register(CACHED_VIEW, numbered)
+            self._cached = table
             import polars as pl
 
-            self._cached_frame = pl.from_arrow(numbered)  # the same memory
-            self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * EXCLUDE ({ROW_COLUMN}) FROM {CACHED_VIEW}")
-            self.__dict__.pop("schema", None)
+            rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
+            self._cached_frame = pl.from_arrow(table.append_column(ROW_COLUMN, rows))  # the same memory
+            self._register_cached()
         return self
+
+    def take(self, rows: np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
+        """Whole rows of the session cache (these columns, all for None), in the order of `rows`."""
+        if self._cached is None and self._mapped is not None:
+            return self._mapped.take(rows, columns)
+        table = self._cached.select(list(columns)) if columns else self._cached
+        return take_rows(table, rows)
+
+    def _register_cached(self) -> None:
+        """Point the `objects` view at the session cache (DuckDB scans the Arrow memory in place)."""
+        self._numbered = False
+        self.con.register(CACHED_TABLE, self.cached)
+        self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * FROM {CACHED_TABLE}")
+        self.__dict__.pop("schema", None)
+
+    def numbered_view(self) -> str:
+        """The session cache with its row numbers (ROW_COLUMN) as a DuckDB view, registered on first use."""
+        if not self._numbered:
+            rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
+            self.con.register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))  # the same memory
+            self._numbered = True
+        return CACHED_VIEW
 
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
         files = []
@@ -354,11 +430,14 @@ def one_line(exc: Exception) -> str:
     return " ".join(keep) or type(exc).__name__
 
 
-def open(stores: str | Path | Sequence[str | Path], *, cache: bool = False,  # noqa: A001 - as duckdb/polars
+def open(stores: str | Path | Sequence[str | Path], *, cache: bool | None = None,  # noqa: A001 - as duckdb/polars
          threads: int | None = None, engine: str = "auto") -> Objects:
     """Open one store, or several as one table (`image`/`label_image` columns tell them apart).
 
-    `cache=True` holds the objects in RAM for repeated queries (see `Objects.cache`); `threads` caps
+    `cache`: None (default) answers from the stores' on-disk session caches when every store has a fresh one
+    (`cellar cache`), else from the Parquet files; False always reads the Parquet files; True holds the
+    objects as one Arrow table for repeated queries (the mapped cache, or the store read into RAM; see
+    `Objects.cache`). `threads` caps
     DuckDB's threads (default: one per core); `engine="duckdb"` runs every query in DuckDB (by default plain
     queries on the files run on polars' Parquet scan; see `Query._polars`).
     """

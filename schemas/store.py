@@ -6,6 +6,7 @@ A store is a directory::
       manifest.json                       provenance and the list of committed tables
       schema.json                         copy of schemas/objects.json (the column templates)
       objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (LZ4)
+      cache/objects-<fingerprint>.arrow   optional: the session cache on disk (`cellar cache`, query.hotcache)
 
 Each (image, label image) pair is one *table*, one Hive partition. Within a table the rows are in Hilbert-curve
 order of their centroids (`spatial_order`), so that a row group holds objects that lie close together and its
@@ -13,12 +14,14 @@ min/max statistics on the centroid columns let a spatial query skip the row grou
 other columns skip row groups through the same statistics when their values cluster in space. The manifest lists the committed tables
 with their files and concrete columns; a reader reads only what the manifest lists, so a partition that is
 still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
-and renamed into place, the manifest last.
+and renamed into place, the manifest last. The cache file is derived data named by a hash of the manifest's
+tables (`cache_path`): a write makes it stale, and the writer removes it after the manifest swap.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -36,6 +39,8 @@ MANIFEST = "manifest.json"
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"
 TMP_PREFIX = ".tmp-"
+CACHE_DIR = "cache"
+_CACHE_KINDS = {"objects": ".arrow", "rows": ".npy", "stats": ".json"}
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]+")
 _PARTITION_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -145,3 +150,31 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_path(store: Path, manifest: dict, kind: str = "objects") -> Path:
+    """Where the session cache of this state of the store lives: named by a hash of the manifest's tables
+    (files, columns, annotation versions), so every write gives a new name and a cache never goes stale
+    unnoticed. `kind`: "objects" (the columnar Arrow file), "rows" (the optional row-major copy) or "stats"
+    (per-batch ranges of the centroid columns)."""
+    text = json.dumps(manifest.get("tables", []), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return Path(store) / CACHE_DIR / f"{kind}-{digest}{_CACHE_KINDS[kind]}"
+
+
+def remove_stale_caches(store: Path, manifest: dict | None) -> int:
+    """Remove session cache files (and abandoned temporary ones) that do not match `manifest` (all of them
+    for None); returns how many. A reader that has a removed file mapped keeps its pages until it closes."""
+    folder = Path(store) / CACHE_DIR
+    if not folder.is_dir():
+        return 0
+    keep = {cache_path(store, manifest, kind).name for kind in _CACHE_KINDS} if manifest is not None else set()
+    removed = 0
+    for path in folder.iterdir():
+        ours = any(path.name.startswith(f"{k}-") and path.name.endswith(x) for k, x in _CACHE_KINDS.items())
+        if (ours and path.name not in keep) or path.name.startswith(TMP_PREFIX):
+            path.unlink(missing_ok=True)
+            removed += 1
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return removed

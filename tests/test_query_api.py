@@ -34,12 +34,33 @@ def stores(tmp_path_factory):
     return tmp / "a.cellar", tmp / "b.cellar", tmp / "c.cellar"
 
 
-@pytest.fixture(params=["polars", "duckdb", "warm"])
-def objs(request, stores):
-    """The same store three ways: cold on polars' Parquet scan (the default for plain queries), cold with
-    every query in DuckDB, and warm from the session cache (DuckDB on Arrow memory)."""
+@pytest.fixture(scope="module")
+def mapped_store(stores, tmp_path_factory):
+    """A copy of the first store with its on-disk session cache built (`cellar cache`)."""
+    import shutil
+
+    from query import hotcache
+
+    folder = tmp_path_factory.mktemp("mapped")
+    shutil.copytree(stores[0], folder / "a.cellar")
+    shutil.copytree(stores[0], folder / "rows" / "a.cellar")
+    hotcache.build(folder / "a.cellar")
+    hotcache.build(folder / "rows" / "a.cellar", rows=True)
+    return folder
+
+
+@pytest.fixture(params=["polars", "duckdb", "warm", "mapped", "mapped-rows", "mapped-duckdb"])
+def objs(request, stores, mapped_store):
+    """The same store six ways: cold on polars' Parquet scan (the default for plain queries), cold with
+    every query in DuckDB, warm from the session cache (DuckDB on Arrow memory), and from the memory-mapped
+    on-disk cache (polars and DuckDB on the mapped file; with its row-major copy; DuckDB alone)."""
     if request.param == "warm":
         return query.open(stores[0], cache=True)
+    if request.param.startswith("mapped"):
+        store = mapped_store / ("rows" if request.param == "mapped-rows" else "") / "a.cellar"
+        objs = query.open(store, engine="duckdb" if request.param.endswith("duckdb") else "auto")
+        assert objs.mapped and objs.cached is not None
+        return objs
     return query.open(stores[0], engine="auto" if request.param == "polars" else "duckdb")
 
 

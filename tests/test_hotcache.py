@@ -1,0 +1,178 @@
+"""The on-disk session cache (`cellar cache`, `query.hotcache`): answers like the Parquet files, is used only
+while it matches the store, goes away when the store changes, and gathers whole rows exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import measure
+import query
+from ngff.write import write_image
+from query import hotcache
+from query.annotate import annotate
+from query.api import take_rows
+from schemas import store as layout
+from tests.conftest import intensities, nuclei_like, run_cli
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hc")
+    labels = nuclei_like((90, 110), 40, seed=61)
+    a = write_image(tmp / "a.ome.zarr", intensities((90, 110), 2, seed=62), "cyx", chunks=(1, 30, 40),
+                    labels={"nuclei": labels}, channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5})
+    b = write_image(tmp / "b.ome.zarr", intensities((90, 110), 1, seed=63), "cyx", chunks=(1, 30, 40),
+                    labels={"nuclei": labels[::-1].copy()}, channel_names=["DAPI"], scale={"y": 0.5, "x": 0.5})
+    measure.measure(str(a), "nuclei", tmp / "a.cellar", workers=1)
+    measure.measure(str(b), "nuclei", tmp / "b.cellar", workers=1)
+    return tmp, a, b
+
+
+@pytest.fixture
+def store(sources, tmp_path):
+    copy = tmp_path / "a.cellar"
+    shutil.copytree(sources[0] / "a.cellar", copy)
+    return copy
+
+
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by("label_id")
+
+
+def test_a_built_cache_is_mapped_and_answers_like_the_parquet_files(store):
+    parquet = query.open(store)
+    assert not parquet.mapped
+    info = hotcache.build(store)
+    assert info["rows"] == len(parquet) and info["bytes"] > 0
+    mapped = query.open(store)
+    assert mapped.mapped and mapped.cached.num_rows == len(parquet)
+    assert _sorted(mapped.to_arrow()).equals(_sorted(query.open(store, cache=False).to_arrow()))
+    q = "area > 30 AND intensity_mean__CD8 > 100"
+    assert np.array_equal(mapped.where(q).label_ids(), parquet.where(q).label_ids())
+    top_m = mapped.order_by("intensity_max__DAPI", descending=True).limit(7).to_arrow()
+    top_p = parquet.order_by("intensity_max__DAPI", descending=True).limit(7).to_arrow()
+    assert top_m.equals(top_p)
+    group = "SELECT round(area / 50) AS k, count(*), avg(intensity_mean__DAPI) FROM objects GROUP BY k ORDER BY k"
+    assert mapped.sql(group).fetchall() == parquet.sql(group).fetchall()
+    assert query.open(store, cache=False).mapped == []  # cache=False always reads the Parquet files
+
+
+def test_annotating_makes_the_cache_stale_and_removes_it(store):
+    hotcache.build(store)
+    old = hotcache.find(store, layout.read_manifest(store))
+    ids = query.open(store).label_ids()[:5]
+    annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()), "cls": ["t"] * 5}),
+             source="test", known_ids=ids, measured=[])
+    assert not old.exists()  # the writer removed the previous state's cache
+    objs = query.open(store)
+    assert not objs.mapped and objs.where("cls = 't'").count() == 5  # the Parquet files, annotation joined
+    hotcache.build(store)
+    mapped = query.open(store)
+    assert mapped.mapped and mapped.where("cls = 't'").count() == 5  # the cache holds the joined annotation
+
+
+def test_remeasuring_makes_the_cache_stale(store, sources):
+    hotcache.build(store)
+    measure.measure(str(sources[2]), "nuclei", store, workers=1)  # a second table: the manifest changes
+    objs = query.open(store)
+    assert not objs.mapped and len(objs.tables) == 2
+    assert not (store / layout.CACHE_DIR).exists()
+
+
+def test_several_stores_use_the_caches_only_when_every_store_has_one(store, sources, tmp_path):
+    other = tmp_path / "b.cellar"
+    shutil.copytree(sources[0] / "b.cellar", other)
+    hotcache.build(store)
+    assert not query.open([store, other]).mapped
+    hotcache.build(other)
+    both = query.open([store, other])
+    assert len(both.mapped) == 2
+    parquet = query.open([store, other], cache=False)
+    assert both.count() == parquet.count()
+    sql = "SELECT image, count(*), sum(intensity_mean__CD8 IS NULL) FROM objects GROUP BY image ORDER BY image"
+    assert both.sql(sql).fetchall() == parquet.sql(sql).fetchall()
+
+
+def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text():
+    rng = np.random.default_rng(5)
+    n = 1000
+    table = pa.table({
+        "f": rng.normal(size=n), "u": rng.integers(0, 2**63, n, dtype=np.uint64),
+        "i": pa.array(rng.integers(-5, 5, n).astype(np.int16)),
+        "with_nulls": pa.array([None if k % 7 == 0 else float(k) for k in range(n)]),
+        "text": pa.array([f"s{k}" for k in range(n)]), "flag": pa.array(rng.random(n) > 0.5),
+    })
+    chunked = pa.Table.from_batches(table.to_batches(max_chunksize=97))
+    assert chunked.column("f").num_chunks > 1
+    for rows in (rng.integers(0, n, 50), np.arange(n)[::-1], np.array([3, 3, 999, 0]), np.array([], np.int64)):
+        assert take_rows(chunked, rows).equals(table.take(pa.array(rows, pa.int64())))
+
+
+def test_cli_builds_reports_and_drops_the_cache(store):
+    done = run_cli("cache", str(store))
+    assert done.returncode == 0, done.stderr
+    assert "session cache of" in done.stderr and hotcache.find(store, layout.read_manifest(store))
+    status = run_cli("cache", str(store), "--status")
+    assert status.returncode == 0 and "fresh" in status.stderr
+    rows = run_cli("cache", str(store), "--rows")  # adds the row-major copy to the fresh cache
+    assert rows.returncode == 0 and "row-major" in rows.stderr and hotcache.status(store)["row_major"]
+    dropped = run_cli("cache", str(store), "--drop")
+    assert dropped.returncode == 0 and "3 cache files removed" in dropped.stderr
+    assert not (store / layout.CACHE_DIR).exists() and not query.open(store).mapped
+
+
+def test_cli_cache_of_a_missing_store_is_one_line(tmp_path):
+    done = run_cli("cache", str(tmp_path / "nope.cellar"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "nope.cellar" in done.stderr
+
+
+def test_a_damaged_cache_file_is_a_one_line_store_error(store):
+    hotcache.build(store)
+    path = hotcache.find(store, layout.read_manifest(store))
+    path.write_bytes(b"not arrow")
+    done = run_cli("sql", str(store), "SELECT count(*) FROM objects")
+    assert done.returncode == 2 and "unreadable session cache" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
+    ids = query.open(store).label_ids()
+    scores = pa.table({"label_id": pa.array(ids[::3], pa.uint64()), "score": np.linspace(0, 1, len(ids[::3])),
+                       "cls": ["x"] * len(ids[::3])})
+    annotate(store, "a", "nuclei", scores, source="test", known_ids=ids, measured=[])  # numeric column with nulls
+    hotcache.build(store, rows=True)
+    mapped, parquet = query.open(store), query.open(store, cache=False)
+    assert mapped._mapped._rows_file is not None and "score" in mapped._mapped._rows_file.dtype.names
+    for q in ("area > 30", "score > 0.3 OR intensity_mean__CD8 > 200", f"label_id = {ids[0]}"):
+        a = mapped.where(q).order_by("intensity_mean__DAPI", descending=True).to_arrow()
+        b = parquet.where(q).order_by("intensity_mean__DAPI", descending=True).to_arrow()
+        assert a.column_names == b.column_names, q
+        assert a.num_rows == b.num_rows > 0, (q, a.num_rows, b.num_rows)
+        assert a.equals(b.cast(a.schema)), q
+    rows = np.array([5, 0, 5, len(ids) - 1])  # repeated and unsorted rows keep their order
+    assert mapped.take(rows).equals(mapped._mapped.columns().take(pa.array(rows)))
+
+
+def test_boxes_skip_batches_by_their_centroid_ranges_and_find_every_object(store, monkeypatch):
+    monkeypatch.setattr(hotcache, "BATCH_ROWS", 6)  # many small batches, as a large store has
+    hotcache.build(store)
+    mapped, parquet = query.open(store), query.open(store, cache=False)
+    assert len(mapped._mapped.batch_ranges["starts"]) > 5
+    rng = np.random.default_rng(3)
+    for _ in range(25):
+        x0, y0 = rng.uniform(0, 110, 2)
+        w, h = rng.uniform(0, 60, 2)
+        for units in ("px", "um"):
+            s = 0.5 if units == "um" else 1.0
+            a = mapped.within(x0 * s, y0 * s, (x0 + w) * s, (y0 + h) * s, units=units)
+            b = parquet.within(x0 * s, y0 * s, (x0 + w) * s, (y0 + h) * s, units=units)
+            assert np.array_equal(a.label_ids(), b.label_ids())
+            assert a.count() == b.count()
+        near = mapped.near(x0, y0, w, units="px").where("area > 20")
+        assert np.array_equal(near.label_ids(), parquet.near(x0, y0, w, units="px").where("area > 20").label_ids())
+        assert _sorted(near.to_arrow()).equals(_sorted(parquet.near(x0, y0, w, units="px").where("area > 20").to_arrow()))
+    assert mapped.within(500, 500, 600, 600, units="px").to_arrow().num_rows == 0  # outside every batch
