@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 
 from schemas.errors import CellarError, QueryError, UsageError
@@ -89,8 +89,7 @@ def _write_atomic(output: Path, overwrite: bool, write) -> None:
         raise UsageError(f"{output}: exists; pass --overwrite to replace it")
     if not output.parent.is_dir():
         raise UsageError(f"{output}: directory {output.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=output.suffix, dir=output.parent)
-    os.close(fd)
+    tmp = str(output.parent / f".tmp-{uuid.uuid4().hex[:16]}{output.suffix}")  # created by `write`: umask modes
     try:
         write(tmp)
         os.replace(tmp, output)
@@ -161,6 +160,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  channels {channels}")
         print(f"  written {table.get('created')} by cellar {table.get('cellar_version')} "
               f"in {table.get('elapsed_s')} s")
+    if objs.tables:
+        from query import hotcache
+
+        cache = hotcache.status(objs.stores[0])
+        state = (f"{cache['bytes'] / 2**20:,.1f} MiB{', with the row-major copy' if cache['row_major'] else ''} "
+                 f"(the Parquet files: {cache['parquet_bytes'] / 2**20:,.1f} MiB)" if cache["fresh"]
+                 else "none (`cellar cache` writes one for interactive use)")
+        print(f"session cache: {state}")
     if args.columns:
         objs.sql("SELECT DISTINCT name, dtype, unit, description FROM columns").show(max_rows=10_000, max_width=200)
     return 0

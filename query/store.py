@@ -91,8 +91,6 @@ class Objects:
         if self._con is None:
             self._con = _connection(self._threads)
             self._create_views()
-            if self.is_cached:
-                self._register_cached()
         return self._con
 
     def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = ()):
@@ -125,19 +123,9 @@ class Objects:
 
         mapped = self._mapped
         names = list(mapped.schema.names) if columns is None else list(dict.fromkeys(columns))
-        stats = mapped.batch_ranges if ranges else None
-        if stats is not None and all(c in stats for c, _, _ in ranges):
-            # a box: only the batches whose centroid ranges overlap it (the store is in Hilbert order)
-            keep = np.ones(len(stats["starts"]) - 1, bool)
-            for c, lo, hi in ranges:
-                mins, maxs = stats[c]
-                keep &= (maxs >= lo) & (mins <= hi)
-            starts = stats["starts"]
-            frames = [pl.from_arrow(mapped.rows(int(starts[k]), int(starts[k + 1]), names), rechunk=False).lazy()
-                      .with_row_index(ROW_COLUMN, offset=int(starts[k])) for k in np.flatnonzero(keep)]
-            if frames:
-                return frames[0] if len(frames) == 1 else pl.concat(frames)
-            return pl.from_arrow(mapped.columns(names).slice(0, 0)).lazy().with_row_index(ROW_COLUMN)
+        boxed = mapped.in_ranges(ranges, names, ROW_COLUMN) if ranges else None
+        if boxed is not None:
+            return pl.from_arrow(boxed, rechunk=False).lazy()
         return pl.from_arrow(mapped.columns(names), rechunk=False).lazy().with_row_index(ROW_COLUMN)
 
     def cache(self) -> Objects:
@@ -173,8 +161,8 @@ class Objects:
     def _register_cached(self) -> None:
         """Point the `objects` view at the session cache (DuckDB scans the Arrow memory in place)."""
         self._numbered = False
-        self.con.register(CACHED_TABLE, self.cached)
-        self.con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * FROM {CACHED_TABLE}")
+        self._con.register(CACHED_TABLE, self.cached)
+        self._con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * FROM {CACHED_TABLE}")
         self.__dict__.pop("schema", None)
 
     def numbered_view(self) -> str:
@@ -221,7 +209,10 @@ class Objects:
         else:
             self.con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
                              "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
-        self.con.execute(f"CREATE VIEW objects AS {select_objects}")
+        if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
+            self._register_cached()
+        else:
+            self.con.execute(f"CREATE VIEW objects AS {select_objects}")
         self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
         self._create_columns_view()
 

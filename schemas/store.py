@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +137,13 @@ def read_manifest(store: Path) -> dict[str, Any]:
     return manifest
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".json", dir=path.parent)
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`. The file gets the
+    permissions of any new file (the umask's), so a store shared with a group stays readable by it."""
+    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}.json"
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
+        with open(tmp, "x") as fh:
+            json.dump(obj, fh, indent=indent, sort_keys=False, separators=None if indent else (",", ":"))
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -160,6 +161,12 @@ def cache_path(store: Path, manifest: dict, kind: str = "objects") -> Path:
     text = json.dumps(manifest.get("tables", []), sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return Path(store) / CACHE_DIR / f"{kind}-{digest}{_CACHE_KINDS[kind]}"
+
+
+def cache_sibling(path: Path, kind: str) -> Path:
+    """The `kind` file of the same state as the cache file `path`."""
+    _, digest = Path(path).stem.split("-", 1)
+    return Path(path).with_name(f"{kind}-{digest}{_CACHE_KINDS[kind]}")
 
 
 def remove_stale_caches(store: Path, manifest: dict | None) -> int:

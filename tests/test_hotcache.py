@@ -176,3 +176,14 @@ def test_boxes_skip_batches_by_their_centroid_ranges_and_find_every_object(store
         assert np.array_equal(near.label_ids(), parquet.near(x0, y0, w, units="px").where("area > 20").label_ids())
         assert _sorted(near.to_arrow()).equals(_sorted(parquet.near(x0, y0, w, units="px").where("area > 20").to_arrow()))
     assert mapped.within(500, 500, 600, 600, units="px").to_arrow().num_rows == 0  # outside every batch
+
+
+def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(store, monkeypatch):
+    monkeypatch.setattr(hotcache, "BATCH_ROWS", 9)
+    hotcache.build(store)
+    mapped = query.open(store)._mapped
+    recorded = mapped._stats[0]["buffers"]
+    assert {"label_id", "area", "centroid_x", "image"} <= set(recorded)  # numbers and text alike
+    for name in recorded:
+        direct = mapped._direct([name])
+        assert direct.column(0).num_chunks > 3 and direct.column(0).equals(mapped.table.column(name)), name

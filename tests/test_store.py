@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,19 @@ def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
 def test_readme_feature_table_is_generated_from_the_registry():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert registry.markdown_table() in readme, "run `python -m measure --write-schema --update-readme`"
+
+
+def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path, image):
+    store = tmp_path / "s.cellar"
+    old = os.umask(0o022)
+    try:
+        measure.measure(str(image), "nuclei", store, workers=1)
+        from query import hotcache
+
+        hotcache.build(store, rows=True)
+    finally:
+        os.umask(old)
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"manifest.json", "schema.json"} and len(files) >= 6
+    for p in files:
+        assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
