@@ -91,23 +91,40 @@ class Mapped:
     def _direct(self, names: Sequence[str]) -> pa.Table | None:
         """The columns rebuilt over the mapped file from the buffer places the build recorded (one store,
         columns without nulls), or None."""
-        stats = self._stats[0] if len(self._stats) == 1 and self._stats[0] is not None else None
-        buffers = stats.get("buffers") if stats else None
-        if not buffers or not all(n in buffers for n in names):
+        places = self._places
+        if places is None or not all(n in places[0] for n in names):
             return None
+        index, where = places
         if "_raw" not in self.__dict__:
-            self._raw = pa.memory_map(str(self.paths[0]), "r")
-            self._raw = self._raw.read_buffer(self._raw.size())  # the whole mapping, zero-copy
-        lengths = np.diff([0, *stats["ends"]])
+            source = pa.memory_map(str(self.paths[0]), "r")
+            self._raw = source.read_buffer(source.size())  # the whole mapping, zero-copy
+        lengths = np.diff([0, *self._stats[0]["ends"]]).tolist()
         fields = [self.schema.field(n) for n in names]
-        arrays = [pa.chunked_array([pa.Array.from_buffers(f.type, int(k), [
-            None if b is None else self._raw.slice(b[0], b[1]) for b in chunk]) for k, chunk in zip(lengths, buffers[f.name])],
-            type=f.type) for f in fields]
+        arrays = []
+        for f in fields:
+            chunks = [pa.Array.from_buffers(f.type, k, [None if off < 0 else self._raw.slice(off, size)
+                                                        for off, size in slots[:f.type.num_buffers]])
+                      for k, slots in zip(lengths, where[index[f.name]].tolist())]
+            arrays.append(pa.chunked_array(chunks, type=f.type))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
     @cached_property
+    def _places(self) -> tuple[dict[str, int], np.ndarray] | None:
+        """({column: row of the places array}, places[column, batch, buffer] = (file offset, size) or -1) of
+        one store's columns without nulls, or None."""
+        stats = self._stats[0] if len(self._stats) == 1 else None
+        if not stats or "places" not in stats:
+            return None
+        try:
+            where = np.load(layout.cache_sibling(self.paths[0], "places"))
+        except (OSError, ValueError):
+            return None
+        return {n: i for i, n in enumerate(stats["places"])}, where
+
+    @cached_property
     def _stats(self) -> list[dict | None]:
-        """Each store's stats file (batch ends, centroid ranges, buffer offsets), None where it is missing."""
+        """Each store's stats file (batch ends, centroid ranges, the columns with recorded places), None where
+        it is missing."""
         out = []
         for path in self.paths:
             try:
@@ -230,9 +247,8 @@ class Mapped:
         return pa.table([arrays[n] for n in names], schema=pa.schema([self.schema.field(n) for n in names]))
 
     def _has_nulls(self, name: str) -> bool:
-        stats = self._stats[0] if len(self._stats) == 1 else None
-        if stats and "buffers" in stats:  # the build listed the numeric columns without nulls
-            return name not in stats["buffers"]
+        if self._places is not None:  # the build recorded the places of the columns without nulls
+            return name not in self._places[0]
         return self.table.column(name).null_count > 0  # null counts are batch metadata: no values are read
 
 
@@ -262,7 +278,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
     target.parent.mkdir(exist_ok=True)
     layout.remove_stale_caches(store, None)  # this state's files too: they are written anew
     target.parent.mkdir(exist_ok=True)
-    tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows")}
+    tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places")}
     n_rows, ends, ranges = 0, [], {}
     bar = None
     if progress:
@@ -305,7 +321,11 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
             if tmp.exists():
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
-        stats = {"ends": ends, "ranges": ranges, "buffers": _buffer_offsets(tmps["objects"])}
+        names, places = _buffer_places(tmps["objects"])
+        with open(tmps["places"], "wb") as fh:
+            np.save(fh, places)
+        os.replace(tmps["places"], layout.cache_path(store, manifest, "places"))
+        stats = {"ends": ends, "ranges": ranges, "places": names}
         layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
         if record is not None:
             os.replace(tmps["rows"], layout.cache_path(store, manifest, "rows"))
@@ -315,27 +335,34 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
             bar.close()
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats")]
+    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places")]
     return {"path": str(target), "rows": n_rows, "bytes": sum(f.stat().st_size for f in files if f.is_file()),
             "row_major": record is not None, "seconds": time.perf_counter() - start}
 
 
-def _buffer_offsets(path: Path) -> dict[str, list]:
-    """{column: per batch, [[file offset, size] of each Arrow buffer]} of the columns without nulls, as
-    pyarrow places them in the written IPC file. `Mapped.columns` rebuilds those columns from the mapped
-    file at these places without parsing every batch's metadata (about 10 ms on a 5M x 200 file, against
-    about 1 ms for a few columns)."""
+def _buffer_places(path: Path) -> tuple[list[str], np.ndarray]:
+    """The columns without nulls and where pyarrow places their buffers in the written IPC file:
+    places[column, batch, buffer] = (file offset, size), -1 for an absent buffer. `Mapped.columns` rebuilds
+    those columns from the mapped file at these places without parsing every batch's metadata (about 10 ms
+    on a 5M x 200 file, against about 1 ms for a few columns)."""
     source = pa.memory_map(str(path), "r")
     table = pa.ipc.open_file(source).read_all()
     source.seek(0)
     base = source.read_buffer(source.size()).address
-    out = {}
+    names, rows = [], []
     for name, column in zip(table.column_names, table.columns):
         chunks = column.chunks
-        if column.null_count or any(c.offset or len(c.buffers()) != c.type.num_buffers for c in chunks):
+        if column.null_count or not chunks or any(c.offset or len(c.buffers()) != c.type.num_buffers or
+                                                  c.type.num_buffers > 3 for c in chunks):
             continue
-        out[name] = [[None if b is None else [b.address - base, b.size] for b in c.buffers()] for c in chunks]
-    return out
+        slots = np.full((len(chunks), 3, 2), -1, np.int64)
+        for k, chunk in enumerate(chunks):
+            for b, buf in enumerate(chunk.buffers()):
+                if buf is not None:
+                    slots[k, b] = (buf.address - base, buf.size)
+        names.append(name)
+        rows.append(slots)
+    return names, np.stack(rows) if rows else np.zeros((0, table.column(0).num_chunks, 3, 2), np.int64)
 
 
 def _record_dtype(schema: pa.Schema) -> np.dtype | None:
@@ -350,7 +377,7 @@ def status(store: Path) -> dict[str, Any]:
     store = Path(store)
     manifest = layout.read_manifest(store)
     path = find(store, manifest)
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats")]
+    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places")]
     parquet = sum((store / t["dir"] / f).stat().st_size for t in manifest.get("tables", []) for f in t["files"]
                   if (store / t["dir"] / f).is_file())
     folder = store / layout.CACHE_DIR

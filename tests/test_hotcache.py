@@ -121,7 +121,7 @@ def test_cli_builds_reports_and_drops_the_cache(store):
     rows = run_cli("cache", str(store), "--rows")  # adds the row-major copy to the fresh cache
     assert rows.returncode == 0 and "row-major" in rows.stderr and hotcache.status(store)["row_major"]
     dropped = run_cli("cache", str(store), "--drop")
-    assert dropped.returncode == 0 and "3 cache files removed" in dropped.stderr
+    assert dropped.returncode == 0 and "4 cache files removed" in dropped.stderr
     assert not (store / layout.CACHE_DIR).exists() and not query.open(store).mapped
 
 
@@ -182,7 +182,7 @@ def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(stor
     monkeypatch.setattr(hotcache, "BATCH_ROWS", 9)
     hotcache.build(store)
     mapped = query.open(store)._mapped
-    recorded = mapped._stats[0]["buffers"]
+    recorded = mapped._places[0]
     assert {"label_id", "area", "centroid_x", "image"} <= set(recorded)  # numbers and text alike
     for name in recorded:
         direct = mapped._direct([name])

@@ -112,6 +112,24 @@ def test_filter_counts_equal_the_query_api(url, case, where):
     assert 0 < expected < len(case["df"])
 
 
+def test_a_session_over_the_mapped_cache_shows_what_the_parquet_files_show(case, session, tmp_path):
+    import shutil
+
+    from query import hotcache
+
+    store = tmp_path / "s.cellar"
+    shutil.copytree(case["store"], store)
+    hotcache.build(store, rows=True)
+    mapped = Session(None, store)
+    assert mapped.objs.mapped
+    for where in ("area > 60", "sqrt(area) > 8 AND label_id % 2 = 1"):
+        a, b = mapped.state(where=where, by="area"), session.state(where=where, by="area")
+        assert a.count == b.count > 0 and np.array_equal(a.matched, b.matched)
+        assert mapped.page(a, sort="area", descending=True)["rows"] == session.page(b, sort="area", descending=True)["rows"]
+    ids = case["df"]["label_id"].to_numpy()
+    assert mapped.object(int(ids[3]))["columns"] == session.object(int(ids[3]))["columns"]
+
+
 REFUSED = {
     "COPY objects TO '{tmp}/stolen.csv'": "COPY statement",
     "COPY (SELECT 1) TO '{tmp}/stolen.csv'": "COPY statement",
