@@ -238,9 +238,8 @@ class Mapped:
         fields = {f.name: f for f in self.schema}
         plain = [n for n in names if n in matrix.dtype.names and not self._has_nulls(n)]
         other = [n for n in names if n not in plain]
-        picked = matrix[np.sort(rows)] if len(rows) else matrix[:0]
-        back = np.argsort(np.argsort(rows, kind="stable"), kind="stable")  # sorted reads, then the asked order
-        arrays = {n: pa.array(np.ascontiguousarray(picked[n][back]), type=fields[n].type) for n in plain}
+        picked = matrix[np.asarray(rows, np.int64)]  # one contiguous record per row
+        arrays = {n: pa.array(np.ascontiguousarray(picked[n]), type=fields[n].type) for n in plain}
         if other:
             rest = take_rows(self.columns(other), rows)
             arrays.update({n: rest.column(n) for n in other})

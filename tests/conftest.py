@@ -48,6 +48,23 @@ def intensities(shape: tuple[int, ...], n_channels: int, seed: int, dtype=np.uin
     return rng.integers(0, hi, (n_channels, *shape)).astype(dtype)
 
 
+def two_slides(tmp: Path, shape: tuple[int, int], n: int, seed: int) -> tuple[Path, Path]:
+    """Two measured 2D slides (stores a.cellar and b.cellar in `tmp`) of the same nuclei, the second flipped:
+    a has channels DAPI and CD8, b only DAPI (so the stores' columns differ). Returns the image paths."""
+    from measure import measure
+    from ngff.write import write_image
+
+    labels = nuclei_like(shape, n, seed=seed)
+    chunks = (1, 32, 32)
+    a = write_image(tmp / "a.ome.zarr", intensities(shape, 2, seed=seed + 1), "cyx", chunks=chunks,
+                    labels={"nuclei": labels}, channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5})
+    b = write_image(tmp / "b.ome.zarr", intensities(shape, 1, seed=seed + 2), "cyx", chunks=chunks,
+                    labels={"nuclei": labels[::-1].copy()}, channel_names=["DAPI"], scale={"y": 0.5, "x": 0.5})
+    measure(str(a), "nuclei", tmp / "a.cellar", workers=1)
+    measure(str(b), "nuclei", tmp / "b.cellar", workers=1)
+    return a, b
+
+
 def read_table(store: Path, image: str | None = None, label_image: str | None = None) -> tuple[dict, "object"]:
     """(manifest entry, pandas DataFrame sorted by label_id) of one table of a store (stored in space order)."""
     manifest = json.loads((store / "manifest.json").read_text())

@@ -11,24 +11,17 @@ import pytest
 
 import measure
 import query
-from ngff.write import write_image
 from query import hotcache
 from query.annotate import annotate
 from query.api import take_rows
 from schemas import store as layout
-from tests.conftest import intensities, nuclei_like, run_cli
+from tests.conftest import run_cli, two_slides
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hc")
-    labels = nuclei_like((90, 110), 40, seed=61)
-    a = write_image(tmp / "a.ome.zarr", intensities((90, 110), 2, seed=62), "cyx", chunks=(1, 30, 40),
-                    labels={"nuclei": labels}, channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5})
-    b = write_image(tmp / "b.ome.zarr", intensities((90, 110), 1, seed=63), "cyx", chunks=(1, 30, 40),
-                    labels={"nuclei": labels[::-1].copy()}, channel_names=["DAPI"], scale={"y": 0.5, "x": 0.5})
-    measure.measure(str(a), "nuclei", tmp / "a.cellar", workers=1)
-    measure.measure(str(b), "nuclei", tmp / "b.cellar", workers=1)
+    a, b = two_slides(tmp, (90, 110), 40, seed=61)
     return tmp, a, b
 
 

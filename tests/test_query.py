@@ -8,23 +8,15 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-import measure
 import query
-from ngff.write import write_image
 from schemas.errors import QueryError, StoreError
-from tests.conftest import intensities, nuclei_like, read_table
+from tests.conftest import read_table, two_slides
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("q")
-    labels = nuclei_like((80, 96), 30, seed=21)
-    a = write_image(tmp / "a.ome.zarr", intensities((80, 96), 2, seed=22), "cyx", chunks=(1, 32, 32),
-                    labels={"nuclei": labels}, channel_names=["DAPI", "CD8"], scale={"y": 0.5, "x": 0.5})
-    b = write_image(tmp / "b.ome.zarr", intensities((80, 96), 1, seed=23), "cyx", chunks=(1, 32, 32),
-                    labels={"nuclei": labels[::-1].copy()}, channel_names=["DAPI"], scale={"y": 0.5, "x": 0.5})
-    measure.measure(str(a), "nuclei", tmp / "a.cellar", workers=1)
-    measure.measure(str(b), "nuclei", tmp / "b.cellar", workers=1)
+    two_slides(tmp, (80, 96), 30, seed=21)
     return tmp / "a.cellar", tmp / "b.cellar"
 
 
