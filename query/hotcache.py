@@ -38,6 +38,7 @@ from schemas import store as layout
 from schemas.errors import StoreError
 
 BATCH_ROWS = 128 * 1024  # the store's row-group size: one record batch per row group
+BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads about an eighth of a batch's rows
 _RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
 
 
@@ -154,9 +155,9 @@ class Mapped:
         """The rows whose `ranges` columns lie in [lo, hi] (a box), these columns and their row numbers
         (`row_column`), or None if the batches' statistics do not cover the range columns.
 
-        Only the batches whose ranges meet the box are read (in the store's Hilbert order a box meets a
-        few), and the box is applied there with numpy, so the engine that applies the query's filters
-        (the box again, and any others) sees only the rows inside it.
+        Only the blocks (BLOCK_ROWS rows) whose centroid ranges meet the box are read (in the store's Hilbert
+        order a box meets a few), and the box is applied there with numpy, so the engine that applies the
+        query's filters (the box again, and any others) sees only the rows inside it.
         """
         stats = self.batch_ranges
         if stats is None or not all(c in stats for c, _, _ in ranges):
@@ -165,16 +166,19 @@ class Mapped:
         for c, lo, hi in ranges:
             mins, maxs = stats[c]
             keep &= (maxs >= lo) & (mins <= hi)
-        starts, pieces, numbers = stats["starts"], [], []
-        for k in np.flatnonzero(keep):
-            batch = self._batch(int(k))
-            inside = np.ones(batch.num_rows, bool)
+        starts, batches, pieces, numbers, read = stats["starts"], stats["batches"], [], [], {}
+        for b in np.flatnonzero(keep):
+            k = int(np.searchsorted(batches, starts[b], side="right")) - 1
+            if k not in read:
+                read[k] = self._batch(k)
+            block = read[k].slice(int(starts[b] - batches[k]), int(starts[b + 1] - starts[b]))
+            inside = np.ones(block.num_rows, bool)
             for c, lo, hi in ranges:  # NaN and null centroids fail the test, as they fail SQL's BETWEEN
-                values = batch.column(c).to_numpy(zero_copy_only=False)
+                values = block.column(c).to_numpy(zero_copy_only=False)
                 inside &= (values >= lo) & (values <= hi)
             if inside.any():
-                pieces.append(_select(batch, names, self.schema).filter(pa.array(inside)))
-                numbers.append(np.flatnonzero(inside) + starts[k])
+                pieces.append(_select(block, names, self.schema).filter(pa.array(inside)))
+                numbers.append(np.flatnonzero(inside) + starts[b])
         if not pieces:
             pieces = [_select(self._batch(0), names, self.schema).slice(0, 0)]
         table = pa.Table.from_batches(pieces)
@@ -185,26 +189,31 @@ class Mapped:
         """Batch `k` over all stores (numbered as in `batch_ranges`), read alone."""
         if len(self._readers) == 1 and "table" not in self.__dict__:
             return self._readers[0].get_batch(k)
-        starts = self.batch_ranges["starts"]
-        start, stop = int(starts[k]), int(starts[k + 1])
+        batches = self.batch_ranges["batches"]
+        start, stop = int(batches[k]), int(batches[k + 1])
         return self.table.slice(start, stop - start).combine_chunks().to_batches()[0]
 
     @cached_property
     def batch_ranges(self) -> dict[str, Any] | None:
-        """{"starts": row offsets of the batches (and the end), column: (mins, maxs)} over every store, or None
-        if a store's stats file is missing."""
-        starts, ranges = [0], {}
-        for stats in self._stats:
+        """{"batches": row offsets of the batches (and the end), "starts": of the blocks (and the end), column:
+        (mins, maxs) per block} over every store, or None if a store's stats file is missing."""
+        batches, starts, ranges = [0], [0], {}
+        for path, stats in zip(self.paths, self._stats):
             if stats is None:
                 return None
-            base = starts[-1]
-            starts.extend(base + e for e in stats["ends"])
-            for name, (lo, hi) in stats["ranges"].items():
+            try:
+                values = np.load(layout.cache_sibling(path, "ranges"))
+            except (OSError, ValueError):
+                return None
+            base = batches[-1]
+            batches.extend(base + e for e in stats["ends"])
+            starts.extend(base + e for e in stats["blocks"])
+            for name, (lo, hi) in zip(stats["ranges"], values):
                 mins, maxs = ranges.setdefault(name, ([], []))
                 mins.extend(lo)
                 maxs.extend(hi)
         n = len(starts) - 1
-        out: dict[str, Any] = {"starts": np.asarray(starts, np.int64)}
+        out: dict[str, Any] = {"batches": np.asarray(batches, np.int64), "starts": np.asarray(starts, np.int64)}
         for name, (mins, maxs) in ranges.items():
             if len(mins) == n:  # a column every store has
                 out[name] = (np.asarray(mins, float), np.asarray(maxs, float))
@@ -277,8 +286,8 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
     target.parent.mkdir(exist_ok=True)
     layout.remove_stale_caches(store, None)  # this state's files too: they are written anew
     target.parent.mkdir(exist_ok=True)
-    tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places")}
-    n_rows, ends, ranges = 0, [], {}
+    tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places", "ranges")}
+    n_rows, ends, blocks, ranges = 0, [], [], {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -296,14 +305,15 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
             with pa.OSFile(str(tmps["objects"]), "wb") as sink, pa.ipc.new_file(sink, reader.schema) as writer:
                 for batch in reader:
                     writer.write_batch(batch)
+                    for first in range(0, batch.num_rows, BLOCK_ROWS):
+                        blocks.append(n_rows + min(first + BLOCK_ROWS, batch.num_rows))
+                        for name in names:
+                            values = batch.column(name).slice(first, BLOCK_ROWS).to_numpy(zero_copy_only=False)
+                            finite = np.isfinite(values).any()
+                            ranges.setdefault(name, ([], []))[0].append(float(np.nanmin(values)) if finite else -np.inf)
+                            ranges[name][1].append(float(np.nanmax(values)) if finite else np.inf)
                     n_rows += batch.num_rows
                     ends.append(n_rows)
-                    for name in names:
-                        values = batch.column(name).to_numpy(zero_copy_only=False)
-                        lo, hi = (float(np.nanmin(values)), float(np.nanmax(values))) if np.isfinite(values).any() \
-                            else (float("-inf"), float("inf"))
-                        ranges.setdefault(name, ([], []))[0].append(lo)
-                        ranges[name][1].append(hi)
                     if row_sink is not None:
                         block = np.empty(batch.num_rows, record)
                         for name in record.names:
@@ -324,17 +334,26 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         with open(tmps["places"], "wb") as fh:
             np.save(fh, places)
         os.replace(tmps["places"], layout.cache_path(store, manifest, "places"))
-        stats = {"ends": ends, "ranges": ranges, "places": names}
+        with open(tmps["ranges"], "wb") as fh:  # numbers in .npy: parsing them from JSON costs milliseconds
+            np.save(fh, np.array([ranges[n] for n in ranges], float).reshape(len(ranges), 2, len(blocks)))
+        os.replace(tmps["ranges"], layout.cache_path(store, manifest, "ranges"))
+        stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names}
         layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
         if record is not None:
             os.replace(tmps["rows"], layout.cache_path(store, manifest, "rows"))
         os.replace(tmps["objects"], target)
+    except FileNotFoundError as exc:  # a write to the store removed the files of the state being cached
+        raise StoreError(f"{store}: the store changed while its cache was written ({exc.filename} is gone); "
+                         "run `cellar cache` again") from None
     finally:
         if bar is not None:
             bar.close()
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places")]
+    if layout.cache_path(store, layout.read_manifest(store)) != target:  # a write committed meanwhile
+        layout.remove_stale_caches(store, layout.read_manifest(store))
+        raise StoreError(f"{store}: the store changed while its cache was written; run `cellar cache` again")
+    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
     return {"path": str(target), "rows": n_rows, "bytes": sum(f.stat().st_size for f in files if f.is_file()),
             "row_major": record is not None, "seconds": time.perf_counter() - start}
 
@@ -376,7 +395,7 @@ def status(store: Path) -> dict[str, Any]:
     store = Path(store)
     manifest = layout.read_manifest(store)
     path = find(store, manifest)
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places")]
+    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
     parquet = sum((store / t["dir"] / f).stat().st_size for t in manifest.get("tables", []) for f in t["files"]
                   if (store / t["dir"] / f).is_file())
     folder = store / layout.CACHE_DIR

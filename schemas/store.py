@@ -40,7 +40,7 @@ SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"
 TMP_PREFIX = ".tmp-"
 CACHE_DIR = "cache"
-_CACHE_KINDS = {"objects": ".arrow", "rows": ".npy", "stats": ".json", "places": ".npy"}
+_CACHE_KINDS = {"objects": ".arrow", "rows": ".npy", "stats": ".json", "places": ".npy", "ranges": ".npy"}
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]+")
 _PARTITION_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -157,7 +157,8 @@ def cache_path(store: Path, manifest: dict, kind: str = "objects") -> Path:
     """Where the session cache of this state of the store lives: named by a hash of the manifest's tables
     (files, columns, annotation versions), so every write gives a new name and a cache never goes stale
     unnoticed. `kind`: "objects" (the columnar Arrow file), "rows" (the optional row-major copy), "stats"
-    (batch ends, per-batch ranges of the centroid columns) or "places" (where the columns' buffers lie)."""
+    (batch and block ends, the names the other files index), "places" (where the columns' buffers lie) or
+    "ranges" (each block's min and max of the centroid columns)."""
     text = json.dumps(manifest.get("tables", []), sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:16]
     return Path(store) / CACHE_DIR / f"{kind}-{digest}{_CACHE_KINDS[kind]}"

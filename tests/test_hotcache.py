@@ -114,7 +114,7 @@ def test_cli_builds_reports_and_drops_the_cache(store):
     rows = run_cli("cache", str(store), "--rows")  # adds the row-major copy to the fresh cache
     assert rows.returncode == 0 and "row-major" in rows.stderr and hotcache.status(store)["row_major"]
     dropped = run_cli("cache", str(store), "--drop")
-    assert dropped.returncode == 0 and "4 cache files removed" in dropped.stderr
+    assert dropped.returncode == 0 and "5 cache files removed" in dropped.stderr
     assert not (store / layout.CACHE_DIR).exists() and not query.open(store).mapped
 
 
@@ -151,10 +151,12 @@ def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
 
 
 def test_boxes_skip_batches_by_their_centroid_ranges_and_find_every_object(store, monkeypatch):
-    monkeypatch.setattr(hotcache, "BATCH_ROWS", 6)  # many small batches, as a large store has
+    monkeypatch.setattr(hotcache, "BATCH_ROWS", 12)  # many small batches, as a large store has,
+    monkeypatch.setattr(hotcache, "BLOCK_ROWS", 5)  # each with blocks of its own (the last one shorter)
     hotcache.build(store)
     mapped, parquet = query.open(store), query.open(store, cache=False)
-    assert len(mapped._mapped.batch_ranges["starts"]) > 5
+    ranges = mapped._mapped.batch_ranges
+    assert len(ranges["batches"]) > 3 and len(ranges["starts"]) > 2 * len(ranges["batches"])
     rng = np.random.default_rng(3)
     for _ in range(25):
         x0, y0 = rng.uniform(0, 110, 2)
@@ -180,3 +182,21 @@ def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(stor
     for name in recorded:
         direct = mapped._direct([name])
         assert direct.column(0).num_chunks > 3 and direct.column(0).equals(mapped.table.column(name)), name
+
+
+def test_a_write_during_the_build_leaves_no_cache_and_says_so(store, monkeypatch):
+    from query import store as query_store
+
+    real = hotcache._buffer_places
+
+    def meanwhile(path):  # another process annotates the store while the cache is being written
+        ids = query_store.Objects([store], cache=False).label_ids()[:2]
+        annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()), "c": ["x", "y"]}),
+                 source="other", known_ids=ids, measured=[])
+        return real(path)
+
+    monkeypatch.setattr(hotcache, "_buffer_places", meanwhile)
+    with pytest.raises(hotcache.StoreError, match="changed while its cache was written"):
+        hotcache.build(store)
+    assert not (store / layout.CACHE_DIR).exists() or not any((store / layout.CACHE_DIR).iterdir())
+    assert not query.open(store).mapped
