@@ -274,7 +274,7 @@ def add_parsers(sub, positive_int) -> None:
 
     p = sub.add_parser("cache", help="write (or drop) a store's session cache: a memory-mapped copy that queries "
                                      "and the viewer answer from at once")
-    p.add_argument("stores", nargs="+", metavar="store")
+    p.add_argument("stores", nargs="+", metavar="store", help="cellar store directory (several may be given)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--status", action="store_true", help="report whether a fresh cache exists and its size")
     what.add_argument("--rebuild", action="store_true", help="write it again even if it is fresh")
