@@ -96,14 +96,11 @@ class Mapped:
         if places is None or not all(n in places[0] for n in names):
             return None
         index, where = places
-        if "_raw" not in self.__dict__:
-            source = pa.memory_map(str(self.paths[0]), "r")
-            self._raw = source.read_buffer(source.size())  # the whole mapping, zero-copy
         lengths = np.diff([0, *self._stats[0]["ends"]]).tolist()
         fields = [self.schema.field(n) for n in names]
         arrays = []
         for f in fields:
-            chunks = [pa.Array.from_buffers(f.type, k, [None if off < 0 else self._raw.slice(off, size)
+            chunks = [pa.Array.from_buffers(f.type, k, [None if off < 0 else self._mapping.slice(off, size)
                                                         for off, size in slots[:f.type.num_buffers]])
                       for k, slots in zip(lengths, where[index[f.name]].tolist())]
             arrays.append(pa.chunked_array(chunks, type=f.type))
@@ -166,24 +163,73 @@ class Mapped:
         for c, lo, hi in ranges:
             mins, maxs = stats[c]
             keep &= (maxs >= lo) & (mins <= hi)
-        starts, batches, pieces, numbers, read = stats["starts"], stats["batches"], [], [], {}
+        starts, batches = stats["starts"], stats["batches"]
+        blocks = []  # (row offset, batch, first row in the batch, rows) of each block that may hold matches
         for b in np.flatnonzero(keep):
             k = int(np.searchsorted(batches, starts[b], side="right")) - 1
+            blocks.append((int(starts[b]), k, int(starts[b] - batches[k]), int(starts[b + 1] - starts[b])))
+        fields = [self.schema.field(n) for n in names] + [pa.field(row_column, pa.int64())]
+        if all(self._viewable(n) is not None for n in {*names, *(c for c, _, _ in ranges)}):
+            # numbers without nulls: numpy views of the mapped file, nothing else is read or built
+            picked: dict[str, list[np.ndarray]] = {n: [] for n in names}
+            numbers = []
+            for start, k, first, n in blocks:
+                inside = np.ones(n, bool)
+                for c, lo, hi in ranges:  # NaN centroids fail the test, as they fail SQL's BETWEEN
+                    values = self._view(c, k)[first:first + n]
+                    inside &= (values >= lo) & (values <= hi)
+                at = np.flatnonzero(inside)
+                if at.size:
+                    for name in names:
+                        picked[name].append(self._view(name, k)[first + at])
+                    numbers.append(at + start)
+            arrays = [pa.array(np.concatenate(picked[f.name]) if numbers else np.zeros(0, f.type.to_pandas_dtype()),
+                               type=f.type) for f in fields[:-1]]
+            arrays.append(pa.array(np.concatenate(numbers) if numbers else np.zeros(0, np.int64), pa.int64()))
+            return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+        pieces, numbers, read = [], [], {}
+        for start, k, first, n in blocks:
             if k not in read:
                 read[k] = self._batch(k)
-            block = read[k].slice(int(starts[b] - batches[k]), int(starts[b + 1] - starts[b]))
-            inside = np.ones(block.num_rows, bool)
+            block = read[k].slice(first, n)
+            inside = np.ones(n, bool)
             for c, lo, hi in ranges:  # NaN and null centroids fail the test, as they fail SQL's BETWEEN
                 values = block.column(c).to_numpy(zero_copy_only=False)
                 inside &= (values >= lo) & (values <= hi)
             if inside.any():
                 pieces.append(_select(block, names, self.schema).filter(pa.array(inside)))
-                numbers.append(np.flatnonzero(inside) + starts[b])
+                numbers.append(np.flatnonzero(inside) + start)
         if not pieces:
             pieces = [_select(self._batch(0), names, self.schema).slice(0, 0)]
         table = pa.Table.from_batches(pieces)
         rows = np.concatenate(numbers) if numbers else np.zeros(0, np.int64)
         return table.append_column(row_column, pa.array(rows.astype(np.int64, copy=False)))
+
+    def _view(self, name: str, k: int) -> np.ndarray | None:
+        """Column `name` of batch `k` as a numpy view of the mapped file (one store, a number column
+        without nulls whose place the build recorded), or None."""
+        dtype = self._viewable(name)
+        if dtype is None:
+            return None
+        index, where = self._places
+        offset, size = where[index[name], k, 1].tolist()
+        return np.frombuffer(self._mapping, dtype, size // dtype.itemsize, offset)
+
+    def _viewable(self, name: str) -> np.dtype | None:
+        """The numpy dtype of a column `_view` can give, else None."""
+        known = self.__dict__.setdefault("_dtypes", {})
+        if name not in known:
+            i = self.schema.get_field_index(name)
+            kind = self.schema.field(i).type if i >= 0 else None
+            number = kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind))
+            known[name] = np.dtype(kind.to_pandas_dtype()) if number and self._places and name in self._places[0] else None
+        return known[name]
+
+    @cached_property
+    def _mapping(self) -> pa.Buffer:
+        """The whole mapped file (one store) as one buffer, zero-copy."""
+        source = pa.memory_map(str(self.paths[0]), "r")
+        return source.read_buffer(source.size())
 
     def _batch(self, k: int) -> pa.RecordBatch:
         """Batch `k` over all stores (numbered as in `batch_ranges`), read alone."""

@@ -200,3 +200,19 @@ def test_a_write_during_the_build_leaves_no_cache_and_says_so(store, monkeypatch
         hotcache.build(store)
     assert not (store / layout.CACHE_DIR).exists() or not any((store / layout.CACHE_DIR).iterdir())
     assert not query.open(store).mapped
+
+
+def test_boxes_with_text_columns_take_the_arrow_path_and_agree(store, monkeypatch):
+    monkeypatch.setattr(hotcache, "BLOCK_ROWS", 4)
+    ids = query.open(store).label_ids()
+    annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()),
+                                             "cls": ["t" if i % 3 else "s" for i in range(len(ids))]}),
+             source="test", known_ids=ids, measured=[])
+    hotcache.build(store)
+    mapped, parquet = query.open(store), query.open(store, cache=False)
+    assert mapped._mapped._view("cls", 0) is None and mapped._mapped._view("label_id", 0) is not None
+    for box in ((0, 0, 60, 50), (30, 20, 110, 90), (200, 200, 300, 300)):
+        a = mapped.within(*box, units="px").where("cls = 't'")
+        b = parquet.within(*box, units="px").where("cls = 't'")
+        assert np.array_equal(a.label_ids(), b.label_ids())
+        assert _sorted(a.to_arrow()).equals(_sorted(b.to_arrow()))
