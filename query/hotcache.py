@@ -6,8 +6,11 @@
   order, as an Arrow IPC file in record batches of the store's row-group size. Scans (filters, boxes,
   group-bys, top-k) read the mapped columns in place: no Parquet decompression, nothing loaded into RAM, and
   the pages shared by every process through the operating system's page cache.
-- `stats-<fingerprint>.json`: each batch's min and max of the centroid columns, so that a box query scans
-  only the batches that can hold matches (as row-group statistics do for the Parquet files).
+- `ranges-<fingerprint>.npy`: each block's (16,384 rows) min and max of the centroid columns, so that a box
+  reads only the blocks that can hold matches (as row-group statistics do for the Parquet files, finer).
+- `places-<fingerprint>.npy`: where each column's buffers lie in the objects file, so that a query's few
+  columns are rebuilt over the mapped file without parsing every batch's metadata.
+- `stats-<fingerprint>.json`: the batch and block ends and the column names the two `.npy` files index.
 - with `--rows`, `rows-<fingerprint>.npy`: the numeric columns again, row-major (a numpy structured array).
   A filter's matches are scattered over the whole table, and taking whole rows of them from columns touches
   one page per value (200 columns x 5,000 rows: a million page touches); from the row-major copy a row is
@@ -57,7 +60,7 @@ class Mapped:
 
     Opening reads only the files' footers. `columns(names)` gives an Arrow table of those columns over the
     mapped pages (zero-copy), `table` all of them, `take(rows)` whole rows (from the row-major copy where
-    one exists), `batch_ranges` the per-batch centroid ranges for pruning.
+    one exists), `in_ranges` the rows in a box (reading only the blocks whose centroid ranges meet it).
     """
 
     def __init__(self, paths: Sequence[Path]):
