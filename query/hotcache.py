@@ -339,9 +339,12 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
     n_rows, ends, blocks, ranges = 0, [], [], {}
     bar = None
     if progress:
-        from tqdm import tqdm
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        bar = tqdm(total=len(objs), unit=" objects", desc=f"cache {store.name}", leave=False)
+        bar = Progress(TextColumn(f"caching {store.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("objects"),
+                       TimeRemainingColumn(), transient=True)
+        bar.start()
+        task = bar.add_task("cache", total=len(objs))
     try:
         reader = objs.con.sql("SELECT * FROM objects").to_arrow_reader(BATCH_ROWS)
         names = [f.name for f in reader.schema if f.name in _RANGE_COLUMNS]
@@ -369,7 +372,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
                             block[name] = batch.column(name).to_numpy(zero_copy_only=False)
                         row_sink.write(block.tobytes())
                     if bar is not None:
-                        bar.update(batch.num_rows)
+                        bar.update(task, advance=batch.num_rows)
             if n_rows != len(objs):
                 raise StoreError(f"{store}: the manifest counts {len(objs):,} objects, the files hold {n_rows:,}")
         finally:
@@ -396,7 +399,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
                          "run `cellar cache` again") from None
     finally:
         if bar is not None:
-            bar.close()
+            bar.stop()
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
     if layout.cache_path(store, layout.read_manifest(store)) != target:  # a write committed meanwhile

@@ -54,6 +54,11 @@ def test_a_built_cache_is_mapped_and_answers_like_the_parquet_files(store):
     assert query.open(store, cache=False).mapped == []  # cache=False always reads the Parquet files
 
 
+def test_the_build_shows_progress_with_rich(store, capsys):
+    info = hotcache.build(store, progress=True)  # the bar the CLI shows on a terminal (rich, a dependency)
+    assert info["rows"] == len(query.open(store, cache=False)) and hotcache.find(store, layout.read_manifest(store))
+
+
 def test_annotating_makes_the_cache_stale_and_removes_it(store):
     hotcache.build(store)
     old = hotcache.find(store, layout.read_manifest(store))
