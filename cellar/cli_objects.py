@@ -157,14 +157,13 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from schemas import store as layout
 
     for store in map(Path, args.stores):
-        manifest = layout.read_manifest(store)  # a wrong path fails here, before anything is written
         if args.drop:
+            layout.read_manifest(store)  # a wrong path fails here, before anything is removed
             n = layout.remove_stale_caches(store, None)
             print(f"{store}: {n} cache file{'s' * (n != 1)} removed", file=sys.stderr)
             continue
-        fresh = hotcache.find(store, manifest)
-        if args.status or (fresh and not args.rebuild and (hotcache.status(store)["row_major"] or not args.rows)):
-            info = hotcache.status(store)
+        info = hotcache.status(store)  # reads the manifest: a wrong path fails here, before anything is written
+        if args.status or (info["fresh"] and not args.rebuild and (info["row_major"] or not args.rows)):
             rows = " with its row-major copy" if info["row_major"] else ""
             state = (f"fresh{rows}, {info['bytes'] / 2**20:,.1f} MiB (the Parquet files: {info['parquet_bytes'] / 2**20:,.1f} MiB)"
                      if info["fresh"] else "none" + (f" ({info['stale_files']} stale)" if info["stale_files"] else ""))

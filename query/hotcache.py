@@ -332,7 +332,6 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         raise StoreError(f"{store}: the store has no tables to cache")
     manifest = objs.manifests[0]
     target = layout.cache_path(store, manifest)
-    target.parent.mkdir(exist_ok=True)
     layout.remove_stale_caches(store, None)  # this state's files too: they are written anew
     target.parent.mkdir(exist_ok=True)
     tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places", "ranges")}
