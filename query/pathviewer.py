@@ -100,18 +100,29 @@ def coloring(q: Query, by: str, *, where: str | None = None, cmap: str = "viridi
         rgba[:] = np.round(colormap(np.nan_to_num(t)) * 255).astype(np.uint8)
         rgba[~np.isfinite(v)] = GREY
     else:
-        text = np.array(["NULL" if x is None else str(x) for x in (values.tolist() if hasattr(values, "tolist") else values)],
-                        dtype=object)
-        names = sorted(set(text[matched].tolist()) or set(text.tolist()))
+        codes, names_of = _categories(values)
+        present = np.unique(codes[matched] if matched.any() else codes)
+        names = sorted({names_of[c] for c in present.tolist()})
         palette = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
-        categories = {}
-        for i, name in enumerate(names):
-            categories[name] = tuple(int(round(c * 255)) for c in palette(i % palette.N))
-        for name, colour in categories.items():
-            rgba[text == name] = colour
+        categories = {name: tuple(int(round(c * 255)) for c in palette(i % palette.N)) for i, name in enumerate(names)}
+        by_code = np.array([categories.get(name, HIDDEN) for name in names_of], np.uint8).reshape(-1, 4)
+        rgba[:] = by_code[codes]  # one gather for a million objects, not a comparison per category
         cmap, vrange = palette.name, None
     rgba[~matched] = HIDDEN if others == "hide" else GREY
     return Coloring(ids, rgba, matched, by, info["unit"], cmap, vrange, categories)
+
+
+def _categories(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """(code per value, name per code) of a non-numeric column's values (text, booleans), hashed once:
+    NULL is a category of its own, named "NULL"."""
+    import pandas as pd
+
+    codes, uniques = pd.factorize(np.ma.getdata(values), use_na_sentinel=True)
+    names = [str(u) for u in uniques.tolist()] + ["NULL"]
+    nulls = codes < 0
+    if np.ma.isMaskedArray(values):
+        nulls |= np.ma.getmaskarray(values)
+    return np.where(nulls, len(names) - 1, codes), names
 
 
 def source_image(entry: dict, image_url: str | None = None) -> ngff.NgffImage:

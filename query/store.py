@@ -61,6 +61,7 @@ class Objects:
         self._cached: pa.Table | None = None  # the session cache in RAM
         self._mapped: hotcache.Mapped | None = None  # or on disk (query.hotcache)
         self._numbered = False
+        self._closed = False
         if cache is not False and self.tables:
             found = [hotcache.find(s, m) for s, m in zip(self.stores, self.manifests) if m.get("tables")]
             if all(found):
@@ -89,6 +90,7 @@ class Objects:
         """The DuckDB connection with the views, made on first use (plain queries on the files may run on
         polars without it; see `polars_frame`)."""
         if self._con is None:
+            self._check_open()
             self._con = _connection(self._threads)
             self._create_views()
         return self._con
@@ -101,6 +103,7 @@ class Objects:
         `columns` (None: all) are the columns the query will touch: the mapped cache materialises only those.
         `ranges` ((column, lo, hi), a box) let the mapped cache skip the batches whose statistics rule them out.
         """
+        self._check_open()
         if self.engine == "duckdb" or not self.tables:
             return None
         if self._mapped is not None and self._cached is None:
@@ -139,10 +142,14 @@ class Objects:
             # Query.to_arrow) instead of DuckDB materialising every column.
             table = self.con.sql("SELECT * FROM objects").to_arrow_table()
             # One chunk per column (DuckDB hands over one per row group): taking rows from chunked columns
-            # concatenates them on every call. Column by column, so the copy costs one column of memory.
+            # concatenates them on every call. Column by column, so the copy costs one column of memory. The
+            # copies come from the system allocator: it returns a freed column's pages to the operating system,
+            # where pyarrow's default pool (mimalloc) keeps gigabytes resident after the cache is gone.
+            pool = pa.system_memory_pool()
             for i in range(table.num_columns):
                 if table.column(i).num_chunks > 1:
-                    table = table.set_column(i, table.field(i), pa.chunked_array([pa.concat_arrays(table.column(i).chunks)]))
+                    whole = pa.concat_arrays(table.column(i).chunks, memory_pool=pool)
+                    table = table.set_column(i, table.field(i), pa.chunked_array([whole]))
             self._cached = table
             import polars as pl
 
@@ -150,6 +157,32 @@ class Objects:
             self._cached_frame = pl.from_arrow(table.append_column(ROW_COLUMN, rows))  # the same memory
             self._register_cached()
         return self
+
+    def close(self) -> None:
+        """Release the session cache, the mapped files and the DuckDB views now; later queries raise an error.
+
+        Dropping the last reference does the same, but pyarrow's allocator keeps freed pages resident: a store
+        cached in RAM and then forgotten could leave gigabytes to the process. `close` hands them back to the
+        operating system. `with query.open(store, cache=True) as objs:` closes on leaving the block.
+        """
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        self._cached = self._mapped = None
+        for name in ("_cached_frame", "_frame", "schema"):
+            self.__dict__.pop(name, None)
+        self._closed = True
+        pa.default_memory_pool().release_unused()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise QueryError(f"{', '.join(map(str, self.stores))}: closed; open the store again to query it")
+
+    def __enter__(self) -> Objects:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def take(self, rows: np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
         """Whole rows of the session cache (these columns, all for None), in the order of `rows`."""

@@ -228,3 +228,34 @@ def test_the_image_label_metadata_stays_valid_ngff(case):
     meta = (attrs.get("ome") or attrs)["image-label"]
     assert meta["source"] == {"image": "../../"} and len(meta["colors"]) == len(meta["properties"])
     ngff.open_image(str(tmp / "img.ome.zarr")).label("nuclei")  # ome-zarr-models accepts it
+
+
+@pytest.mark.parametrize("column", ["klass", "reviewed"])
+def test_categorical_colours_name_every_value_null_included(case, column):
+    """Text and boolean columns: each category present among the matching objects gets its own colour, in
+    sorted order of its name, NULL being the category "NULL"; other objects are hidden."""
+    from query import pathviewer
+
+    tmp, _ = case
+    _, df = read_table(tmp / "s.cellar")
+    klass = np.where(df.area > 50, "tumour", np.where(df.area > 30, "stroma", ""))  # "": no class (NULL)
+    reviewed = np.where(df.label_id % 3 == 0, "", np.where(df.label_id % 2 == 0, "true", "false"))
+    (tmp / "a.csv").write_text("label_id,klass,reviewed\n" + "".join(
+        f"{i},{k},{r}\n" for i, k, r in zip(df.label_id, klass, reviewed)))
+    _ok(run_cli("annotate", str(tmp / "s.cellar"), "--from", str(tmp / "a.csv")))
+    q, _ = pathviewer.table_query(query.open(tmp / "s.cellar"), None, None)
+    got = pathviewer.coloring(q, column, where="area > 20")
+    assert q.objects.schema[column] == ("VARCHAR" if column == "klass" else "BOOLEAN")
+    values = {"klass": klass, "reviewed": reviewed}[column]
+    names = {"": "NULL", "true": "True", "false": "False"}
+    by_id = {int(i): names.get(v, v) for i, v in zip(df.label_id, values)}
+    matched = {int(i) for i in df.label_id[df.area > 20]}
+    expected_names = sorted({by_id[i] for i in matched})
+    assert list(got.categories) == expected_names
+    palette = matplotlib.colormaps["tab10"]
+    for i, rgba in zip(got.ids.tolist(), got.rgba.tolist()):
+        if i in matched:
+            k = expected_names.index(by_id[i])
+            assert rgba == [int(round(c * 255)) for c in palette(k)], i
+        else:
+            assert rgba == [0, 0, 0, 0], i

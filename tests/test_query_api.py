@@ -196,6 +196,27 @@ def test_cache_answers_like_the_files(stores):
     assert a.column_names == b.column_names and a.equals(b)
 
 
+def test_close_ends_the_session_and_later_queries_say_so(objs):
+    n = objs.count()
+    with objs:
+        assert objs.where("area > 0").count() == n
+    for call in (objs.count, objs.to_arrow, lambda: objs.where("area > 1").label_ids(),
+                 lambda: objs.sql("SELECT 1").fetchall(), lambda: objs.describe("area")):
+        with pytest.raises(QueryError, match="closed; open the store again"):
+            call()
+
+
+def test_close_hands_the_session_cache_in_ram_back_to_the_system(stores):
+    """The cache in RAM is allocated from the system allocator (pyarrow's default pool keeps freed pages
+    resident) and freed on close."""
+    pool = pa.system_memory_pool()
+    before = pool.bytes_allocated()
+    objs = query.open(stores, cache=True)  # three files: DuckDB hands over several chunks per column
+    assert pool.bytes_allocated() - before >= 0.9 * objs.cached.nbytes
+    objs.close()
+    assert pool.bytes_allocated() == before
+
+
 def test_store_rows_follow_a_hilbert_curve(stores):
     """Consecutive rows are spatial neighbours: along the curve, steps are short compared with random order."""
     entry, _ = read_table(stores[0])
