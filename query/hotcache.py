@@ -300,8 +300,8 @@ class Mapped:
         fields = {f.name: f for f in self.schema}
         plain = [n for n in names if n in matrix.dtype.names and not self._has_nulls(n)]
         other = [n for n in names if n not in plain]
-        picked = matrix[np.asarray(rows, np.int64)]  # one contiguous record per row
-        arrays = {n: pa.array(np.ascontiguousarray(picked[n]), type=fields[n].type) for n in plain}
+        picked = _columns_of(_gather(matrix, np.asarray(rows, np.int64)), plain)  # one contiguous read per row
+        arrays = {n: pa.array(picked[n], type=fields[n].type) for n in plain}
         if other:
             rest = take_rows(self.columns(other), rows)
             arrays.update({n: rest.column(n) for n in other})
@@ -311,6 +311,26 @@ class Mapped:
         if self._places is not None:  # the build recorded the places of the columns without nulls
             return name not in self._places[0]
         return self.table.column(name).null_count > 0  # null counts are batch metadata: no values are read
+
+
+def _gather(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`records[rows]` of a structured array: numpy copies structured items field by field, rows of bytes
+    whole (5,000 records of 200 fields: 11 ms that way, 2 ms this way)."""
+    raw = records.view(np.uint8).reshape(len(records), records.dtype.itemsize)
+    return np.take(raw, rows, axis=0).view(records.dtype).reshape(len(rows))
+
+
+def _columns_of(records: np.ndarray, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """These fields of a structured array as contiguous arrays. Records of 8-byte fields (the usual
+    measurements) are transposed as one 2D array when most fields are wanted: one pass, not one strided copy
+    per field."""
+    dtype = records.dtype
+    eight = all(dtype[i].itemsize == 8 and dtype.fields[n][1] == 8 * i for i, n in enumerate(dtype.names))
+    if eight and 2 * len(names) > len(dtype.names):
+        block = np.ascontiguousarray(records.view(np.uint64).reshape(len(records), len(dtype.names)).T)
+        at = {n: i for i, n in enumerate(dtype.names)}
+        return {n: block[at[n]].view(dtype[n]) for n in names}
+    return {n: np.ascontiguousarray(records[n]) for n in names}
 
 
 def _select(batch: pa.RecordBatch, names: Sequence[str], schema: pa.Schema) -> pa.RecordBatch:
