@@ -42,7 +42,7 @@ from schemas.errors import StoreError
 
 BATCH_ROWS = 128 * 1024  # the store's row-group size: one record batch per row group
 BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads about an eighth of a batch's rows
-_RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
+RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
 
 
 def find(store: Path, manifest: dict) -> Path | None:
@@ -167,36 +167,19 @@ class Mapped:
         stats = self.batch_ranges
         if stats is None or not all(c in stats for c, _, _ in ranges):
             return None
-        keep = np.ones(len(stats["starts"]) - 1, bool)
-        for c, lo, hi in ranges:
-            mins, maxs = stats[c]
-            keep &= (maxs >= lo) & (mins <= hi)
-        starts, batches = stats["starts"], stats["batches"]
-        blocks = []  # (row offset, batch, first row in the batch, rows) of each block that may hold matches
-        for b in np.flatnonzero(keep):
-            k = int(np.searchsorted(batches, starts[b], side="right")) - 1
-            blocks.append((int(starts[b]), k, int(starts[b] - batches[k]), int(starts[b + 1] - starts[b])))
-        fields = [self.schema.field(n) for n in names] + [pa.field(row_column, pa.int64())]
+        batches = stats["batches"]
+        blocks = meeting_blocks(stats, ranges)
         if all(self._viewable(n) is not None for n in {*names, *(c for c, _, _ in ranges)}):
             # numbers without nulls: numpy views of the mapped file, nothing else is read or built
-            picked: dict[str, list[np.ndarray]] = {n: [] for n in names}
-            numbers = []
-            for start, k, first, n in blocks:
-                inside = np.ones(n, bool)
-                for c, lo, hi in ranges:  # NaN centroids fail the test, as they fail SQL's BETWEEN
-                    values = self._view(c, k)[first:first + n]
-                    inside &= (values >= lo) & (values <= hi)
-                at = np.flatnonzero(inside)
-                if at.size:
-                    for name in names:
-                        picked[name].append(self._view(name, k)[first + at])
-                    numbers.append(at + start)
-            arrays = [pa.array(np.concatenate(picked[f.name]) if numbers else np.zeros(0, f.type.to_pandas_dtype()),
-                               type=f.type) for f in fields[:-1]]
-            arrays.append(pa.array(np.concatenate(numbers) if numbers else np.zeros(0, np.int64), pa.int64()))
-            return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+            def view(name: str, start: int, n: int) -> np.ndarray:
+                k = int(np.searchsorted(batches, start, side="right")) - 1
+                return self._view(name, k)[start - batches[k]:start - batches[k] + n]
+
+            return rows_in_blocks(blocks, ranges, [self.schema.field(n) for n in names], view, row_column)
         pieces, numbers, read = [], [], {}
-        for start, k, first, n in blocks:
+        for start, n in blocks:
+            k = int(np.searchsorted(batches, start, side="right")) - 1
+            first = start - int(batches[k])
             if k not in read:
                 read[k] = self._batch(k)
             block = read[k].slice(first, n)
@@ -313,6 +296,56 @@ class Mapped:
         return self.table.column(name).null_count > 0  # null counts are batch metadata: no values are read
 
 
+def block_bounds(columns: dict[str, np.ndarray], block_rows: int | None = None) -> dict[str, Any]:
+    """{"starts": the blocks' first rows (and the end), column: (mins, maxs) per block} of whole columns, as
+    `Mapped.batch_ranges` gives for the cache files: a block without a finite value gets (-inf, inf)."""
+    block_rows = block_rows or BLOCK_ROWS
+    n = len(next(iter(columns.values()))) if columns else 0
+    n_blocks = -(-n // block_rows)
+    out: dict[str, Any] = {"starts": np.minimum(np.arange(n_blocks + 1, dtype=np.int64) * block_rows, n)}
+    for name, values in columns.items():
+        padded = np.full(n_blocks * block_rows, np.nan)
+        padded[:n] = values
+        padded = padded.reshape(n_blocks, block_rows)
+        with np.errstate(invalid="ignore"):
+            mins, maxs = np.fmin.reduce(padded, axis=1), np.fmax.reduce(padded, axis=1)
+        empty = np.isnan(mins)
+        out[name] = (np.where(empty, -np.inf, mins), np.where(empty, np.inf, maxs))
+    return out
+
+
+def meeting_blocks(stats: dict[str, Any], ranges: Sequence[tuple[str, float, float]]) -> list[tuple[int, int]]:
+    """(first row, rows) of the blocks whose ranges (`block_bounds`) meet every (column, lo, hi)."""
+    keep = np.ones(len(stats["starts"]) - 1, bool)
+    for c, lo, hi in ranges:
+        mins, maxs = stats[c]
+        keep &= (maxs >= lo) & (mins <= hi)
+    starts = stats["starts"]
+    return [(int(starts[b]), int(starts[b + 1] - starts[b])) for b in np.flatnonzero(keep)]
+
+
+def rows_in_blocks(blocks: Sequence[tuple[int, int]], ranges: Sequence[tuple[str, float, float]],
+                   fields: Sequence[pa.Field], view, row_column: str) -> pa.Table:
+    """The rows of these blocks inside every (column, lo, hi): the `fields` and the row numbers
+    (`row_column`). `view(name, start, n)` gives the numpy values of rows [start, start + n) of a column."""
+    picked: dict[str, list[np.ndarray]] = {f.name: [] for f in fields}
+    numbers = []
+    for start, n in blocks:
+        inside = np.ones(n, bool)
+        for c, lo, hi in ranges:  # NaN centroids fail the test, as they fail SQL's BETWEEN
+            values = view(c, start, n)
+            inside &= (values >= lo) & (values <= hi)
+        at = np.flatnonzero(inside)
+        if at.size:
+            for f in fields:
+                picked[f.name].append(view(f.name, start, n)[at])
+            numbers.append(at + start)
+    arrays = [pa.array(np.concatenate(picked[f.name]) if numbers else np.zeros(0, f.type.to_pandas_dtype()),
+                       type=f.type) for f in fields]
+    arrays.append(pa.array(np.concatenate(numbers) if numbers else np.zeros(0, np.int64), pa.int64()))
+    return pa.Table.from_arrays(arrays, schema=pa.schema([*fields, pa.field(row_column, pa.int64())]))
+
+
 def _gather(records: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`records[rows]` of a structured array: numpy copies structured items field by field, rows of bytes
     whole (5,000 records of 200 fields: 11 ms that way, 2 ms this way)."""
@@ -370,7 +403,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         task = bar.add_task("cache", total=len(objs))
     try:
         reader = objs.con.sql("SELECT * FROM objects").to_arrow_reader(BATCH_ROWS)
-        names = [f.name for f in reader.schema if f.name in _RANGE_COLUMNS]
+        names = [f.name for f in reader.schema if f.name in RANGE_COLUMNS]
         record = _record_dtype(reader.schema) if rows else None
         row_sink = open(tmps["rows"], "wb") if record is not None else None
         try:

@@ -60,6 +60,7 @@ class Objects:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._cached: pa.Table | None = None  # the session cache in RAM
         self._mapped: hotcache.Mapped | None = None  # or on disk (query.hotcache)
+        self._cached_bounds: dict[str, Any] | None = None  # the RAM cache's centroid ranges per block
         self._numbered = False
         self._closed = False
         if cache is not False and self.tables:
@@ -109,7 +110,8 @@ class Objects:
         if self._mapped is not None and self._cached is None:
             return self._mapped_frame(columns, ranges)
         if self._cached is not None:
-            return self._cached_frame.lazy()
+            boxed = self._cached_box(columns, ranges) if ranges and columns is not None else None
+            return _lazy_frame(boxed) if boxed is not None else self._cached_frame.lazy()
         if any(t.get("annotations") for _, t in self.tables):
             return None
         if "_frame" not in self.__dict__:
@@ -121,6 +123,23 @@ class Objects:
             self._frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         return self._frame
 
+    def _cached_box(self, columns: Sequence[str], ranges: Sequence[tuple[str, float, float]]) -> pa.Table | None:
+        """The rows of the cache in RAM inside the box (these columns, with ROW_COLUMN), reading only the
+        blocks whose centroid ranges meet it, as `hotcache.Mapped.in_ranges` does on the mapped files; None
+        where a column is not a plain number column."""
+        bounds = self._cached_bounds
+        if bounds is None or not all(c in bounds for c, _, _ in ranges):
+            return None
+        names = list(dict.fromkeys(columns))
+        arrays = {}
+        for name in {*names, *(c for c, _, _ in ranges)}:
+            arrays[name] = _plain_numbers(self._cached.column(name))
+            if arrays[name] is None:
+                return None
+        fields = [self._cached.schema.field(n) for n in names]
+        return hotcache.rows_in_blocks(hotcache.meeting_blocks(bounds, ranges), ranges, fields,
+                                       lambda name, start, n: arrays[name][start:start + n], ROW_COLUMN)
+
     def _mapped_frame(self, columns: Sequence[str] | None, ranges: Sequence[tuple[str, float, float]]):
         import polars as pl
 
@@ -128,7 +147,7 @@ class Objects:
         names = list(mapped.schema.names) if columns is None else list(dict.fromkeys(columns))
         boxed = mapped.in_ranges(ranges, names, ROW_COLUMN) if ranges else None
         if boxed is not None:
-            return pl.from_arrow(boxed, rechunk=False).lazy()
+            return _lazy_frame(boxed)
         return pl.from_arrow(mapped.columns(names), rechunk=False).lazy().with_row_index(ROW_COLUMN)
 
     def cache(self) -> Objects:
@@ -151,6 +170,8 @@ class Objects:
                     whole = pa.concat_arrays(table.column(i).chunks, memory_pool=pool)
                     table = table.set_column(i, table.field(i), pa.chunked_array([whole]))
             self._cached = table
+            centroids = {n: _plain_numbers(table.column(n)) for n in hotcache.RANGE_COLUMNS if n in table.column_names}
+            self._cached_bounds = hotcache.block_bounds({n: v for n, v in centroids.items() if v is not None})
             import polars as pl
 
             rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
@@ -168,7 +189,7 @@ class Objects:
         if self._con is not None:
             self._con.close()
             self._con = None
-        self._cached = self._mapped = None
+        self._cached = self._mapped = self._cached_bounds = None
         for name in ("_cached_frame", "_frame", "schema"):
             self.__dict__.pop(name, None)
         self._closed = True
@@ -406,6 +427,23 @@ class Objects:
     def __repr__(self) -> str:
         stores = ", ".join(str(s) for s in self.stores)
         return f"<cellar.Objects {stores}: {len(self.tables)} tables, {len(self)} objects>"
+
+
+def _plain_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
+    """A one-chunk integer or float column without nulls as a numpy view, else None."""
+    kind = column.type
+    if column.num_chunks != 1 or column.null_count or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        return None
+    chunk = column.chunk(0)
+    dtype = np.dtype(kind.to_pandas_dtype())
+    return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+
+
+def _lazy_frame(table: pa.Table):
+    """A polars LazyFrame over an Arrow table, zero-copy."""
+    import polars as pl
+
+    return pl.from_arrow(table, rechunk=False).lazy()
 
 
 _DATABASE: duckdb.DuckDBPyConnection | None = None

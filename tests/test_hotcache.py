@@ -155,13 +155,24 @@ def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
     assert mapped.take(rows).equals(mapped._mapped.columns().take(pa.array(rows)))
 
 
-def test_boxes_skip_batches_by_their_centroid_ranges_and_find_every_object(store, monkeypatch):
+@pytest.mark.parametrize("where", ["mapped", "ram"])
+def test_boxes_skip_blocks_by_their_centroid_ranges_and_find_every_object(store, monkeypatch, where):
     monkeypatch.setattr(hotcache, "BATCH_ROWS", 12)  # many small batches, as a large store has,
     monkeypatch.setattr(hotcache, "BLOCK_ROWS", 5)  # each with blocks of its own (the last one shorter)
-    hotcache.build(store)
-    mapped, parquet = query.open(store), query.open(store, cache=False)
-    ranges = mapped._mapped.batch_ranges
-    assert len(ranges["batches"]) > 3 and len(ranges["starts"]) > 2 * len(ranges["batches"])
+    parquet = query.open(store, cache=False)
+    if where == "mapped":
+        hotcache.build(store)
+        mapped = query.open(store)
+        ranges = mapped._mapped.batch_ranges
+        assert len(ranges["batches"]) > 3 and len(ranges["starts"]) > 2 * len(ranges["batches"])
+    else:  # the cache in RAM keeps the same ranges per block of its one chunk
+        mapped = query.open(store, cache=True)
+        ranges = mapped._cached_bounds
+        assert mapped._cached is not None and len(ranges["starts"]) > 6 and "centroid_x_um" in ranges
+        q = mapped.within(10, 10, 40, 40, units="px")
+        assert q.objects._cached_box(["label_id"], q.ranges).num_rows == q.count()  # the blocks answer
+        xs = mapped.cached.column("centroid_x").to_numpy()
+        assert np.array_equal(ranges["centroid_x"][0], [xs[i:i + 5].min() for i in range(0, len(xs), 5)])
     rng = np.random.default_rng(3)
     for _ in range(25):
         x0, y0 = rng.uniform(0, 110, 2)
@@ -221,3 +232,12 @@ def test_boxes_with_text_columns_take_the_arrow_path_and_agree(store, monkeypatc
         b = parquet.within(*box, units="px").where("cls = 't'")
         assert np.array_equal(a.label_ids(), b.label_ids())
         assert _sorted(a.to_arrow()).equals(_sorted(b.to_arrow()))
+
+
+def test_block_bounds_cover_every_block_nan_and_short_ones_included():
+    values = np.array([1.0, np.nan, 3.0, np.nan, np.nan, np.nan, 7.0])
+    bounds = hotcache.block_bounds({"x": values}, 3)
+    assert bounds["starts"].tolist() == [0, 3, 6, 7]
+    assert bounds["x"][0].tolist() == [1.0, -np.inf, 7.0] and bounds["x"][1].tolist() == [3.0, np.inf, 7.0]
+    # a box never skips a block that holds a row inside it
+    assert hotcache.meeting_blocks(bounds, [("x", 2.0, 2.5)]) == [(0, 3), (3, 3)]
