@@ -14,18 +14,25 @@ Queries, each timed `--repeat` times (median):
 4. filter -> all columns of about 0.1% of the rows;
 5. top-100 objects by a column.
 
-Engines: cellar cold from the Parquet files (`query.open(store, cache=False)` afresh for every run:
-manifest, then the query on the Parquet file), polars (`pl.scan_parquet` on the same file), cellar warm from
-RAM (`query.open(store, cache=True)` once, the store read into Arrow memory), then, after `cellar cache`
-writes the store's on-disk session cache: cellar cold from the cache (`query.open(store)` afresh for every
-run: the files memory-mapped anew), the same after `cellar cache --rows` adds the row-major copy, and warm
-from that cache (opened once); and PyTables (`Table.get_where_list` +
-`read_coordinates`; reading the table in blocks where it has no query call, for the group-by and top-k).
-"Cold" means a new engine state each run: the operating system's page cache is warm for every engine alike.
-Every file is flushed to disk (`os.sync()`) after it is written; before an engine is timed, the other
-engines' files are dropped from the page cache (`evict`: together they exceed this machine's memory) and
-each query runs once untimed, bringing the engine's own pages in. The warm engines are closed
-(`Objects.close()`) before the next engine runs.
+Engines:
+- cellar cold from the Parquet files: `query.open(store, cache=False)` afresh for every run (manifest, then
+  the query on the Parquet file);
+- polars: `pl.scan_parquet` on the same file;
+- cellar cold from the on-disk session cache with its row-major copy (`cellar cache --rows`): `query.open`
+  afresh for every run, the files memory-mapped anew;
+- PyTables: `Table.get_where_list` + `read_coordinates`; reading the table in blocks where it has no query
+  call, for the group-by and top-k;
+- cellar warm: `query.open(store, cache=True)` once, from RAM (the store read into Arrow memory, before any
+  cache file exists) and from the mapped cache;
+- and, timed alone before the row-major copy is written, cellar cold from the cache without it.
+
+"Cold" means a new engine state for every run; the operating system's page cache is warm for every engine
+alike. Every file is flushed to disk (`os.sync()`) when written. The four cold engines are timed in turns,
+run by run, after one untimed run each: this machine's speed drifts by tens of percent over minutes, and
+taking turns spreads a slow spell over all of them. What they read fits in memory together (the Parquet and
+HDF5 files and the pages of the cache files the queries touch); all the files (30 GiB at 5M x 200) do not,
+so the cache-only phase drops the Parquet pages first (`evict`). The warm engines are closed
+(`Objects.close()`) when done.
 
 Run: `python benchmarks/bench_query.py` (the issue's 5M x 200), or `--rows 1000000` for a quicker run;
 `--row-groups 32768,131072,524288` times the cold queries at several row-group sizes instead (the choice of
@@ -218,10 +225,12 @@ def pytables_queries(h5: Path, p: dict) -> dict:
     }
 
 
-def warm_queries(results: dict, key: str, opener, store: Path, params: dict, counts: dict, repeat: int) -> float:
-    """Time every query on one `opener(store, cache=True)`; returns the opening time."""
+def warm_queries(results: dict, key: str, store: Path, params: dict, counts: dict, repeat: int) -> float:
+    """Time every query on one `query.open(store, cache=True)`; returns the opening time."""
+    import query
+
     t = time.perf_counter()
-    warm = opener(store, cache=True)
+    warm = query.open(store, cache=True)
     load = time.perf_counter() - t
     results[key] = {}
     for name, fn in cellar_queries(warm, params).items():
@@ -232,13 +241,8 @@ def warm_queries(results: dict, key: str, opener, store: Path, params: dict, cou
 
 
 def evict(*paths: Path) -> None:
-    """Drop these files' pages (every file under a folder) from the operating system's page cache.
-
-    The benchmark's files (30 GiB at 5M x 200: Parquet, the session cache with its row-major copy, HDF5) do
-    not fit in this machine's page cache together, so the engine timed next would find some of its pages
-    evicted by whichever files were touched last. Before each engine the others' files are dropped (they are
-    on disk: `os.sync()` ran after every write), and `timed` reads the engine's own files once first.
-    """
+    """Drop these files' pages (every file under a folder) from the operating system's page cache (they are
+    on disk: `os.sync()` ran after every write), so that the engine timed next has the memory for its own."""
     for root in paths:
         for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
             fd = os.open(path, os.O_RDONLY)
@@ -260,6 +264,31 @@ def timed(fn, repeat: int) -> tuple[float, int]:
     return statistics.median(times), n
 
 
+def in_turns(engines: dict[str, tuple[dict, int]], names: list[str], counts: dict) -> dict[str, dict[str, float]]:
+    """Median seconds of every query on every engine ({engine: (queries, runs)}), the engines taking turns
+    run by run (after one untimed run each), so that a slow spell of the machine falls on all of them."""
+    times: dict[str, dict[str, list[float]]] = {e: {n: [] for n in names} for e in engines}
+    for name in names:
+        for engine, (queries, _) in engines.items():
+            n = queries[name]()
+            assert n == counts.setdefault(name, n), (engine, name, n, counts[name])
+        for run in range(max(runs for _, runs in engines.values())):
+            for engine, (queries, runs) in engines.items():
+                if run < runs:
+                    t = time.perf_counter()
+                    queries[name]()
+                    times[engine][name].append(time.perf_counter() - t)
+    return {e: {n: statistics.median(ts) for n, ts in per.items()} for e, per in times.items()}
+
+
+def cold_cellar(store: Path, params: dict, **options) -> dict:
+    """The queries, each on a fresh `query.open(store, **options)`."""
+    import query
+
+    return {name: (lambda name=name: cellar_queries(query.open(store, **options), params)[name]())
+            for name in _sql(params)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
@@ -273,6 +302,7 @@ def main() -> None:
 
     import query
     from measure import store_write
+    from query import hotcache
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-qbench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -280,75 +310,79 @@ def main() -> None:
     table, params = generate(args.rows, args.columns)
     print(f"data: {table.num_rows:,} rows x {table.num_columns} columns generated in {time.perf_counter() - t:.1f} s",
           flush=True)
-    sizes = [int(s) for s in args.row_groups.split(",")] if args.row_groups else [args.row_group or store_write.ROW_GROUP_SIZE]
     names = list(_sql(params))
     results: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
-    for size in sizes:
-        store = write_store(table, work / f"store-{size}.cellar", size)
-        if not args.row_groups:
-            del table  # every engine runs with the same free memory (and page cache)
-            gc.collect()
-        objs = query.open(store)
-        parquet = store / objs.tables[0][1]["dir"] / objs.tables[0][1]["files"][0]
-        cache_dir = store / "cache"
-        print(f"store ({size:,} rows per row group): {parquet.stat().st_size / 2**30:.2f} GiB", flush=True)
-        key = f"cellar cold ({size:,}-row groups)" if args.row_groups else "cellar cold, Parquet"
-        results[key] = {}
-        for name in names:
-            # a fresh query.open (manifest, DuckDB connection, views) for every run
-            results[key][name], counts[name] = timed(
-                lambda: cellar_queries(query.open(store, cache=False), params)[name](), args.repeat)
-        if args.row_groups:
-            continue
-        results["polars scan_parquet"] = {}
-        for name, fn in polars_queries(parquet, params).items():
-            results["polars scan_parquet"][name], n = timed(fn, args.repeat)
-            assert n == counts[name], (name, n, counts[name])
-        load = warm_queries(results, "cellar warm, RAM (session cache)", query.open, store, params, counts, args.repeat)
-        print(f"session cache read into RAM in {load:.1f} s", flush=True)
-        from query import hotcache
+    if args.row_groups:
+        for size in [int(s) for s in args.row_groups.split(",")]:
+            store = write_store(table, work / f"store-{size}.cellar", size)
+            results[f"cellar cold ({size:,}-row groups)"] = in_turns(
+                {"cellar": (cold_cellar(store, params, cache=False), args.repeat)}, names, counts)["cellar"]
+        report(results, counts, names, args)
+        if not args.workdir:
+            shutil.rmtree(work)
+        return
 
-        for rows in (False, True):
-            built = hotcache.build(store, rows=rows)
-            os.sync()
-            what = "with its row-major copy (cellar cache --rows)" if rows else "(cellar cache)"
-            print(f"on-disk session cache {what} written in {built['seconds']:.1f} s "
-                  f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)
-            key = f"cellar cold, mapped cache{' + rows' if rows else ''}"
-            results[key] = {}
-            evict(parquet)
-            for name in names:  # a fresh query.open maps the files anew: no pages of them are mapped yet
-                results[key][name], n = timed(lambda: cellar_queries(query.open(store), params)[name](), args.repeat)
-                assert n == counts[name], (name, n, counts[name])
-        load = warm_queries(results, "cellar warm, mapped cache + rows", query.open, store, params, counts, args.repeat)
-        print(f"mapped session cache opened in {load * 1000:.1f} ms", flush=True)
-        h5 = work / "omero.h5"
-        t = time.perf_counter()
-        write_omero_h5(parquet, h5)
-        print(f"OMERO.tables HDF5 written in {time.perf_counter() - t:.1f} s ({h5.stat().st_size / 2**30:.2f} GiB)",
-              flush=True)
-        evict(parquet, cache_dir)
-        results["PyTables (OMERO.tables layout)"] = {}
-        for name, fn in pytables_queries(h5, params).items():
-            results["PyTables (OMERO.tables layout)"][name], n = timed(fn, args.peer_repeat)
-            assert n == counts[name], (name, n, counts[name])
+    store = write_store(table, work / "store.cellar", args.row_group or store_write.ROW_GROUP_SIZE)
+    del table  # every engine runs with the same free memory (and page cache)
+    gc.collect()
+    objs = query.open(store)
+    parquet = store / objs.tables[0][1]["dir"] / objs.tables[0][1]["files"][0]
+    print(f"store ({args.row_group or store_write.ROW_GROUP_SIZE:,} rows per row group): "
+          f"{parquet.stat().st_size / 2**30:.2f} GiB", flush=True)
+    for name, fn in cold_cellar(store, params, cache=False).items():
+        counts[name] = fn()
+    load = warm_queries(results, "cellar warm, RAM (session cache)", store, params, counts, args.repeat)
+    print(f"session cache read into RAM in {load:.1f} s", flush=True)
 
+    built = hotcache.build(store)
+    os.sync()
+    print(f"on-disk session cache (cellar cache) written in {built['seconds']:.1f} s "
+          f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)
+    evict(parquet)  # a phase of its own: its files and the row-major copy's are written in turn
+    results["cellar cold, mapped cache (no row-major copy; timed alone)"] = in_turns(
+        {"cellar": (cold_cellar(store, params), args.repeat)}, names, counts)["cellar"]
+
+    built = hotcache.build(store, rows=True)
+    os.sync()
+    print(f"on-disk session cache with its row-major copy (cellar cache --rows) written in {built['seconds']:.1f} s "
+          f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)
+    h5 = work / "omero.h5"
+    t = time.perf_counter()
+    write_omero_h5(parquet, h5)
+    print(f"OMERO.tables HDF5 written in {time.perf_counter() - t:.1f} s ({h5.stat().st_size / 2**30:.2f} GiB)",
+          flush=True)
+    # The cold engines in turns. What they touch fits in memory together: the Parquet file, the HDF5 file and
+    # the pages of the cache files the queries read (columns, and some rows of the row-major copy).
+    results.update(in_turns({
+        "cellar cold, Parquet": (cold_cellar(store, params, cache=False), args.repeat),
+        "polars scan_parquet": (polars_queries(parquet, params), args.repeat),
+        "cellar cold, mapped cache + rows": (cold_cellar(store, params), args.repeat),
+        "PyTables (OMERO.tables layout)": (pytables_queries(h5, params), args.peer_repeat),
+    }, names, counts))
+    load = warm_queries(results, "cellar warm, mapped cache + rows", store, params, counts, args.repeat)
+    print(f"mapped session cache opened in {load * 1000:.1f} ms", flush=True)
+    report(results, counts, names, args)
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+def report(results: dict, counts: dict, names: list[str], args) -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"{args.rows:,} rows x {args.columns} columns; medians of {args.repeat} (PyTables {args.peer_repeat}); "
           f"rows returned: {', '.join(f'{k} {v:,}' for k, v in counts.items())}\n")
     print("| engine | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
-    for engine, row in results.items():
+    first = ["cellar cold, Parquet", "polars scan_parquet", "cellar cold, mapped cache + rows", "PyTables (OMERO.tables layout)"]
+    for engine in sorted(results, key=lambda e: first.index(e) if e in first else len(first)):
+        row = results[engine]
         print(f"| {engine} | " + " | ".join(f"{row[n] * 1000:,.1f} ms" for n in names) + " |")
-    for cold in ("cellar cold, Parquet", "cellar cold, mapped cache", "cellar cold, mapped cache + rows"):
+    for cold in ("cellar cold, Parquet", "cellar cold, mapped cache + rows"):  # timed in turns with the peers
         if cold not in results:
             continue
         for peer in ("polars scan_parquet", "PyTables (OMERO.tables layout)"):
             print(f"| {cold} faster than {peer.split(' (')[0]} by | " + " | ".join(
                 f"{results[peer][n] / results[cold][n]:.1f}x" for n in names) + " |")
-    if not args.workdir:
-        shutil.rmtree(work)
     sys.stdout.flush()
 
 
