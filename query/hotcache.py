@@ -298,7 +298,7 @@ class Mapped:
 
 def block_bounds(columns: dict[str, np.ndarray], block_rows: int | None = None) -> dict[str, Any]:
     """{"starts": the blocks' first rows (and the end), column: (mins, maxs) per block} of whole columns, as
-    `Mapped.batch_ranges` gives for the cache files: a block without a finite value gets (-inf, inf)."""
+    `Mapped.batch_ranges` gives for the cache files: a block of NaN only gets (-inf, inf)."""
     block_rows = block_rows or BLOCK_ROWS
     n = len(next(iter(columns.values()))) if columns else 0
     n_blocks = -(-n // block_rows)
