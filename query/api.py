@@ -434,13 +434,18 @@ def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int)
         out = np.empty(n, dtype)
         for k, where, offsets in plan:
             chunk = column.chunk(k)
-            values = np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+            values = chunk_values(chunk, dtype)
             out[where] = values[offsets]
         return pa.array(out, type=kind)
     pieces = [column.chunk(k).take(pa.array(offsets)) for k, _, offsets in plan]
     where = np.concatenate([w for _, w, _ in plan])
     taken = pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0]
     return taken.take(pa.array(np.argsort(where, kind="stable")))  # back to the rows' order
+
+
+def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
+    """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
+    return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
 
 
 def _number(value: Any, what: str) -> float:

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from query import hotcache
-from query.api import _MISSING_COLUMN, Query, literal, quote, suggest, take_rows
+from query.api import _MISSING_COLUMN, Query, chunk_values, literal, quote, suggest, take_rows
 from schemas import store as layout
 from schemas.errors import QueryError
 
@@ -458,9 +458,7 @@ def _plain_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
     kind = column.type
     if column.num_chunks != 1 or column.null_count or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
         return None
-    chunk = column.chunk(0)
-    dtype = np.dtype(kind.to_pandas_dtype())
-    return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+    return chunk_values(column.chunk(0), np.dtype(kind.to_pandas_dtype()))
 
 
 def _lazy_frame(table: pa.Table):
