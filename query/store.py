@@ -36,7 +36,6 @@ from schemas.errors import QueryError
 
 _CHANNEL_SEP = "__"
 _CHANNELS_VIEW = re.compile(r"\bchannels\b", re.IGNORECASE)
-CACHED_TABLE = "objects_cache"  # the session cache
 CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
 ROW_COLUMN = "__row"
 
@@ -221,8 +220,9 @@ class Objects:
     def _register_cached(self) -> None:
         """Point the `objects` view at the session cache (DuckDB scans the Arrow memory in place)."""
         self._numbered = False
-        self._con.register(CACHED_TABLE, self.cached)
-        self._con.execute(f"CREATE OR REPLACE VIEW objects AS SELECT * FROM {CACHED_TABLE}")
+        # Registered under the view's own name (a temporary view, found before this Objects' schema): a view
+        # over a registered name binds the 200-column Arrow scan once more (3.5 ms at 5M x 200).
+        self._con.register("objects", self.cached)
         self.__dict__.pop("schema", None)
 
     def numbered_view(self) -> str:
@@ -323,8 +323,7 @@ class Objects:
         specs = self._column_specs()
         data = {f: [str(table[f]) for table, _ in specs] for f in fields[:2]}
         data.update({f: [str(c[f]) for _, c in specs] for f in fields[2:]})
-        self.con.register("columns_table", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
-        self.con.execute("CREATE VIEW columns AS SELECT * FROM columns_table")
+        self.con.register("columns", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,

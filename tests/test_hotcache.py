@@ -95,7 +95,12 @@ def test_several_stores_use_the_caches_only_when_every_store_has_one(store, sour
     assert both.sql(sql).fetchall() == parquet.sql(sql).fetchall()
 
 
-def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text():
+@pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "columns-shared-among-threads"])
+def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text(threads, monkeypatch):
+    from query import api
+
+    monkeypatch.setattr(api, "PARALLEL_VALUES", 0 if threads else 10**12)
+    monkeypatch.setattr(api.os, "cpu_count", lambda: 3)  # more than one thread, and a share of two columns
     rng = np.random.default_rng(5)
     n = 1000
     table = pa.table({
@@ -107,7 +112,37 @@ def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text():
     chunked = pa.Table.from_batches(table.to_batches(max_chunksize=97))
     assert chunked.column("f").num_chunks > 1
     for rows in (rng.integers(0, n, 50), np.arange(n)[::-1], np.array([3, 3, 999, 0]), np.array([], np.int64)):
-        assert take_rows(chunked, rows).equals(table.take(pa.array(rows, pa.int64())))
+        expected = table.take(pa.array(rows, pa.int64()))
+        assert take_rows(chunked, rows).equals(expected)
+        assert take_rows(table, rows).equals(expected)  # one chunk per column, as the cache in RAM has
+
+
+def _take_in_child(table, rows, expected, queue):
+    queue.put(take_rows(table, rows).equals(expected))
+
+
+def test_take_rows_in_a_forked_child_after_the_parent_used_its_threads(monkeypatch):
+    """A child forked after the parent's take used its thread pool has none of those threads: it must start
+    its own, not wait forever on the parent's."""
+    import multiprocessing
+
+    from query import api
+
+    monkeypatch.setattr(api, "PARALLEL_VALUES", 0)
+    table = pa.table({f"c{k}": np.arange(100.0) + k for k in range(4)})
+    rows = np.array([5, 1, 99])
+    expected = table.take(pa.array(rows))
+    assert take_rows(table, rows).equals(expected)  # the parent's pool now exists
+    assert api._POOL is not None or (api.os.cpu_count() or 1) < 2
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_take_in_child, args=(table, rows, expected, queue))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("take_rows hung in a forked child")
+    assert child.exitcode == 0 and queue.get(timeout=5)
 
 
 def test_cli_builds_reports_and_drops_the_cache(store):

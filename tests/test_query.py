@@ -61,6 +61,26 @@ def test_channels_view_is_made_when_a_statement_first_names_it(stores):
         fresh.sql("SELECT count(*) FROM chanels")
 
 
+@pytest.mark.parametrize("cache", [False, True], ids=["parquet", "session-cache"])
+def test_misspelt_view_names_get_the_real_ones_suggested(stores, cache):
+    objs = query.open(stores[0], cache=cache)
+    for wrong, right in (("objets", "objects"), ("colums", "columns"), ("channel", "channels")):
+        with pytest.raises(QueryError, match=f'Did you mean "{right}"'):
+            objs.sql(f"SELECT count(*) FROM {wrong}")
+
+
+def test_views_made_before_the_session_cache_read_it_afterwards(stores):
+    objs = query.open(stores[0], cache=False)
+    sql = "SELECT channel, count(*), sum(intensity_mean) FROM channels GROUP BY channel ORDER BY channel"
+    before = objs.sql(sql).fetchall()
+    rows = objs.sql("SELECT count(*) FROM objects").fetchall()
+    objs.cache()
+    assert objs._cached is not None
+    assert objs.sql(sql).fetchall() == before and objs.sql("SELECT count(*) FROM objects").fetchall() == rows
+    plan = objs.sql("EXPLAIN SELECT * FROM channels").fetchall()[0][1].lower()
+    assert "parquet" not in plan and "arrow" in plan  # the cache in RAM answers, not the files
+
+
 def test_columns_view_gives_units_and_descriptions(stores):
     rows = dict(query.open(stores[0]).sql("SELECT name, unit FROM columns").fetchall())
     assert rows["area_um2"] == "micrometer^2" and rows["centroid_x"] == "pixel" and rows["intensity_sum__DAPI"] == "a.u."
