@@ -26,6 +26,7 @@ any time (`cellar cache --drop`).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import time
 import uuid
@@ -264,8 +265,8 @@ class Mapped:
         if not path.is_file():
             return None
         try:
-            matrix = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
+            matrix = _map_rows(path)
+        except (OSError, ValueError, TypeError) as exc:  # TypeError: numpy's "buffer is too small"
             raise _unreadable(path, exc) from None
         if matrix.shape != (self.num_rows,):
             raise _unreadable(path, ValueError(f"{matrix.shape[0]:,} rows, the objects file {self.num_rows:,}"))
@@ -294,6 +295,24 @@ class Mapped:
         if self._places is not None:  # the build recorded the places of the columns without nulls
             return name not in self._places[0]
         return self.table.column(name).null_count > 0  # null counts are batch metadata: no values are read
+
+
+def _map_rows(path: Path) -> np.ndarray:
+    """The row-major copy (a .npy file) memory-mapped for scattered reads.
+
+    The mapping is advised random (`MADV_RANDOM`): a fault reads the page it needs. With the kernel's
+    read-around, taking 4,986 scattered rows of a 5M x 200 copy that was not in the page cache read the whole
+    7.5 GiB file (8.4-8.8 s, and every other file's pages pushed out of the page cache); advised random it read
+    27 MiB (0.9-1.1 s).
+    """
+    header = np.load(path, mmap_mode="r")  # numpy reads the header (any .npy version)
+    shape, dtype, offset = header.shape, header.dtype, header.offset
+    del header
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+    return np.ndarray(shape, dtype, buffer=mapping, offset=offset)
 
 
 def block_bounds(columns: dict[str, np.ndarray], block_rows: int | None = None) -> dict[str, Any]:

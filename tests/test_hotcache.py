@@ -172,6 +172,18 @@ def test_a_damaged_cache_file_is_a_one_line_store_error(store):
     assert done.returncode == 2 and "unreadable session cache" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not-npy"])
+def test_a_damaged_row_major_copy_is_a_store_error_naming_it(store, damage):
+    from schemas.errors import StoreError
+
+    hotcache.build(store, rows=True)
+    path = layout.cache_sibling(hotcache.find(store, layout.read_manifest(store)), "rows")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a numpy file")
+    with pytest.raises(StoreError, match=f"{path.name}: unreadable session cache"):
+        query.open(store).where("area > 0").to_arrow()
+
+
 def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
     ids = query.open(store).label_ids()
     scores = pa.table({"label_id": pa.array(ids[::3], pa.uint64()), "score": np.linspace(0, 1, len(ids[::3])),
