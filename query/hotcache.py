@@ -303,7 +303,7 @@ def _map_rows(path: Path) -> np.ndarray:
     The mapping is advised random (`MADV_RANDOM`): a fault reads the page it needs. With the kernel's
     read-around, taking 4,986 scattered rows of a 5M x 200 copy that was not in the page cache read the whole
     7.5 GiB file (8.4-8.8 s, and every other file's pages pushed out of the page cache); advised random it read
-    27 MiB (0.9-1.1 s).
+    27-28 MiB (0.75-1.07 s in six runs).
     """
     header = np.load(path, mmap_mode="r")  # numpy reads the header (any .npy version)
     shape, dtype, offset = header.shape, header.dtype, header.offset
