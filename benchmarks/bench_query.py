@@ -27,12 +27,12 @@ Engines:
 - and, timed alone before the row-major copy is written, cellar cold from the cache without it.
 
 "Cold" means a new engine state for every run; the operating system's page cache is warm for every engine
-alike. Every file is flushed to disk (`os.sync()`) when written. The four cold engines are timed in turns,
-run by run, after one untimed run each: this machine's speed drifts by tens of percent over minutes, and
-taking turns spreads a slow spell over all of them. What they read fits in memory together (the Parquet and
-HDF5 files and the pages of the cache files the queries touch); all the files (30 GiB at 5M x 200) do not,
-so the cache-only phase drops the Parquet pages first, and the cold engines' phase starts with none of the
-files in the page cache (`evict`). The warm engines are closed
+alike. Every file is flushed to disk (`os.sync()`) when written. The four cold engines are timed in turns, run
+by run, after one untimed run each: this machine's speed drifts by tens of percent over minutes, and taking
+turns spreads a slow spell over all of them; the order rotates from run to run, so that no engine always follows the same one. What they read fits
+in memory together (the Parquet and HDF5 files and the pages of the cache files the queries touch); all the
+files (30 GiB at 5M x 200) do not, so the cache-only phase drops the Parquet pages first, and the cold
+engines' phase starts with none of the files in the page cache (`evict`). The warm engines are closed
 (`Objects.close()`) when done.
 
 Run: `python benchmarks/bench_query.py` (the issue's 5M x 200), or `--rows 1000000` for a quicker run;
@@ -267,14 +267,18 @@ def timed(fn, repeat: int) -> tuple[float, int]:
 
 def in_turns(engines: dict[str, tuple[dict, int]], names: list[str], counts: dict) -> dict[str, dict[str, float]]:
     """Median seconds of every query on every engine ({engine: (queries, runs)}), the engines taking turns
-    run by run (after one untimed run each), so that a slow spell of the machine falls on all of them."""
+    run by run (after one untimed run each), so that a slow spell of the machine falls on all of them. The
+    order of the turns rotates from run to run: no engine always follows the same one (whose memory and
+    caches it would inherit)."""
     times: dict[str, dict[str, list[float]]] = {e: {n: [] for n in names} for e in engines}
+    order = list(engines)
     for name in names:
         for engine, (queries, _) in engines.items():
             n = queries[name]()
             assert n == counts.setdefault(name, n), (engine, name, n, counts[name])
         for run in range(max(runs for _, runs in engines.values())):
-            for engine, (queries, runs) in engines.items():
+            for engine in order[run % len(order):] + order[:run % len(order)]:
+                queries, runs = engines[engine]
                 if run < runs:
                     t = time.perf_counter()
                     queries[name]()
@@ -288,6 +292,29 @@ def cold_cellar(store: Path, params: dict, **options) -> dict:
 
     return {name: (lambda name=name: cellar_queries(query.open(store, **options), params)[name]())
             for name in _sql(params)}
+
+
+def _resident_gib() -> float:
+    """This process's resident memory (Linux; NaN elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return float("nan")
+    return kib / 2**20
+
+
+def cold_engines(store: Path, parquet: Path, h5: Path, params: dict, names: list[str], repeat: int,
+                 peer_repeat: int) -> tuple[dict, dict]:
+    """The four cold engines in turns: (median seconds per engine and query, each query's row count)."""
+    counts: dict[str, int] = {}
+    results = in_turns({
+        "cellar cold, Parquet": (cold_cellar(store, params, cache=False), repeat),
+        "polars scan_parquet": (polars_queries(parquet, params), repeat),
+        "cellar cold, mapped cache + rows": (cold_cellar(store, params), repeat),
+        "PyTables (OMERO.tables layout)": (pytables_queries(h5, params), peer_repeat),
+    }, names, counts)
+    return results, counts
 
 
 def main() -> None:
@@ -359,12 +386,12 @@ def main() -> None:
     # just written would fill the page cache first: they are dropped, and each engine's untimed run reads in
     # what it needs.
     evict(parquet, cache_dir, h5)
-    results.update(in_turns({
-        "cellar cold, Parquet": (cold_cellar(store, params, cache=False), args.repeat),
-        "polars scan_parquet": (polars_queries(parquet, params), args.repeat),
-        "cellar cold, mapped cache + rows": (cold_cellar(store, params), args.repeat),
-        "PyTables (OMERO.tables layout)": (pytables_queries(h5, params), args.peer_repeat),
-    }, names, counts))
+    pa.default_memory_pool().release_unused()
+    print(f"benchmark process before the cold engines: {_resident_gib():.2f} GiB resident", flush=True)
+    cold, counted = cold_engines(store, parquet, h5, params, names, args.repeat, args.peer_repeat)
+    for name, n in counted.items():
+        assert n == counts[name], (name, n, counts[name])
+    results.update(cold)
     load = warm_queries(results, "cellar warm, mapped cache + rows", store, params, counts, args.repeat)
     print(f"mapped session cache opened in {load * 1000:.1f} ms", flush=True)
     report(results, counts, names, args)
