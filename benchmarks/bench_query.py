@@ -29,11 +29,11 @@ Engines:
 "Cold" means a new engine state for every run; the operating system's page cache is warm for every engine
 alike. Every file is flushed to disk (`os.sync()`) when written. The four cold engines are timed in turns, run
 by run, after one untimed run each: this machine's speed drifts by tens of percent over minutes, and taking
-turns spreads a slow spell over all of them; the order rotates from run to run, so that no engine always follows the same one. What they read fits
-in memory together (the Parquet and HDF5 files and the pages of the cache files the queries touch); all the
-files (30 GiB at 5M x 200) do not, so the cache-only phase drops the Parquet pages first, and the cold
-engines' phase starts with none of the files in the page cache (`evict`). The warm engines are closed
-(`Objects.close()`) when done.
+turns spreads a slow spell over all of them; the order rotates from run to run, so that no engine always
+follows the same one. What they read fits in memory together (the Parquet and HDF5 files and the pages of the
+cache files the queries touch); all the files (30 GiB at 5M x 200) do not, so the cache-only phase drops the
+Parquet pages first, and the cold engines' phase starts with none of the files in the page cache (`evict`).
+The warm engines are closed (`Objects.close()`) when done.
 
 Run: `python benchmarks/bench_query.py` (the issue's 5M x 200), or `--rows 1000000` for a quicker run;
 `--row-groups 32768,131072,524288` times the cold queries at several row-group sizes instead (the choice of
@@ -304,19 +304,6 @@ def _resident_gib() -> float:
     return kib / 2**20
 
 
-def cold_engines(store: Path, parquet: Path, h5: Path, params: dict, names: list[str], repeat: int,
-                 peer_repeat: int) -> tuple[dict, dict]:
-    """The four cold engines in turns: (median seconds per engine and query, each query's row count)."""
-    counts: dict[str, int] = {}
-    results = in_turns({
-        "cellar cold, Parquet": (cold_cellar(store, params, cache=False), repeat),
-        "polars scan_parquet": (polars_queries(parquet, params), repeat),
-        "cellar cold, mapped cache + rows": (cold_cellar(store, params), repeat),
-        "PyTables (OMERO.tables layout)": (pytables_queries(h5, params), peer_repeat),
-    }, names, counts)
-    return results, counts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=5_000_000)
@@ -388,10 +375,12 @@ def main() -> None:
     evict(parquet, cache_dir, h5)
     pa.default_memory_pool().release_unused()
     print(f"benchmark process before the cold engines: {_resident_gib():.2f} GiB resident", flush=True)
-    cold, counted = cold_engines(store, parquet, h5, params, names, args.repeat, args.peer_repeat)
-    for name, n in counted.items():
-        assert n == counts[name], (name, n, counts[name])
-    results.update(cold)
+    results.update(in_turns({
+        "cellar cold, Parquet": (cold_cellar(store, params, cache=False), args.repeat),
+        "polars scan_parquet": (polars_queries(parquet, params), args.repeat),
+        "cellar cold, mapped cache + rows": (cold_cellar(store, params), args.repeat),
+        "PyTables (OMERO.tables layout)": (pytables_queries(h5, params), args.peer_repeat),
+    }, names, counts))
     load = warm_queries(results, "cellar warm, mapped cache + rows", store, params, counts, args.repeat)
     print(f"mapped session cache opened in {load * 1000:.1f} ms", flush=True)
     report(results, counts, names, args)
