@@ -467,9 +467,8 @@ def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int)
     import pyarrow as pa
 
     kind = column.type
-    fixed = (pa.types.is_integer(kind) or pa.types.is_floating(kind)) and column.null_count == 0
-    if fixed:
-        dtype = np.dtype(kind.to_pandas_dtype())
+    dtype = number_dtype(kind) if column.null_count == 0 else None
+    if dtype is not None:
         out = np.empty(n, dtype)
         for k, where, offsets in plan:
             chunk = column.chunk(k)
@@ -480,6 +479,15 @@ def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int)
     where = np.concatenate([w for _, w, _ in plan])
     taken = pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0]
     return taken.take(pa.array(np.argsort(where, kind="stable")))  # back to the rows' order
+
+
+def number_dtype(kind) -> np.dtype | None:
+    """The numpy dtype of an Arrow integer or float type (whose values numpy can view in place), else None."""
+    import pyarrow as pa
+
+    if kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        return np.dtype(kind.to_pandas_dtype())
+    return None
 
 
 def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:

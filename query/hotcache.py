@@ -211,10 +211,11 @@ class Mapped:
         """The numpy dtype of a column `_view` can give, else None."""
         known = self.__dict__.setdefault("_dtypes", {})
         if name not in known:
+            from query.api import number_dtype
+
             i = self.schema.get_field_index(name)
-            kind = self.schema.field(i).type if i >= 0 else None
-            number = kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind))
-            known[name] = np.dtype(kind.to_pandas_dtype()) if number and self._places and name in self._places[0] else None
+            dtype = number_dtype(self.schema.field(i).type) if i >= 0 else None
+            known[name] = dtype if self._places and name in self._places[0] else None
         return known[name]
 
     @property

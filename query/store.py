@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from query import hotcache
-from query.api import _MISSING_COLUMN, Query, chunk_values, literal, quote, suggest, take_rows
+from query.api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
 from schemas import store as layout
 from schemas.errors import QueryError
 
@@ -92,8 +92,7 @@ class Objects:
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
         """The DuckDB connection with the views (the `channels` view once `sql` has met it), made on first use
-        (plain queries on the files may run on
-        polars without it; see `polars_frame`)."""
+        (plain queries on the files may run on polars without it; see `polars_frame`)."""
         if self._con is None:
             self._check_open()
             self._con = _connection(self._threads)
@@ -454,10 +453,10 @@ class Objects:
 
 def _plain_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
     """A one-chunk integer or float column without nulls as a numpy view, else None."""
-    kind = column.type
-    if column.num_chunks != 1 or column.null_count or not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+    dtype = number_dtype(column.type)
+    if column.num_chunks != 1 or column.null_count or dtype is None:
         return None
-    return chunk_values(column.chunk(0), np.dtype(kind.to_pandas_dtype()))
+    return chunk_values(column.chunk(0), dtype)
 
 
 def _lazy_frame(table: pa.Table):
