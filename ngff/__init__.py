@@ -7,8 +7,11 @@ workers reopen the arrays themselves from the URL (`open_level`), so no array cr
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,17 +254,64 @@ def _open_group(url: str) -> zarr.Group:
     try:
         if path is not None:
             return zarr.open_group(str(path), mode="r")
-        # A filesystem of its own (not fsspec's shared instance): a forked worker must not reuse the parent's
-        # HTTP session, whose pooled keep-alive connections it would share with the parent and hang on.
-        store = RetryingStore(zarr.storage.FsspecStore.from_url(url, read_only=True,
-                                                                storage_options={"skip_instance_cache": True}))
-        return zarr.open_group(store=store, mode="r")
+        return zarr.open_group(store=_remote_store(url), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
         raise InvalidImageError(f"{url}: not a Zarr group (no .zgroup or zarr.json found)") from None
     except ImportError as exc:  # e.g. s3fs not installed for s3:// URLs
         raise InvalidImageError(f"{url}: cannot open this URL ({exc})") from None
     except OSError as exc:  # permissions, refused connections (aiohttp's errors are OSErrors too)
         raise InvalidImageError(f"{url}: cannot read ({error_text(exc)})") from None
+
+
+_REMOTE: dict[str, RetryingStore] = {}  # the remote stores this process opened, by URL
+_REMOTE_PID: int | None = None  # the process that opened them
+_INHERITED: list[RetryingStore] = []  # a forked child's copies of its parent's stores
+_REMOTE_LOCK = threading.Lock()
+
+
+def _remote_store(url: str) -> RetryingStore:
+    """The store of a remote image, opened once per process and URL; its HTTP (or S3) session is closed when
+    the process ends (`close_remote`).
+
+    Each store has a filesystem of its own (not fsspec's shared instance): a forked worker must not reuse the
+    parent's HTTP session, whose pooled keep-alive connections it would share with the parent and hang on. A
+    forked child keeps its copies of the parent's stores untouched (they belong to the parent's event loop:
+    closing or collecting them there would close the parent's connections or warn) and opens its own.
+    """
+    global _REMOTE_PID
+    with _REMOTE_LOCK:
+        if _REMOTE_PID != os.getpid():
+            _INHERITED.extend(_REMOTE.values())
+            _REMOTE.clear()
+            _REMOTE_PID = os.getpid()
+            atexit.register(close_remote)  # the main process
+            multiprocessing.util.Finalize(None, close_remote, exitpriority=100)  # a multiprocessing worker
+        store = _REMOTE.get(url)
+        if store is None:
+            store = _REMOTE[url] = RetryingStore(zarr.storage.FsspecStore.from_url(
+                url, read_only=True, storage_options={"skip_instance_cache": True}))
+        return store
+
+
+def close_remote() -> None:
+    """Close the sessions of the remote stores this process opened (aiohttp warns about, and leaks, sessions
+    that are never closed). Images opened afterwards open new ones."""
+    from zarr.core.sync import sync
+
+    with _REMOTE_LOCK:
+        stores = list(_REMOTE.values()) if _REMOTE_PID == os.getpid() else []
+        _REMOTE.clear()
+    for store in stores:
+        sync(_close_filesystem(store._store.fs))
+
+
+async def _close_filesystem(fs) -> None:
+    session = getattr(fs, "_session", None)  # fsspec's HTTP filesystem: an aiohttp session
+    if session is not None:
+        await session.close()
+    client = getattr(fs, "_s3", None)  # s3fs: an aiobotocore client
+    if client is not None:
+        await client.__aexit__(None, None, None)
 
 
 def error_text(exc: BaseException) -> str:

@@ -18,6 +18,7 @@ that filter the same store again and again.
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -59,7 +60,17 @@ class Objects:
         self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
         self._files()  # a missing file is an error now, not at the first query
         self._threads = threads
-        self._con: duckdb.DuckDBPyConnection | None = None
+        # DuckDB: a connection serves one thread at a time. The views live in a schema of the database (made
+        # once, on `_base`); every thread queries through a connection of its own (`con`), which registers the
+        # Arrow tables in `_registered` (registrations belong to a connection, the views to the database).
+        self._base: duckdb.DuckDBPyConnection | None = None
+        self._schema_name = ""
+        self._schema: _Schema | None = None  # None for a private database
+        self._local = threading.local()
+        self._connections: list[duckdb.DuckDBPyConnection] = []
+        self._registered: dict[str, pa.Table] = {}
+        self._registrations = 0  # bumped on every change of `_registered`
+        self._lock = threading.RLock()
         self._cached: pa.Table | None = None  # the session cache in RAM
         self._mapped: hotcache.Mapped | None = None  # or on disk (query.hotcache)
         self._cached_bounds: dict[str, Any] | None = None  # the RAM cache's centroid ranges per block
@@ -91,13 +102,38 @@ class Objects:
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
-        """The DuckDB connection with the views (the `channels` view once `sql` has met it), made on first use
-        (plain queries on the files may run on polars without it; see `polars_frame`)."""
-        if self._con is None:
-            self._check_open()
-            self._con = _connection(self._threads)
-            self._create_views()
-        return self._con
+        """The calling thread's DuckDB connection with the views (the `channels` view once `sql` has met it),
+        made on first use (plain queries on the files may run on polars without it; see `polars_frame`).
+
+        Each thread gets a connection of its own to the same database, so threads (a web server's requests,
+        say) query one Objects at the same time; a relation from `sql` belongs to the thread that made it."""
+        self._check_open()
+        local = self._local
+        con = getattr(local, "con", None)
+        if con is None:
+            with self._lock:
+                if self._base is None:
+                    self._base, self._schema_name, self._schema = _connection(self._threads)
+                    self._create_views(self._base)
+                con = self._base.cursor()  # a new connection to the same database
+                self._connections.append(con)
+                if self._schema is not None:
+                    self._schema.attach(con)
+            con.execute(f"SET search_path = '{self._schema_name}'")
+            local.con, local.registrations = con, -1
+        if local.registrations != self._registrations:
+            with self._lock:
+                registered, version = list(self._registered.items()), self._registrations
+            for name, table in registered:
+                con.register(name, table)
+            local.registrations = version
+        return con
+
+    def _register(self, name: str, table: pa.Table) -> None:
+        """Register an Arrow table under `name` on every thread's connection (each does on its next use)."""
+        with self._lock:
+            self._registered[name] = table
+            self._registrations += 1
 
     def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = ()):
         """A polars LazyFrame of the objects without DuckDB: over the session cache (zero-copy, with its
@@ -189,9 +225,11 @@ class Objects:
         cached in RAM and then forgotten could leave gigabytes to the process. `close` hands them back to the
         operating system. `with query.open(store, cache=True) as objs:` closes on leaving the block.
         """
-        if self._con is not None:
-            self._con.close()
-            self._con = None
+        with self._lock:
+            for con in [*self._connections, *([self._base] if self._base is not None else [])]:
+                con.close()
+            self._connections, self._base, self._registered = [], None, {}
+            self._local = threading.local()
             self._channels_view = False
         self._cached = self._mapped = self._cached_bounds = None
         for name in ("_cached_frame", "_frame", "schema"):
@@ -221,15 +259,16 @@ class Objects:
         self._numbered = False
         # Registered under the view's own name (a temporary view, found before this Objects' schema): a view
         # over a registered name binds the 200-column Arrow scan once more (3.5 ms at 5M x 200).
-        self._con.register("objects", self.cached)
+        self._register("objects", self.cached)
         self.__dict__.pop("schema", None)
 
     def numbered_view(self) -> str:
         """The session cache with its row numbers (ROW_COLUMN) as a DuckDB view, registered on first use."""
-        if not self._numbered:
-            rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
-            self.con.register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))  # the same memory
-            self._numbered = True
+        with self._lock:
+            if not self._numbered:
+                rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
+                self._register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))  # the same memory
+                self._numbered = True
         return CACHED_VIEW
 
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
@@ -248,7 +287,8 @@ class Objects:
         return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
                 f"hive_types = {{{keys}}})")
 
-    def _create_views(self) -> None:
+    def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
+        """The views, in this Objects' schema of the database (`con`: the connection that holds it)."""
         keys = "'image': VARCHAR, 'label_image': VARCHAR"
         files = self._files()
         if files:
@@ -261,17 +301,17 @@ class Objects:
                       if t.get("annotations")]
             every = self._read_parquet(self._files(versions), keys + ", 'version': INTEGER")
             last = self._read_parquet(self._files(latest), keys + ", 'version': INTEGER")
-            self.con.execute(f"CREATE VIEW annotations AS SELECT * FROM {every}")
-            self.con.execute(f"CREATE VIEW measurements AS {select_objects}")
+            con.execute(f"CREATE VIEW annotations AS SELECT * FROM {every}")
+            con.execute(f"CREATE VIEW measurements AS {select_objects}")
             select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
                               f"LEFT JOIN {last} a USING (image, label_image, label_id)")
         else:
-            self.con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
+            con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
                              "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
         if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
             self._register_cached()
         else:
-            self.con.execute(f"CREATE VIEW objects AS {select_objects}")
+            con.execute(f"CREATE VIEW objects AS {select_objects}")
         self._create_columns_view()
 
     def _channels_sql(self) -> str:
@@ -322,7 +362,7 @@ class Objects:
         specs = self._column_specs()
         data = {f: [str(table[f]) for table, _ in specs] for f in fields[:2]}
         data.update({f: [str(c[f]) for _, c in specs] for f in fields[2:]})
-        self.con.register("columns", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
+        self._register("columns", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,
@@ -345,9 +385,13 @@ class Objects:
 
     def _create_channels_view(self) -> None:
         """Made on first mention: DuckDB binds a view when it is created (at 40 channels this one takes 57 ms;
-        as a union of one SELECT per channel it took 530 ms), which queries that do not use it need not pay."""
-        self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
-        self._channels_view = True
+        as a union of one SELECT per channel it took 530 ms), which queries that do not use it need not pay.
+        Made on the calling thread's connection (it binds `objects`, which may be a registered table there)."""
+        con = self.con
+        with self._lock:
+            if not self._channels_view:
+                con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
+                self._channels_view = True
 
     # -- the lazy API: each starts a `Query` over all objects ------------------------------------------
     def query(self) -> Query:
@@ -467,37 +511,57 @@ def _lazy_frame(table: pa.Table):
 
 
 _DATABASE: duckdb.DuckDBPyConnection | None = None
+_DATABASE_LOCK = threading.RLock()  # `_DATABASE` itself serves one thread at a time
 
 
-def _connection(threads: int | None) -> duckdb.DuckDBPyConnection:
-    """A connection with a schema of its own for this Objects' views.
+def _connection(threads: int | None) -> tuple[duckdb.DuckDBPyConnection, str, _Schema | None]:
+    """A connection and a new schema in its database for an Objects' views (first on its search path).
 
     Connections share one in-memory database per process (opening a DuckDB database costs ~25 ms, a
     connection to it nothing, and its Parquet metadata cache is shared); each Objects creates its views in
-    a schema of its own, first on its search path, dropped when the Objects is garbage collected. Store
-    files never change once written (new writes get new names), so cached metadata cannot go stale.
-    `threads` asks for a private database with that many threads instead.
+    a schema of its own, dropped when the last connection that can use it is garbage collected (a relation
+    outlives its Objects). Store files never change once written (new writes get new names), so cached
+    metadata cannot go stale. `threads` asks for a private database with that many threads instead.
     """
     global _DATABASE
+    name = f"cellar_{uuid.uuid4().hex[:12]}"
     if threads:
-        return duckdb.connect(":memory:", config={"threads": threads})
-    if _DATABASE is None:
-        _DATABASE = duckdb.connect(":memory:")
-        _DATABASE.execute("SET parquet_metadata_cache = true")
-    con = _DATABASE.cursor()
-    schema = f"cellar_{uuid.uuid4().hex[:12]}"
-    con.execute(f"CREATE SCHEMA {schema}")
-    con.execute(f"SET search_path = '{schema}'")
-    weakref.finalize(con, _drop_schema, schema)
-    return con
+        con, schema = duckdb.connect(":memory:", config={"threads": threads}), None
+    else:
+        with _DATABASE_LOCK:
+            if _DATABASE is None:
+                _DATABASE = duckdb.connect(":memory:")
+                _DATABASE.execute("SET parquet_metadata_cache = true")
+            con = _DATABASE.cursor()
+        schema = _Schema(name)
+        schema.attach(con)
+    con.execute(f"CREATE SCHEMA {name}")
+    con.execute(f"SET search_path = '{name}'")
+    return con, name, schema
 
 
-def _drop_schema(schema: str) -> None:
-    if _DATABASE is not None:
-        try:
-            _DATABASE.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        except duckdb.Error:  # at interpreter exit the database may be gone already
-            pass
+class _Schema:
+    """A schema of the shared database, dropped when the last connection attached to it is collected."""
+
+    def __init__(self, name: str):
+        self.name, self._users, self._lock = name, 0, threading.Lock()
+
+    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            self._users += 1
+        weakref.finalize(con, self._release)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            with _DATABASE_LOCK:
+                if _DATABASE is not None:
+                    try:
+                        _DATABASE.execute(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
+                    except duckdb.Error:  # at interpreter exit the database may be gone already
+                        pass
 
 
 def one_line(exc: Exception) -> str:

@@ -241,7 +241,7 @@ def test_plain_queries_run_on_polars_without_duckdb(stores):
     q = objs.where("area > 40 AND intensity_mean__CD8 > 100").within(20, 10, 80, 60).order_by("area").limit(5)
     assert q._polars() is not None
     assert q.count() >= 0 and len(q.label_ids()) == q.count() and q.to_arrow().num_rows == q.count()
-    assert objs._con is None  # no DuckDB connection was needed
+    assert objs._base is None  # no DuckDB connection was needed
 
 
 @pytest.mark.parametrize("condition, simple", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import http.server
 import threading
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import measure
 from ngff.write import write_image
 from schemas.errors import InvalidImageError
-from tests.conftest import intensities, nuclei_like, read_table
+from tests.conftest import intensities, nuclei_like, read_table, run_cli
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -157,3 +158,18 @@ def test_s3_url_through_a_local_s3_server(tmp_path, monkeypatch):
             np.testing.assert_allclose(remote[col].to_numpy(np.float64), here[col].to_numpy(np.float64), rtol=1e-12)
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("how", [["--workers", "1"], ["--workers", "2"], ["--workers", "2", "--cluster", "local"]],
+                         ids=["in process", "worker processes", "dask"])
+def test_remote_measuring_leaves_only_cellars_lines_on_stderr(served, how):
+    """Every HTTP session cellar opens (parent, forked workers, dask workers) is closed: aiohttp prints
+    "Unclosed client session" for each one left to the garbage collector."""
+    root, base = served
+    write_image(root / "img.ome.zarr", intensities((64, 80), 2, seed=49), "cyx", chunks=(1, 16, 16),
+                labels={"nuclei": nuclei_like((64, 80), 15, seed=50)})
+    r = run_cli("measure", f"{base}/img.ome.zarr", "--labels", "nuclei", "--out", str(root / "s.cellar"),
+                "--region-pixels", "0", *how)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("measured 15 objects of img/labels/nuclei (20 regions)"), r.stdout
+    assert all(re.match(r"measuring img/labels/nuclei: \d+/20 regions", ln) for ln in r.stderr.splitlines()), r.stderr

@@ -168,6 +168,11 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None) -> Star
     async def http(request: Request, exc: HTTPException):
         return _error(exc.status_code, f"{exc.detail}: {request.url.path}")
 
+    async def bug(request: Request, exc: Exception):
+        # A bug, not the request's fault: the client still gets JSON, and Starlette raises the exception on
+        # afterwards, so its traceback is printed.
+        return _error(500, f"internal error ({type(exc).__name__}: {exc}); please report it")
+
     routes = [
         Route("/", index),
         Route("/api/info", info),
@@ -184,7 +189,7 @@ def create_app(session: Session, allowed_hosts: list[str] | None = None) -> Star
         routes=routes,
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=hosts)],
         exception_handlers={Refused: refused, TileNotFound: missing, UnknownState: missing, CellarError: bad,
-                            HTTPException: http},
+                            HTTPException: http, Exception: bug},
     )
 
 

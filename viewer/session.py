@@ -40,7 +40,12 @@ COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "turbo", "coolw
              "gray")
 PLAIN = (255, 212, 0, 255)  # the objects' colour when they are not coloured by a column
 PALETTE = ("ff0000", "00ff00", "0080ff", "ffff00", "ff00ff", "00ffff", "ffffff")  # channels without a colour
-MAX_STATES = 64
+# View states: the definition of each (filter, colouring) is kept for the server's life (the last MAX_STATES of
+# them, a few hundred bytes each), and its arrays (the match mask and the per-label colours) for the most recent
+# states within STATE_BYTES; a state whose arrays were let go is made again from its definition when a request
+# names it, so a token the server gave out stays valid.
+MAX_STATES = 10_000
+STATE_BYTES = 512 << 20
 
 
 class UnknownState(LookupError):
@@ -65,6 +70,15 @@ class ViewState:
     def count(self) -> int:
         return int(self.matched.sum())
 
+    @property
+    def nbytes(self) -> int:
+        return self.matched.nbytes + self.palette.nbytes
+
+    @property
+    def definition(self) -> tuple:
+        """The arguments of `Session.state` that make this state again."""
+        return self.where, self.by, self.cmap, self.vrange, self.others
+
 
 class Session:
     """One table of a store and its image, served by `viewer.server` (see the module docstring)."""
@@ -85,7 +99,9 @@ class Session:
         self.columns = self._columns()
         self.column_names = [c["name"] for c in self.columns]
         self.channels = self._channels()
-        self._states: OrderedDict[str, ViewState] = OrderedDict()
+        self._states: OrderedDict[str, ViewState] = OrderedDict()  # made states, the most recent last
+        self._state_bytes = 0
+        self._definitions: OrderedDict[str, tuple] = OrderedDict()  # token -> `ViewState.definition`
         self._colorings: OrderedDict[tuple, pathviewer.Coloring] = OrderedDict()
         self._matches: OrderedDict[str | None, np.ndarray] = OrderedDict()
         self._values: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -213,11 +229,27 @@ class Session:
         palette = tiles.Palette(self.ids, rgba, shown=matched[self.order],
                                 others=pathviewer.HIDDEN if others == "hide" else pathviewer.GREY)
         state = ViewState(token, where, by, cmap, vrange, others, matched, palette, legend)
-        with self._lock:
-            self._states[token] = state
-            while len(self._states) > MAX_STATES:
-                self._states.popitem(last=False)
+        self._keep(state)
         return state
+
+    def _keep(self, state: ViewState) -> None:
+        """Keep the state's definition, and its arrays within STATE_BYTES (the least recently used go first)."""
+        with self._lock:
+            if state.token not in self._states:
+                self._states[state.token] = state
+                self._state_bytes += state.nbytes
+            self._definitions[state.token] = state.definition
+            self._definitions.move_to_end(state.token)
+            while len(self._definitions) > MAX_STATES:
+                token, _ = self._definitions.popitem(last=False)
+                self._forget(token)
+            while self._state_bytes > STATE_BYTES and len(self._states) > 1:
+                self._forget(next(iter(self._states)))
+
+    def _forget(self, token: str) -> None:
+        gone = self._states.pop(token, None)
+        if gone is not None:
+            self._state_bytes -= gone.nbytes
 
     def token(self, where: str | None, by: str | None, cmap: str, vrange: tuple[float, float] | None,
               others: str) -> str:
@@ -226,11 +258,17 @@ class Session:
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
     def get_state(self, token: str) -> ViewState:
+        """The state a token names: kept, or made again from its definition."""
         with self._lock:
             state = self._states.get(token)
-        if state is None:
-            raise UnknownState(f"unknown view state {token!r} (the server restarted or forgot it); apply the filter again")
-        return state
+            if state is not None:
+                self._states.move_to_end(token)
+                return state
+            definition = self._definitions.get(token)
+        if definition is None:
+            raise UnknownState(f"unknown view state {token!r} (not made by this server, which may have restarted, "
+                               f"or older than its last {MAX_STATES:,} states); apply the filter again")
+        return self.state(*definition)
 
     def _matched(self, where: str | None) -> np.ndarray:
         with self._lock:

@@ -62,6 +62,7 @@ class Sandbox:
         self.max_rows = int(max_rows)
         self._explain = explain
         self._db = duckdb.connect(":memory:", config={"threads": threads, "memory_limit": memory_limit})
+        self._db_lock = threading.Lock()  # the connection serves one thread at a time, if only to make cursors
         for statement in _SETTINGS:
             self._db.execute(statement)
 
@@ -123,7 +124,8 @@ class Sandbox:
     def _run(self, sql: str, how: str):
         """Run one of this module's SELECTs on a fresh cursor (the table registered on it), interrupted after
         the time limit."""
-        cursor = self._db.cursor()
+        with self._db_lock:
+            cursor = self._db.cursor()
         stopped = threading.Event()
 
         def stop() -> None:

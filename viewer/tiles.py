@@ -214,6 +214,11 @@ class Palette:
         else:
             self.rgba = rgba if shown is None else np.where(shown[:, None], rgba, np.asarray(others, np.uint8))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the colour table (the ids are the session's, shared by every palette)."""
+        return self.dense.nbytes if self.dense is not None else self.rgba.nbytes
+
     def lookup(self, labels: np.ndarray) -> np.ndarray:
         """RGBA (..., 4) uint8 of a label array."""
         if self.dense is not None:
