@@ -12,6 +12,7 @@ once and written to the store atomically.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import multiprocessing
 import os
@@ -237,9 +238,20 @@ class _Executor:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._client is not None:
+            if self._cluster is not None:  # our own workers: their readers and sessions go while they can
+                self._client.run(_forget_dask_readers, on_error="ignore")
             self._client.close()
         if self._cluster is not None:
-            self._cluster.close()
+            # The cluster is ours and ends with the run: its nannies kill a worker that takes more than 4 s to
+            # exit (spawned Python processes with numba and Arrow loaded, on a busy machine) and warn about it,
+            # which here is no news.
+            nanny = logging.getLogger("distributed.nanny")
+            level = nanny.level
+            nanny.setLevel(logging.ERROR)
+            try:
+                self._cluster.close()
+            finally:
+                nanny.setLevel(level)
 
     def _dask(self):
         """A dask.distributed client: a LocalCluster of `workers` processes, or the scheduler at an address."""
@@ -313,6 +325,12 @@ class _Executor:
 
 
 _DASK_READERS: dict[ReadPlan, RegionReader] = {}
+
+
+def _forget_dask_readers() -> None:
+    """On a dask worker: drop the readers and close the remote sessions this process opened."""
+    _DASK_READERS.clear()
+    ngff.close_remote()
 
 
 def _dask_task(plan: ReadPlan, kind: str, item):
