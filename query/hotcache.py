@@ -33,13 +33,16 @@ import uuid
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from schemas import store as layout
 from schemas.errors import StoreError
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 BATCH_ROWS = 128 * 1024  # the store's row-group size: one record batch per row group
 BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads about an eighth of a batch's rows
@@ -393,12 +396,14 @@ def _select(batch: pa.RecordBatch, names: Sequence[str], schema: pa.Schema) -> p
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema([schema.field(n) for n in names]))
 
 
-def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[str, Any]:
+def build(store: Path, *, rows: bool = False, progress: bool = False,
+          console: Console | None = None) -> dict[str, Any]:
     """Write the store's cache files (replacing any others); returns paths, rows, bytes and seconds.
 
     Streams the `objects` view through DuckDB batch by batch, so memory stays at a few row groups. Every file
     is written under a temporary name and renamed into place, the objects file last: readers see the old
-    state or the new one. `rows=True` also writes the row-major copy of the numeric columns.
+    state or the new one. `rows=True` also writes the row-major copy of the numeric columns. `progress=True`
+    shows a rich progress bar on `console` (a `rich.console.Console`; default: rich's own).
     """
     from query.store import Objects
 
@@ -418,7 +423,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(TextColumn(f"caching {store.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("objects"),
-                       TimeRemainingColumn(), transient=True)
+                       TimeRemainingColumn(), console=console, transient=True)
         bar.start()
         task = bar.add_task("cache", total=len(objs))
     try:

@@ -190,11 +190,10 @@ def render(image: ngff.NgffImage, label: str, coloring: Coloring, out: Path, *, 
            region: str | None = None, channel: str | None = None, style: str = "outline", z: int | None = None,
            caption: str = "") -> dict:
     """Draw the image (one channel, contrast-stretched to its 1st-99th percentiles) at a pyramid level with
-    the objects' outlines or fills coloured by `coloring`, a colour bar or legend, and `caption`; write a PNG."""
-    import matplotlib
+    the objects' outlines or fills coloured by `coloring`, a colour bar or legend, and `caption`; write a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Returns the level drawn, the image's shape there, the number of objects in view, and what the figure shows
+    (see `_draw_overlay`)."""
     from skimage.segmentation import find_boundaries
 
     if style not in ("outline", "fill"):
@@ -244,33 +243,60 @@ def render(image: ngff.NgffImage, label: str, coloring: Coloring, out: Path, *, 
     rgb = rgb * (1 - alpha) + colours[..., :3] / 255.0 * alpha
 
     h, w = rgb.shape[:2]
-    fig_w = 8.0
-    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w * 0.9 + 1.0), dpi=max(100, int(w / fig_w * 1.0)))
     f0 = factors
     extent = (box[1].start * f0[1], box[1].stop * f0[1], box[0].stop * f0[0], box[0].start * f0[0])
-    ax.imshow(rgb, extent=extent, interpolation="nearest")
+    drawn = _draw_overlay(rgb, extent, coloring, caption, out)
+    shown = np.unique(labels[labels > 0])
+    return {"level": k, "shape": (h, w), "objects_in_view": int(shown.size), **drawn}
+
+
+def _draw_overlay(rgb: np.ndarray, extent: tuple, coloring: Coloring, caption: str, out: Path) -> dict:
+    """Write the PNG of `rgb` (h, w, 3) over `extent` (full-resolution pixels) with the colour bar or legend of
+    `coloring` and `caption`. Returns what the figure shows: the caption, the colour bar's range and label or
+    the legend's entries, and where the image lies in the PNG (`image_px`: left, top, right, bottom pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h, w = rgb.shape[:2]
+    fig_w = 8.0
+    fig, ax = plt.subplots(figsize=(fig_w, fig_w * h / w * 0.9 + 1.0), dpi=max(100, int(w / fig_w * 1.0)))
+    shown = ax.imshow(rgb, extent=extent, interpolation="nearest")
     ax.set_xlabel("x (full-resolution pixels)")
     ax.set_ylabel("y (full-resolution pixels)")
     unit = f" ({coloring.unit})" if coloring.unit and coloring.unit not in ("", "dimensionless") else ""
+    bar = legend = None
     if coloring.vrange is not None:
         norm = matplotlib.colors.Normalize(*coloring.vrange)
-        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=coloring.cmap), ax=ax, fraction=0.04, pad=0.02,
-                     label=f"{coloring.column}{unit}")
+        bar = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=coloring.cmap), ax=ax, fraction=0.04,
+                           pad=0.02, label=f"{coloring.column}{unit}")
     elif coloring.categories:
         handles = [matplotlib.patches.Patch(color=np.array(c) / 255, label=name)
                    for name, c in list(coloring.categories.items())[:20]]
-        ax.legend(handles=handles, title=coloring.column, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+        legend = ax.legend(handles=handles, title=coloring.column, loc="upper left", bbox_to_anchor=(1.01, 1),
+                           fontsize=8)
     ax.set_title(caption, fontsize=9, wrap=True)
     fig.tight_layout()
     fig.savefig(out, format="png")  # the caller passes a temporary name and renames it into place
+    box = shown.get_window_extent()  # display pixels of the last draw (the PNG's), origin at the bottom
+    facts = {
+        "caption": ax.get_title(),
+        "colorbar": tuple(float(v) for v in bar.ax.get_ylim()) if bar else None,
+        "colorbar_label": bar.ax.get_ylabel() if bar else None,
+        "legend": [t.get_text() for t in legend.get_texts()] if legend else None,
+        "image_px": (box.x0, fig.bbox.height - box.y1, box.x1, fig.bbox.height - box.y0),
+    }
     plt.close(fig)
-    shown = np.unique(labels[labels > 0])
-    return {"level": k, "shape": (h, w), "objects_in_view": int(shown.size)}
+    return facts
 
 
 def histogram(objs: Objects, column: str, out: Path, *, where: str | None = None, bins: int = 50,
               log: bool = False, caption: str = "") -> dict:
-    """Histogram of a numeric column over all objects (grey) with the matching subset on top (colour)."""
+    """Histogram of a numeric column over all objects (grey) with the matching subset on top (colour).
+
+    Returns the numbers of values and of matching ones, and what the figure shows: the bin `edges`, the
+    counts drawn (`counts_all`, `counts_matched`), the caption, the x label and the legend's entries."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -296,17 +322,22 @@ def histogram(objs: Objects, column: str, out: Path, *, where: str | None = None
     edges = np.histogram_bin_edges(v, bins=bins)
     info = objs.column_info(column)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.hist(v, bins=edges, color="0.75", label=f"all ({v.size:,})")
+    counts_all = ax.hist(v, bins=edges, color="0.75", label=f"all ({v.size:,})")[0]
+    counts_matched = None
     if where:
-        ax.hist(v[m], bins=edges, color="tab:blue", label=f"{where} ({int(m.sum()):,})")
+        counts_matched = ax.hist(v[m], bins=edges, color="tab:blue", label=f"{where} ({int(m.sum()):,})")[0]
     unit = f" ({info['unit']})" if info["unit"] and info["unit"] != "dimensionless" else ""
     ax.set_xlabel(f"{column}{unit}")
     ax.set_ylabel("objects")
     if log:
         ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    legend = ax.legend(fontsize=8)
     ax.set_title(caption, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, format="png")
+    facts = {"values": int(v.size), "matched": int(m.sum()), "bins": len(edges) - 1, "edges": edges,
+             "counts_all": counts_all.astype(np.int64),
+             "counts_matched": None if counts_matched is None else counts_matched.astype(np.int64),
+             "caption": ax.get_title(), "xlabel": ax.get_xlabel(), "legend": [t.get_text() for t in legend.get_texts()]}
     plt.close(fig)
-    return {"values": int(v.size), "matched": int(m.sum()), "bins": len(edges) - 1}
+    return facts

@@ -196,11 +196,20 @@ def _expected(col: registry.Column, ref: dict, df) -> np.ndarray:
     return ref[(stem if stem.startswith("texture_") else stem.removeprefix("intensity_"), c)]
 
 
-def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.ndarray, rtol: float = 1e-6) -> int:
+def feature_columns(axes: str, spacing_um: tuple[float, ...] | None, channels: list[str],
+                    features: str | None = None) -> list[str]:
+    """The names of the feature columns (label_id aside), in table order, that the registry declares for an
+    image of these spatial `axes`, pixel size and channel column suffixes measured with `features` (as
+    `measure --features`; None: the default groups)."""
+    geo = registry.Geometry(tuple(axes), spacing_um, None, tuple(channels))
+    return [c.name for c in registry.columns(geo, registry.select(features)) if c.feature != "label_id"]
+
+
+def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.ndarray, rtol: float = 1e-6) -> list[str]:
     """Compare every store column with its regionprops equivalent (or an independent reference).
 
     `labels` is the whole (spatial) label image and `channels` the (C, *spatial) intensities that were
-    measured. Returns the number of columns compared.
+    measured. Returns the names of the columns compared, in table order (none for an empty table).
     """
     entry, df = read_table(store)
     geo = geometry_of(entry)
@@ -208,7 +217,7 @@ def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.nda
     present = present[present != 0]
     assert df["label_id"].to_numpy().tolist() == present.astype(np.uint64).tolist()
     if len(present) == 0:
-        return 0
+        return []
     small = labels.astype(np.int64)
     selected = registry.select(",".join(entry["features"])) if entry.get("features") else registry.FEATURES
     cols = registry.columns(geo, selected)
@@ -223,7 +232,7 @@ def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.nda
         refs[(channel, spacing)] = regionprops_table(small, img, properties=sorted(props), **kwargs)
         assert np.array_equal(refs[(channel, spacing)]["label"], present)
     others = None
-    compared = 0
+    compared = []
     for col in cols:
         if col.feature == "label_id":
             continue
@@ -253,7 +262,9 @@ def assert_matches_regionprops(store: Path, labels: np.ndarray, channels: np.nda
             assert np.array_equal(got, expected.astype(got.dtype)), col.name
         else:
             np.testing.assert_allclose(got, expected, rtol=rtol, atol=ATOL.get(col.feature, 0), err_msg=col.name)
-        compared += 1
+        compared.append(col.name)
+    context = [c for c in df.columns if c in registry.CONTEXT_COLUMNS]
+    assert compared == [c for c in df.columns if c != "label_id" and c not in context], "store columns not compared"
     return compared
 
 

@@ -94,6 +94,9 @@ def test_demo_runs_with_no_arguments(tmp_path):
     assert proc.stdout.count("┌") == 3  # three query results
     assert (tmp_path / "cellar-demo" / "ihc.cellar" / "manifest.json").exists()
     entry, df = read_table(tmp_path / "cellar-demo" / "ihc.cellar")
+    labels = zarr.open_array(str(tmp_path / "cellar-demo" / "ihc.ome.zarr" / "labels" / "nuclei" / "0"), mode="r")[...]
+    present = np.unique(labels)
+    assert df.label_id.tolist() == present[present > 0].tolist()  # one row per nucleus the demo segmented
     assert len(df) > 100 and entry["source"]["ngff_version"] == "0.5"
     assert run_cli("demo", cwd=tmp_path).returncode == 0  # re-running rebuilds its own directory
 

@@ -7,7 +7,10 @@ import pytest
 
 import measure
 from ngff.write import write_image
-from tests.conftest import assert_matches_regionprops, intensities, nuclei_like, read_table, run_cli
+from tests.conftest import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table, run_cli
+
+# the columns of the default features of a 2D image with one channel and 1 um pixels (write_image's default)
+DEFAULT_COLUMNS = feature_columns("yx", (1.0, 1.0), ["c0"])
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -36,7 +39,7 @@ def test_a_missing_chunk_reads_as_the_fill_value(tmp_path):
     measure.measure(str(image), "nuclei", tmp_path / "s.cellar", workers=1)
     filled = chans.copy()
     filled[0, 32:, 32:] = 0
-    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, filled) > 0
+    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, filled) == DEFAULT_COLUMNS
 
 
 def test_label_values_up_to_the_largest_uint64(tmp_path):
@@ -58,7 +61,7 @@ def test_label_values_up_to_the_largest_uint64(tmp_path):
     big = big.sort_values("label_id", ignore_index=True)
     for col in small.columns:
         np.testing.assert_array_equal(big[col].to_numpy(), small[col].to_numpy(), err_msg=col)
-    assert assert_matches_regionprops(tmp_path / "small.cellar", labels, chans) > 0
+    assert assert_matches_regionprops(tmp_path / "small.cellar", labels, chans) == DEFAULT_COLUMNS
 
 
 def test_one_object_spanning_the_whole_image(tmp_path):
@@ -67,7 +70,7 @@ def test_one_object_spanning_the_whole_image(tmp_path):
     chans = intensities((200, 260), 1, seed=7)
     image = write_image(tmp_path / "img.zarr", chans, "cyx", chunks=(1, 64, 64), labels={"nuclei": labels})
     measure.measure(str(image), "nuclei", tmp_path / "s.cellar", workers=2, region_pixels=0, halo=4)
-    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, chans) > 0
+    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, chans) == DEFAULT_COLUMNS
 
 
 def test_many_tiny_objects(tmp_path):
@@ -85,7 +88,7 @@ def test_many_tiny_objects(tmp_path):
     near = np.minimum.reduce([grid[:-2, 1:-1], grid[2:, 1:-1], grid[1:-1, :-2], grid[1:-1, 2:]])
     expected = dict(zip(labels[::2, ::2].ravel().tolist(), near.ravel().tolist()))
     assert [int(i) for i in df.nearest_neighbor_id] == [expected[int(i)] for i in df.label_id]
-    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, chans) > 0
+    assert assert_matches_regionprops(tmp_path / "s.cellar", labels, chans) == DEFAULT_COLUMNS
 
 
 def _six_axes(ms: dict, root) -> None:

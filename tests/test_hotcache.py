@@ -3,10 +3,12 @@ while it matches the store, goes away when the store changes, and gathers whole 
 
 from __future__ import annotations
 
+import io
 import shutil
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import measure
@@ -40,7 +42,8 @@ def test_a_built_cache_is_mapped_and_answers_like_the_parquet_files(store):
     parquet = query.open(store)
     assert not parquet.mapped
     info = hotcache.build(store)
-    assert info["rows"] == len(parquet) and info["bytes"] > 0
+    cache_files = [p for p in (store / layout.CACHE_DIR).rglob("*") if p.is_file()]
+    assert info["rows"] == len(parquet) and info["bytes"] == sum(p.stat().st_size for p in cache_files)
     mapped = query.open(store)
     assert mapped.mapped and mapped.cached.num_rows == len(parquet)
     assert _sorted(mapped.to_arrow()).equals(_sorted(query.open(store, cache=False).to_arrow()))
@@ -54,9 +57,18 @@ def test_a_built_cache_is_mapped_and_answers_like_the_parquet_files(store):
     assert query.open(store, cache=False).mapped == []  # cache=False always reads the Parquet files
 
 
-def test_the_build_shows_progress_with_rich(store, capsys):
-    info = hotcache.build(store, progress=True)  # the bar the CLI shows on a terminal (rich, a dependency)
-    assert info["rows"] == len(query.open(store, cache=False)) and hotcache.find(store, layout.read_manifest(store))
+def test_the_build_shows_progress_with_rich(store, monkeypatch):
+    """The bar the CLI shows on a terminal (rich, a dependency) names the store and counts the objects."""
+    from rich.console import Console
+
+    monkeypatch.setattr(hotcache, "BATCH_ROWS", 16)  # several batches, so the bar advances in steps
+    shown = io.StringIO()
+    console = Console(file=shown, force_terminal=True, width=120, color_system=None)
+    info = hotcache.build(store, progress=True, console=console)
+    n = sum(pq.read_metadata(f).num_rows for f in (store / "objects").rglob("*.parquet"))
+    assert info["rows"] == n and hotcache.find(store, layout.read_manifest(store))
+    frames = shown.getvalue()
+    assert f"caching {store.name}" in frames and f"{n}/{n} objects" in frames, frames
 
 
 def test_annotating_makes_the_cache_stale_and_removes_it(store):

@@ -144,19 +144,101 @@ def test_color_by_a_text_annotation_uses_categories(case):
     assert all(len(v) == 1 for v in by_class.values()) and by_class["tumour"] != by_class["stroma"]
 
 
+def _outline_pixels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ys, xs, label values) of the object pixels with a 4-neighbour of another value, and (ys, xs, values)
+    of those without, away from the image's border (the axes' frame covers the outermost pixels)."""
+    h, w = labels.shape
+    inner = labels[1:-1, 1:-1]
+    differs = np.zeros(inner.shape, bool)
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        differs |= labels[1 + dy:h - 1 + dy, 1 + dx:w - 1 + dx] != inner
+    edge, fill = np.nonzero(differs & (inner > 0)), np.nonzero(~differs & (inner > 0))
+    return (edge[0] + 1, edge[1] + 1, inner[edge]), (fill[0] + 1, fill[1] + 1, inner[fill])
+
+
+def _image_grey(image_dir, channel: int = 0) -> np.ndarray:
+    """The channel at level 0 as the render shows it under the objects: contrast-stretched to its 1st-99th
+    percentiles, 0..255."""
+    values = np.asarray(zarr.open_array(str(image_dir / "0"), mode="r")[channel], np.float64)
+    lo, hi = np.percentile(values, [1, 99])
+    return np.clip((values - lo) / (hi - lo), 0, 1) * 255
+
+
+def _png_at(png: np.ndarray, info: dict, shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """RGB (int) of a rendered PNG at the centres of the pixels (ys, xs) of the drawn (h, w) image."""
+    left, top, right, bottom = info["image_px"]
+    py = (top + (ys + 0.5) * (bottom - top) / shape[0]).astype(int)
+    px = (left + (xs + 0.5) * (right - left) / shape[1]).astype(int)
+    return png[py, px, :3].astype(int)
+
+
+@pytest.mark.parametrize("others", ["hide", "grey"])
+def test_render_outlines_the_matching_objects_in_their_colours(case, others):
+    """Sampled from the PNG: every outline pixel of a matching object has the colormap's colour of its value
+    over the colour bar's range (the matching objects' min and max); other objects' outlines show the image
+    (its first channel, contrast-stretched) or the others' grey; inside the outlines, the image."""
+    from query import pathviewer
+
+    tmp, labels = case
+    entry, df = read_table(tmp / "s.cellar")
+    q, _ = pathviewer.table_query(query.open(tmp / "s.cellar"), None, None)
+    coloring = pathviewer.coloring(q, "area", where="area > 60", others=others)
+    info = pathviewer.render(pathviewer.source_image(entry), "nuclei", coloring, tmp / "r.png", caption="objects")
+    sub = df[df.area > 60]
+    lo, hi = float(sub.area.min()), float(sub.area.max())
+    assert info["colorbar"] == (lo, hi) and info["colorbar_label"] == "area (pixel)" and info["legend"] is None
+    assert info["caption"] == "objects" and info["level"] == 0 and info["objects_in_view"] == len(df)
+    png = imread(tmp / "r.png")
+    (ys, xs, ids), (iy, ix, _) = _outline_pixels(labels)
+    got = _png_at(png, info, labels.shape, ys, xs)
+    matched = np.isin(ids, sub.label_id.to_numpy())
+    assert matched.sum() > 100 and (~matched).sum() > 100
+    area = dict(zip(df.label_id.tolist(), df.area.tolist()))
+    values = np.array([area[int(i)] for i in ids[matched]], float)
+    expected = np.round(matplotlib.colormaps["viridis"]((values - lo) / (hi - lo))[:, :3] * 255)
+    np.testing.assert_allclose(got[matched], expected, atol=1)
+    grey = _image_grey(tmp / "img.ome.zarr")
+    if others == "grey":
+        assert (got[~matched] == 128).all()
+    else:  # hidden: the image shows through
+        np.testing.assert_allclose(got[~matched], np.repeat(grey[ys, xs][~matched, None], 3, axis=1), atol=1)
+    inside = _png_at(png, info, labels.shape, iy, ix)
+    np.testing.assert_allclose(inside, np.repeat(grey[iy, ix][:, None], 3, axis=1), atol=1)
+
+
 def test_render_draws_the_filtered_objects(case):
-    tmp, _ = case
+    from query import pathviewer
+
+    tmp, labels = case
+    entry, df = read_table(tmp / "s.cellar")
     a, b = tmp / "all.png", tmp / "some.png"
     out = _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
                       "--out", str(a)))
-    assert "level 0" in out.stderr
-    _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
-                "--where", "area > 60", "--style", "fill", "--out", str(b)))
-    img_a, img_b = imread(a), imread(b)
-    assert img_a.ndim == 3 and img_a.shape[0] > 100 and not np.array_equal(img_a, img_b)
+    title = f"{entry['image']} / labels/nuclei, coloured by area"
+    assert out.stderr.strip() == (f"wrote {a}: level 0, 128 x 96 px, {len(df)} objects in view; "
+                                  f"{title} ({len(df)} of {len(df)} objects)")
+    out = _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
+                      "--where", "area > 60", "--style", "fill", "--out", str(b)))
+    caption = f"{title}; filter: area > 60 ({(df.area > 60).sum()} of {len(df)} objects)"
+    assert out.stderr.strip() == f"wrote {b}: level 0, 128 x 96 px, {len(df)} objects in view; {caption}"
+    # the file is what pathviewer.render draws (checked pixel by pixel above), here with fills: the matching
+    # objects' insides are coloured, the others' show the image
+    q, _ = pathviewer.table_query(query.open(tmp / "s.cellar"), None, None)
+    info = pathviewer.render(pathviewer.source_image(entry), "nuclei", pathviewer.coloring(q, "area", where="area > 60"),
+                             tmp / "api.png", style="fill", caption=caption)
+    png = imread(b)
+    np.testing.assert_array_equal(png, imread(tmp / "api.png"))
+    assert info["caption"] == caption
+    _, (iy, ix, ids) = _outline_pixels(labels)
+    inside = _png_at(png, info, labels.shape, iy, ix)
+    matched = np.isin(ids, df[df.area > 60].label_id.to_numpy())
+    grey = np.repeat(_image_grey(tmp / "img.ome.zarr")[iy, ix][:, None], 3, axis=1)
+    assert (np.abs(inside[matched] - grey[matched]).max(axis=1) > 10).all()
+    np.testing.assert_allclose(inside[~matched], grey[~matched], atol=1)
     out = _ok(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
                       "--level", "1", "--region", "10:80,20:100", "--channel", "CD8", "--out", str(tmp / "r.png")))
-    assert "level 1, 40 x 35 px" in out.stderr
+    in_view = np.unique(labels[::2, ::2][5:40, 10:50])  # level 1 is labels[::2, ::2]; the region halved
+    assert f"level 1, 40 x 35 px, {np.count_nonzero(in_view)} objects in view;" in out.stderr
     _fails(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
                    "--region", "80:10,0:5", "--out", str(tmp / "x.png")), "--region 80:10,0:5")
     _fails(run_cli("render", str(tmp / "img.ome.zarr"), "--store", str(tmp / "s.cellar"), "--by", "area",
@@ -164,11 +246,25 @@ def test_render_draws_the_filtered_objects(case):
     assert not (tmp / "x.png").exists()
 
 
-def test_hist_writes_a_png(case):
+def test_hist_counts_every_value_and_the_matching_ones(case):
+    from query import pathviewer
+
     tmp, _ = case
-    out = _ok(run_cli("hist", str(tmp / "s.cellar"), "area_um2", "--where", "eccentricity < 0.7",
-                      "--out", str(tmp / "h.png")))
-    assert "match" in out.stderr and imread(tmp / "h.png").shape[0] > 100
+    _, df = read_table(tmp / "s.cellar")
+    h = tmp / "h.png"
+    out = _ok(run_cli("hist", str(tmp / "s.cellar"), "area_um2", "--where", "eccentricity < 0.7", "--out", str(h)))
+    match = df.eccentricity < 0.7
+    assert 0 < match.sum() < len(df)
+    assert out.stderr.strip() == f"wrote {h}: {len(df)} values in 50 bins, {match.sum()} match"
+    info = pathviewer.histogram(query.open(tmp / "s.cellar"), "area_um2", tmp / "api.png", where="eccentricity < 0.7",
+                                caption="area_um2; filter: eccentricity < 0.7")  # what the CLI draws
+    np.testing.assert_array_equal(imread(h), imread(tmp / "api.png"))
+    counts, edges = np.histogram(df.area_um2.to_numpy(), bins=50)
+    np.testing.assert_allclose(info["edges"], edges, rtol=1e-12)
+    np.testing.assert_array_equal(info["counts_all"], counts)
+    np.testing.assert_array_equal(info["counts_matched"], np.histogram(df.area_um2[match].to_numpy(), bins=edges)[0])
+    assert info["caption"] == "area_um2; filter: eccentricity < 0.7" and info["xlabel"] == "area_um2 (micrometer^2)"
+    assert info["legend"] == [f"all ({len(df)})", f"eccentricity < 0.7 ({match.sum()})"]
 
 
 def test_annotations_are_versioned_and_joined(case):
@@ -259,3 +355,6 @@ def test_categorical_colours_name_every_value_null_included(case, column):
             assert rgba == [int(round(c * 255)) for c in palette(k)], i
         else:
             assert rgba == [0, 0, 0, 0], i
+    info = pathviewer.render(pathviewer.source_image(pathviewer.table_query(q.objects, None, None)[1]), "nuclei", got,
+                             tmp / "r.png")
+    assert info["legend"] == expected_names and info["colorbar"] is None

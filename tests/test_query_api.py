@@ -240,7 +240,14 @@ def test_plain_queries_run_on_polars_without_duckdb(stores):
     objs = query.open(stores[0])
     q = objs.where("area > 40 AND intensity_mean__CD8 > 100").within(20, 10, 80, 60).order_by("area").limit(5)
     assert q._polars() is not None
-    assert q.count() >= 0 and len(q.label_ids()) == q.count() and q.to_arrow().num_rows == q.count()
+    _, df = read_table(stores[0])  # the Parquet file through pyarrow, into pandas
+    sub = df[(df.area > 40) & (df.intensity_mean__CD8 > 100) & df.centroid_x_um.between(20, 80)
+             & df.centroid_y_um.between(10, 60)]
+    assert len(sub) > 5  # the limit cuts
+    got = q.to_arrow()
+    assert q.count() == 5 and got.num_rows == 5 and len(q.label_ids()) == 5
+    assert got.column("area").to_pylist() == sorted(sub.area)[:5]  # the five smallest, in order
+    assert set(got.column("label_id").to_pylist()) <= set(sub.label_id)
     assert objs._base is None  # no DuckDB connection was needed
 
 

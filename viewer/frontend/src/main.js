@@ -61,6 +61,13 @@ class App {
       const p = this.toImage(e.position);
       this.selectAt(p.x, p.y);
     });
+    // body[data-drawn] is "yes" once a frame has been drawn in which both layers are in place and every
+    // tile of their current view is loaded, "no" until then (the end-to-end tests look at the pixels then)
+    this.viewer.addHandler("update-viewport", () => {
+      const ready = ["image", "overlay"].every((k) => this.layers[k] && !this.incoming[k] &&
+        this.layers[k].getFullyLoaded());
+      document.body.dataset.drawn = ready && !this.viewer.world.needsDraw() ? "yes" : "no";
+    });
     new OpenSeadragon.MouseTracker({
       element: this.viewer.canvas,
       moveHandler: (e) => this.showCoordinates(e.position),
@@ -120,6 +127,7 @@ class App {
   setLayer(kind, tileSource) {
     const generation = ++this.generation[kind];
     document.body.dataset[kind] = "loading";
+    document.body.dataset.drawn = "no";
     if (kind === "overlay") document.body.dataset.token = this.state.token;
     this.busy();
     const opacity = kind === "overlay" ? Number($("opacity").value) : 1;
@@ -148,6 +156,7 @@ class App {
           this.layers[kind] = item;
           this.incoming[kind] = null;
           document.body.dataset[kind] = "loaded";
+          this.viewer.forceRedraw(); // a frame to draw it in, which sets body[data-drawn]
           this.busy();
           if (kind === "overlay") {
             // from the filter or colour change to the new overlay's last tile, measured here (benchmarks)
@@ -278,7 +287,10 @@ class App {
     for (const id of ["vmin", "vmax"]) $(id).addEventListener("change", () => this.applyState());
     $("style").addEventListener("change", () => this.setLayer("overlay", this.overlaySource()));
     $("opacity").addEventListener("input", () => {
-      if (this.layers.overlay) this.layers.overlay.setOpacity(Number($("opacity").value));
+      if (!this.layers.overlay) return;
+      document.body.dataset.drawn = "no"; // until the next frame shows the new opacity
+      this.layers.overlay.setOpacity(Number($("opacity").value));
+      this.viewer.forceRedraw();
     });
     $("fit").addEventListener("click", () => this.fitRange());
     $("reset-range").addEventListener("click", () => {
@@ -351,9 +363,12 @@ class App {
   async refreshHistogram() {
     const column = $("hist-column").value;
     if (!column || !this.state) return;
+    const token = this.state.token;
     try {
-      const data = await api.get("api/histogram", { token: this.state.token, column, bins: 64 });
-      if (data.column === $("hist-column").value) this.histogram.set(data, $("hist-log").checked);
+      const data = await api.get("api/histogram", { token, column, bins: 64 });
+      if (data.column !== $("hist-column").value) return;
+      this.histogram.set(data, $("hist-log").checked);
+      Object.assign($("hist").dataset, { column: data.column, token }); // what is drawn (the tests wait on it)
     } catch (e) {
       this.histogram.describe(e.message);
     }
