@@ -731,13 +731,15 @@ class _progress:
 
     def __enter__(self) -> Callable[[int], None]:
         if self.bar:
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self._bar = Progress(TextColumn(f"measuring {self.what}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("regions"), TaskProgressColumn(),
                                  TextColumn("{task.fields[objects]:,} objects, {task.fields[rate]:,.0f} objects/s"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+                                 console=Console(stderr=True))  # where the bar was decided on (stdout is data)
             self._bar.start()
             task = self._bar.add_task("measure", total=self.total, objects=0, rate=0.0)
 

@@ -403,7 +403,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
     Streams the `objects` view through DuckDB batch by batch, so memory stays at a few row groups. Every file
     is written under a temporary name and renamed into place, the objects file last: readers see the old
     state or the new one. `rows=True` also writes the row-major copy of the numeric columns. `progress=True`
-    shows a rich progress bar on `console` (a `rich.console.Console`; default: rich's own).
+    shows a rich progress bar on `console` (a `rich.console.Console`; default: standard error).
     """
     from query.store import Objects
 
@@ -420,10 +420,11 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
     n_rows, ends, blocks, ranges = 0, [], [], {}
     bar = None
     if progress:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(TextColumn(f"caching {store.name}"), BarColumn(), MofNCompleteColumn(), TextColumn("objects"),
-                       TimeRemainingColumn(), console=console, transient=True)
+                       TimeRemainingColumn(), console=console or Console(stderr=True), transient=True)
         bar.start()
         task = bar.add_task("cache", total=len(objs))
     try:

@@ -168,3 +168,16 @@ def test_every_timepoint_as_a_table(tmp_path):
         _, alone = read_table(tmp_path / f"t{t}.cellar")
         _, part = read_table(tmp_path / "s.cellar", image=f"movie_t{t}")
         assert (part.timepoint == t).all() and part[alone.columns].equals(alone)
+
+
+def test_the_progress_bar_goes_to_standard_error(monkeypatch, capsys):
+    """stdout carries results (`cellar sql ... --format csv > out.csv`): the bar is drawn on stderr, the stream
+    whose being a terminal decided that a bar is shown."""
+    from measure import run
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws as on a terminal
+    with run._progress(4, True, None, "img/labels/nuclei") as tick:
+        for _ in range(4):
+            tick(3)
+    out, err = capsys.readouterr()
+    assert out == "" and "measuring img/labels/nuclei" in err
