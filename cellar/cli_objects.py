@@ -162,7 +162,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             n = layout.remove_stale_caches(store, None)
             print(f"{store}: {n} cache file{'s' * (n != 1)} removed", file=sys.stderr)
             continue
-        info = hotcache.status(store)  # reads the manifest: a wrong path fails here, before anything is written
+        # reads the manifest (a wrong path fails here, before anything is written) and checks the store's files,
+        # the cache's too unless it is to be written anew
+        info = hotcache.status(store, check=not args.rebuild)
         if args.status or (info["fresh"] and not args.rebuild and (info["row_major"] or not args.rows)):
             rows = " with its row-major copy" if info["row_major"] else ""
             state = (f"fresh{rows}, {info['bytes'] / 2**20:,.1f} MiB (the Parquet files: {info['parquet_bytes'] / 2**20:,.1f} MiB)"

@@ -253,7 +253,7 @@ class Query:
         try:
             return getattr(self.objects.sql(sql), how)()
         except duckdb.Error as exc:
-            raise QueryError(self.objects.explain(exc)) from None
+            raise self.objects.error(exc) from None
 
     def label_ids(self) -> np.ndarray:
         """The matching label ids (uint64): in the query's order if it has one, else ascending.
