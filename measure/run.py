@@ -135,8 +135,10 @@ class RegionReader:
                     arr[tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(coords, arr.chunks, arr.shape))]
                 except Exception as chunk_exc:
                     key = arr.metadata.encode_chunk_key(coords)
+                    meta = "zarr.json" if arr.metadata.zarr_format == 3 else ".zarray"
                     return (f"{p.url}/{path}/{key}: chunk cannot be decoded ({type(chunk_exc).__name__}: "
-                            f"{ngff.error_text(chunk_exc)})")
+                            f"{ngff.error_text(chunk_exc)}): damaged, or not the data type and chunk shape "
+                            f"{path}/{meta} gives")
         return f"{p.url}: cannot decode region of {p.label_path} or {p.image_path} ({ngff.error_text(exc)})"
 
     def block(self, region: tuple[slice, ...]) -> BlockResult:
@@ -351,7 +353,8 @@ def _check_pair(image: ngff.NgffImage, label: ngff.LabelImage, level: int, timep
     dtype = np.dtype(lb.levels[level].dtype)
     where = f"{image.url}/{lb.levels[level].path}"
     if dtype.kind not in "iu":
-        raise InvalidImageError(f"{where}: dtype {dtype}, expected an integer dtype for a label image")
+        meta = "zarr.json" if image.zarr_format == 3 else ".zarray"
+        raise InvalidImageError(f"{where}/{meta}: dtype {dtype}, expected an integer dtype for a label image")
     if lb.spatial_names != im.spatial_names:
         raise InvalidImageError(f"{where}: spatial axes {lb.spatial_names}, the image has {im.spatial_names}")
     if lb.spatial_shape(level) != im.spatial_shape(level):
