@@ -10,7 +10,8 @@
   reads only the blocks that can hold matches (as row-group statistics do for the Parquet files, finer).
 - `places-<fingerprint>.npy`: where each column's buffers lie in the objects file, so that a query's few
   columns are rebuilt over the mapped file without parsing every batch's metadata.
-- `stats-<fingerprint>.json`: the batch and block ends and the column names the two `.npy` files index.
+- `stats-<fingerprint>.json`: the batch and block ends, the column names the two `.npy` files index, and
+  whether there is a row-major copy.
 - with `--rows`, `rows-<fingerprint>.npy`: the numeric columns again, row-major (a numpy structured array).
   A filter's matches are scattered over the whole table, and taking whole rows of them from columns touches
   one page per value (200 columns x 5,000 rows: a million page touches); from the row-major copy a row is
@@ -20,7 +21,8 @@ The cost is disk: the files hold the values uncompressed (the objects file is ab
 real measurements and the rows file as much again). The fingerprint is a hash of the manifest's table entries,
 so any write (a new table, a re-measurement, an annotation version) makes the cache stale: a stale cache is
 never read, and the writers remove it. The Parquet files stay the store's data; the cache can be dropped at
-any time (`cellar cache --drop`).
+any time (`cellar cache --drop`). The files are written together, the objects file last; opening the cache
+checks them all (`check`), and a missing, truncated or inconsistent one is a StoreError naming it.
 """
 
 from __future__ import annotations
@@ -48,9 +50,16 @@ RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "cen
 
 
 def find(store: Path, manifest: dict) -> Path | None:
-    """The store's cache file if one matches the manifest, else None."""
+    """The store's cache file if one matches the manifest, else None. The objects file missing while the
+    state's other cache files are there (and no build is writing it) is a StoreError: it is written last."""
     path = layout.cache_path(store, manifest)
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    others = [layout.cache_path(store, manifest, kind) for kind in ("stats", "ranges", "places", "rows")]
+    if any(p.exists() for p in others) and not any(path.parent.glob(f"{layout.TMP_PREFIX}objects-*")) \
+            and layout.cache_path(store, layout.read_manifest(store)) == path:  # not a write under way either
+        raise _unreadable(path, "missing, while the cache's other files are there")
+    return None
 
 
 def _unreadable(path: Path, exc: Exception | str) -> StoreError:
@@ -59,13 +68,24 @@ def _unreadable(path: Path, exc: Exception | str) -> StoreError:
                       "`cellar cache --drop` removes it")
 
 
-def _load_npy(path: Path, mmap: bool = False) -> np.ndarray:
-    """A cache's .npy file (memory-mapped for `mmap`), as a StoreError naming it when it is missing or damaged."""
+def _load_npy(path: Path, header_only: bool = False) -> np.ndarray | tuple[tuple[int, ...], np.dtype]:
+    """A cache's .npy file, or with `header_only` only its (shape, dtype), the file's size checked against
+    them; a missing or damaged file is a StoreError naming it."""
     try:
         with open(path, "rb") as fh:
             if fh.read(6) != b"\x93NUMPY":
                 raise _unreadable(path, "not a .npy file")
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            if not header_only:
+                fh.seek(0)
+                return np.load(fh, allow_pickle=False)
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)  # the build writes version 1.0
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            need = fh.tell() + int(np.prod(shape)) * dtype.itemsize
+            if path.stat().st_size < need:
+                raise _unreadable(path, f"truncated .npy file: {path.stat().st_size:,} bytes of {need:,}")
+            return shape, dtype
     except FileNotFoundError:
         raise _unreadable(path, "missing: the cache's files are written together") from None
     except (OSError, ValueError, EOFError) as exc:  # numpy's errors for a file that is not a whole .npy array
@@ -85,8 +105,9 @@ def _stats_of(path: Path, batches: int) -> dict[str, Any]:
     fields = {"ends": int, "blocks": int, "ranges": str, "places": str}
     if not isinstance(stats, dict) or not all(
             isinstance(stats.get(k), list) and all(isinstance(v, t) and not isinstance(v, bool) for v in stats[k])
-            for k, t in fields.items()):
-        raise _unreadable(stats_path, "not the cache's statistics (lists ends, blocks, ranges, places expected)")
+            for k, t in fields.items()) or not isinstance(stats.get("rows", False), bool):
+        raise _unreadable(stats_path, "not the cache's statistics (lists ends, blocks, ranges, places and a "
+                                      "true/false rows expected)")
     ends, blocks = stats["ends"], stats["blocks"]
     if len(ends) != batches or np.any(np.diff([0, *ends]) < 0) or np.any(np.diff([0, *blocks]) <= 0) \
             or (ends[-1] if ends else 0) != (blocks[-1] if blocks else 0):
@@ -110,11 +131,20 @@ def check(path: Path, reader: pa.ipc.RecordBatchFileReader) -> None:
             or np.any((places[..., 0] >= 0) & (places[..., 0] + places[..., 1] > size)) or np.any(places[..., 1] < -1):
         raise _unreadable(places_path, f"shape {places.shape} or places beyond the {size:,} bytes of {path.name}")
     rows_path = layout.cache_sibling(path, "rows")
+    if stats.get("rows") and not rows_path.exists():
+        raise _unreadable(rows_path, "missing: the cache was written with its row-major copy")
+
+
+def check_rows(path: Path, reader: pa.ipc.RecordBatchFileReader) -> None:
+    """The row-major copy of the cache `path`, if there is one, is whole: its header parses and the file holds
+    a record for every row. Parsing the header of 200 columns costs 3 ms, so opening the cache leaves it to
+    the first read of whole rows (`Mapped._rows_file`) and to `status`."""
+    rows_path = layout.cache_sibling(path, "rows")
     if rows_path.exists():
-        rows = _load_npy(rows_path, mmap=True)
-        n = stats["ends"][-1] if stats["ends"] else 0
-        if rows.shape != (n,) or rows.dtype.names is None or not set(rows.dtype.names) <= names:
-            raise _unreadable(rows_path, f"shape {rows.shape}, the objects file has {n:,} rows")
+        shape, dtype = _load_npy(rows_path, header_only=True)
+        n = _stats_of(path, reader.num_record_batches)["ends"][-1:] or [0]
+        if shape != (n[0],) or dtype.names is None or not set(dtype.names) <= set(reader.schema.names):
+            raise _unreadable(rows_path, f"shape {shape}, the objects file has {n[0]:,} rows")
 
 
 class Mapped:
@@ -311,9 +341,12 @@ class Mapped:
         if not path.is_file():
             return None
         try:
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise _unreadable(path, "not a .npy file")
             matrix = _map_rows(path)
-        except (OSError, ValueError, TypeError) as exc:  # TypeError: numpy's "buffer is too small"
-            raise _unreadable(path, exc) from None
+        except (OSError, ValueError, TypeError, EOFError) as exc:  # TypeError: numpy's "buffer is too small"
+            raise _unreadable(path, f"truncated or damaged .npy file: {exc}") from None
         if matrix.shape != (self.num_rows,):
             raise _unreadable(path, ValueError(f"{matrix.shape[0]:,} rows, the objects file {self.num_rows:,}"))
         return matrix
@@ -511,11 +544,13 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         with open(tmps["ranges"], "wb") as fh:  # numbers in .npy: parsing them from JSON costs milliseconds
             np.save(fh, np.array([ranges[n] for n in ranges], float).reshape(len(ranges), 2, len(blocks)))
         os.replace(tmps["ranges"], layout.cache_path(store, manifest, "ranges"))
-        stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names}
-        layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
+        # The stats file says whether there is a row-major copy: it names one only once it is in place, and an
+        # earlier build's copy goes only once the stats file no longer names it.
         if record is not None:
             os.replace(tmps["rows"], layout.cache_path(store, manifest, "rows"))
-        else:  # a row-major copy of an earlier build goes with it
+        stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names, "rows": record is not None}
+        layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
+        if record is None:
             layout.cache_path(store, manifest, "rows").unlink(missing_ok=True)
         os.replace(tmps["objects"], target)
     except FileNotFoundError as exc:  # a write to the store removed the files of the state being cached
@@ -577,7 +612,8 @@ def status(store: Path, check: bool = True) -> dict[str, Any]:
     if check:
         integrity.check_tables(store, manifest)
         if path is not None:
-            Mapped([path])
+            mapped = Mapped([path])
+            check_rows(path, mapped._readers[0])
     files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
     parquet = sum((store / t["dir"] / f).stat().st_size for t in manifest.get("tables", []) for f in t["files"]
                   if (store / t["dir"] / f).is_file())
