@@ -127,7 +127,10 @@ def _categories(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def source_image(entry: dict, image_url: str | None = None) -> ngff.NgffImage:
     """The NGFF image a table was measured from (or `image_url`, checked to hold the label image)."""
-    url = image_url or entry["source"]["url"]
+    url = image_url or (entry.get("source") or {}).get("url")
+    if url is None:  # a table written without provenance (store_write.write_table alone)
+        raise UsageError(f"{entry['image']}/{entry['label_image']}: the store does not record the image it was "
+                         "measured from; give the image's path or URL")
     image = ngff.open_image(url)
     image.label(entry["label_image"])  # a clear error if it is not there
     return image

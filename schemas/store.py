@@ -225,6 +225,8 @@ def _spec_problem(value: Any, spec: Any, where: str) -> str | None:
     if isinstance(spec, list):
         if not isinstance(value, list):
             return f"{where}: expected a list, found {_kind(value)}"
+        if _plainly(value, spec[0]):
+            return None
         for i, item in enumerate(value):
             problem = _spec_problem(item, spec[0], f"{where}[{i}]")
             if problem:
@@ -244,6 +246,18 @@ def _spec_problem(value: Any, spec: Any, where: str) -> str | None:
         names = dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in types if not (t is int and float in types))
         return f"{where}: expected {' or '.join(names)}, found {_kind(value)}"
     return None
+
+
+def _plainly(items: list, spec: Any) -> bool:
+    """True if every item is a value of the plain type `spec`, or an object with every key of a flat `spec`
+    of plain types: the bulk of a large manifest (column lists, feature lists) checked in one pass; False
+    leaves the list to the item-by-item check, which finds the problem."""
+    if isinstance(spec, type):
+        return all(type(v) is spec for v in items)
+    if isinstance(spec, dict) and all(required and isinstance(sub, type) for sub, required in spec.values()):
+        fields = [(key, sub) for key, (sub, _) in spec.items()]
+        return all(type(v) is dict and all(type(v.get(k)) is t for k, t in fields) for v in items)
+    return False
 
 
 _TYPE_NAMES = {str: "text", int: "a whole number", float: "a number", dict: "an object", type(None): "null"}
