@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -553,6 +554,8 @@ def build(store: Path, *, rows: bool = False, progress: bool = False) -> dict[st
         if record is None:
             layout.cache_path(store, manifest, "rows").unlink(missing_ok=True)
         os.replace(tmps["objects"], target)
+    except duckdb.Error as exc:  # a Parquet file whose data do not decode
+        raise objs.error(exc) from None
     except FileNotFoundError as exc:  # a write to the store removed the files of the state being cached
         raise StoreError(f"{store}: the store changed while its cache was written ({exc.filename} is gone); "
                          "run `cellar cache` again") from None

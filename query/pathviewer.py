@@ -80,8 +80,8 @@ def coloring(q: Query, by: str, *, where: str | None = None, cmap: str = "viridi
     except KeyError:
         raise UsageError(f"--cmap {cmap}: unknown colormap (for example viridis, magma, coolwarm, tab10)") from None
     matched_sql = f"coalesce(({where}), false)" if where else "true"
-    rel = q.objects.sql(f"SELECT label_id, {quote(by)} AS v, {matched_sql} AS m FROM ({q.to_sql()}) ORDER BY label_id")
-    data = rel.fetchnumpy()
+    data = q.objects.fetch(f"SELECT label_id, {quote(by)} AS v, {matched_sql} AS m FROM ({q.to_sql()}) "
+                           "ORDER BY label_id", "fetchnumpy")
     ids = np.asarray(data["label_id"], np.uint64)
     matched = np.asarray(data["m"], bool)
     values = data["v"]
@@ -289,7 +289,7 @@ def histogram(objs: Objects, column: str, out: Path, *, where: str | None = None
         base.where(where)
     col = quote(column)
     matched = f"coalesce(({where}), false)" if where else "true"
-    data = objs.sql(f"SELECT {col}::DOUBLE AS v, {matched} AS m FROM objects WHERE {col} IS NOT NULL").fetchnumpy()
+    data = objs.fetch(f"SELECT {col}::DOUBLE AS v, {matched} AS m FROM objects WHERE {col} IS NOT NULL", "fetchnumpy")
     v = np.asarray(data["v"], np.float64)
     m = np.asarray(data["m"], bool)
     ok = np.isfinite(v)

@@ -165,7 +165,10 @@ class Objects:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
-            table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            try:
+                table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            except duckdb.Error as exc:  # a Parquet file whose data do not decode
+                raise self.error(exc) from None
             # One chunk per column (DuckDB hands over one per row group): taking rows from chunked columns
             # concatenates them on every call. Column by column, so the copy costs one column of memory. The
             # copies come from the system allocator: it returns a freed column's pages to the operating system,
@@ -263,18 +266,37 @@ class Objects:
                     raise problem
         self._parquet_checked = True
 
-    def error(self, exc: duckdb.Error) -> CellarError:
+    def error(self, exc: duckdb.Error | OSError) -> CellarError:
         """DuckDB's error as a cellar error: a StoreError naming the store file it could not read, else a
-        QueryError with DuckDB's message on one line (`explain`)."""
-        if isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException)):
-            text = one_line(exc)
+        QueryError with DuckDB's message on one line (`explain`). An OSError is DuckDB's error as pyarrow's
+        reader of DuckDB's result stream passes it on."""
+        text = one_line(exc)
+        if isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException, OSError)):
             for quoted in re.findall(r"""["']([^"']+)["']""", text):
                 for store in self.stores:
                     root = store.resolve()
                     if Path(quoted).is_relative_to(root):
                         rel = Path(quoted).relative_to(root).as_posix()
                         return StoreError(f"{store}: {rel}: damaged Parquet file ({text})")
+        if type(exc) is duckdb.Error or isinstance(exc, OSError):  # a page that does not decode, not the SQL
+            damaged = self._undecodable(text)
+            if damaged is not None:
+                return damaged
         return QueryError(self.explain(exc))
+
+    def _undecodable(self, text: str) -> StoreError | None:
+        """The error naming the first Parquet file whose data DuckDB cannot decode, for an error that does not
+        say which (its thrift decoder's, say). Every value of every file is read: only on an error's path."""
+        con = duckdb.connect(":memory:")
+        for store, manifest in zip(self.stores, self.manifests):
+            for rel, _ in integrity.files(manifest):
+                try:  # hashing every value decodes every column, keeping none
+                    source = f"read_parquet({literal(str(store / rel))})"
+                    con.execute(f"SELECT bit_xor(hash(COLUMNS(*))) FROM {source}").fetchall()
+                except duckdb.Error as exc:
+                    return StoreError(f"{store}: {rel}: damaged Parquet file: its data do not decode "
+                                      f"({one_line(exc) or text})")
+        return None
 
     @staticmethod
     def _read_parquet(files: list[str], keys: str) -> str:
@@ -375,6 +397,15 @@ class Objects:
                 return con.sql(query)
             except duckdb.Error as again:
                 raise self.error(again) from None
+        except duckdb.Error as exc:
+            raise self.error(exc) from None
+
+    def fetch(self, query: str, how: str = "fetchall"):
+        """Run SQL over the views and materialise the result (`how`: a relation method, such as fetchnumpy);
+        an error met while it runs (a Parquet file whose data do not decode) is a cellar error (`error`), as
+        one met while binding."""
+        try:
+            return getattr(self.sql(query), how)()
         except duckdb.Error as exc:
             raise self.error(exc) from None
 

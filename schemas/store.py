@@ -16,6 +16,9 @@ with their files and concrete columns; a reader reads only what the manifest lis
 still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
 and renamed into place, the manifest last. The cache file is derived data named by a hash of the manifest's
 tables (`cache_path`): a write makes it stale, and the writer removes it after the manifest swap.
+
+`read_manifest` checks the manifest's structure against `MANIFEST_SPEC`, so that a damaged manifest is one
+line naming the key, never a KeyError or TypeError further on; `schemas.integrity` checks the Parquet files.
 """
 
 from __future__ import annotations
