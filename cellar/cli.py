@@ -102,7 +102,6 @@ def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
     import query
-    from query.store import one_line
 
     fmt = args.format
     if fmt is None:
@@ -139,7 +138,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
             width = shutil.get_terminal_size((160, 24)).columns
             rel.show(max_width=width, max_rows=args.max_rows)
     except duckdb.Error as exc:
-        raise QueryError(one_line(exc)) from None
+        raise objs.error(exc) from None
     return 0
 
 

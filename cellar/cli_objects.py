@@ -84,7 +84,8 @@ def cmd_color(args: argparse.Namespace) -> int:
     if props:
         from query.api import quote
 
-        data = objs.sql(f"SELECT {', '.join(quote(c) for c in props)} FROM ({q.to_sql()}) ORDER BY label_id").fetchnumpy()
+        data = objs.fetch(f"SELECT {', '.join(quote(c) for c in props)} FROM ({q.to_sql()}) ORDER BY label_id",
+                          "fetchnumpy")
         values = {c: data[c] for c in props}
     image = pathviewer.source_image(entry, args.source)
     target = pathviewer.write_colors(coloring, image, entry["label_image"], values)
@@ -141,8 +142,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
     store, entry = objs.table(args.image, args.labels)
     rows = annotate.read_source(Path(args.source_file), args.key)
     view = "measurements" if entry.get("annotations") else "objects"  # see query.store: objects joins annotations
-    known = objs.sql(f"SELECT label_id FROM {view} WHERE image = {literal(entry['image'])} AND label_image = "
-                     f"{literal(entry['label_image'])}").fetchnumpy()["label_id"]
+    known = objs.fetch(f"SELECT label_id FROM {view} WHERE image = {literal(entry['image'])} AND label_image = "
+                       f"{literal(entry['label_image'])}", "fetchnumpy")["label_id"]
     measured = [c["name"] for c in entry.get("columns", [])]
     record = annotate.annotate(store, entry["image"], entry["label_image"], rows, source=str(args.source_file),
                                known_ids=known, measured=measured, drop_unknown=args.drop_unknown)
@@ -162,7 +163,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             n = layout.remove_stale_caches(store, None)
             print(f"{store}: {n} cache file{'s' * (n != 1)} removed", file=sys.stderr)
             continue
-        info = hotcache.status(store)  # reads the manifest: a wrong path fails here, before anything is written
+        # reads the manifest (a wrong path fails here, before anything is written) and checks the store's files,
+        # the cache's too unless it is to be written anew
+        info = hotcache.status(store, check=not args.rebuild)
         if args.status or (info["fresh"] and not args.rebuild and (info["row_major"] or not args.rows)):
             rows = " with its row-major copy" if info["row_major"] else ""
             state = (f"fresh{rows}, {info['bytes'] / 2**20:,.1f} MiB (the Parquet files: {info['parquet_bytes'] / 2**20:,.1f} MiB)"

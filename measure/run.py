@@ -34,6 +34,7 @@ from measure import store_write
 from measure.accumulate import Merger
 from measure.block import BlockResult, KernelPlan, measure_block, measure_object
 from measure.shape_kernels import INTENSITY_STATS, surface_lut
+from schemas import integrity
 from schemas import store as layout
 from schemas.errors import InvalidImageError, StoreError, UsageError
 
@@ -136,8 +137,10 @@ class RegionReader:
                     arr[tuple(slice(k * c, min((k + 1) * c, n)) for k, c, n in zip(coords, arr.chunks, arr.shape))]
                 except Exception as chunk_exc:
                     key = arr.metadata.encode_chunk_key(coords)
+                    meta = "zarr.json" if arr.metadata.zarr_format == 3 else ".zarray"
                     return (f"{p.url}/{path}/{key}: chunk cannot be decoded ({type(chunk_exc).__name__}: "
-                            f"{ngff.error_text(chunk_exc)})")
+                            f"{ngff.error_text(chunk_exc)}): damaged, or not the data type and chunk shape "
+                            f"{path}/{meta} gives")
         return f"{p.url}: cannot decode region of {p.label_path} or {p.image_path} ({ngff.error_text(exc)})"
 
     def block(self, region: tuple[slice, ...]) -> BlockResult:
@@ -369,7 +372,8 @@ def _check_pair(image: ngff.NgffImage, label: ngff.LabelImage, level: int, timep
     dtype = np.dtype(lb.levels[level].dtype)
     where = f"{image.url}/{lb.levels[level].path}"
     if dtype.kind not in "iu":
-        raise InvalidImageError(f"{where}: dtype {dtype}, expected an integer dtype for a label image")
+        meta = "zarr.json" if image.zarr_format == 3 else ".zarray"
+        raise InvalidImageError(f"{where}/{meta}: dtype {dtype}, expected an integer dtype for a label image")
     if lb.spatial_names != im.spatial_names:
         raise InvalidImageError(f"{where}: spatial axes {lb.spatial_names}, the image has {im.spatial_names}")
     if lb.spatial_shape(level) != im.spatial_shape(level):
@@ -448,6 +452,7 @@ def measure(
     existing = store_write.existing_entry(out, name, labels)
     if existing is not None and not overwrite:
         if existing.get("settings") == settings:
+            integrity.check_tables(out, {"tables": [existing]})  # kept only if its files are intact
             return MeasureResult(out, name, labels, int(existing["n_objects"]), 0, time.perf_counter() - t0,
                                  skipped=True)
         raise StoreError(f"{out}: already holds image={name} label_image={labels}, measured with other settings; "

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
+from schemas import integrity
 from schemas import store as layout
 from schemas.errors import StoreError
 
@@ -29,7 +30,8 @@ COMPRESSION = "lz4"
 
 
 def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is not a store (or empty) or already holds this table."""
+    """Refuse, before any work, an output that is not a store (or empty), a store with a damaged file, or one
+    that already holds this table."""
     if not out.exists():
         if not out.parent.is_dir():
             raise StoreError(f"{out}: parent directory {out.parent} does not exist")
@@ -38,9 +40,11 @@ def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> No
         raise StoreError(f"{out}: exists and is a file, not a cellar store; refusing to overwrite it")
     if not layout.is_store(out):
         if any(out.iterdir()):
-            raise StoreError(f"{out}: exists and is a directory that is not a cellar store; refusing to write into it")
+            raise StoreError(f"{out}: exists and is a directory that is not a cellar store; refusing to write into it "
+                             f"(no {layout.MANIFEST})")
         return
-    manifest = layout.read_manifest(out)
+    # a damaged store is refused before any work (a table being replaced may be the damaged one)
+    manifest = integrity.check_writable(out, skip=(image, label_image) if overwrite else None)
     if _find(manifest, image, label_image) is not None and not overwrite:
         raise StoreError(
             f"{out}: already holds image={image} label_image={label_image}; pass --overwrite to replace it"

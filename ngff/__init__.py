@@ -24,7 +24,10 @@ from ome_zarr_models.v04.image_label import ImageLabelAttrs as ImageLabelAttrs04
 from ome_zarr_models.v05.image import ImageAttrs as ImageAttrs05
 from ome_zarr_models.v05.image_label import ImageLabelAttrs as ImageLabelAttrs05
 
+from ngff.integrity import at, check_node, metadata_file, register_checked_blosc
 from schemas.errors import InvalidImageError
+
+register_checked_blosc()  # a truncated Blosc chunk is an error, not the memory past its end
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
 
@@ -132,26 +135,29 @@ class NgffImage:
     def attributes(self) -> dict[str, Any]:
         """The image group's OME attributes as NGFF defines them (0.5: those under "ome"), read afresh; for
         what cellar does not model, such as the `omero` channel colours and windows."""
-        return _ome_attrs(_open_group(self.url), self.version)
+        return _ome_attrs(_root(self.url), self.version, self.url)
 
     def label(self, name: str) -> LabelImage:
         """Open the label image `labels/<name>`."""
         if self.label_names is None:
-            raise InvalidImageError(f"{self.url}: no 'labels' group (this image has no label images)")
+            meta = metadata_file(self.zarr_format, "group")
+            raise InvalidImageError(f"{self.url}: no 'labels' group (no labels/{meta}: this image has no label images)")
         if name not in self.label_names:
             have = ", ".join(self.label_names) or "none"
             raise InvalidImageError(f"{self.url}: no label image '{name}' under labels/ (it has: {have})")
-        root = _open_group(self.url)
+        root = _root(self.url)
         path = f"labels/{name}"
         try:
-            group = root[path]
+            group = _child(root, self.url, path, "group")
         except KeyError:
-            raise InvalidImageError(f"{self.url}: labels/{name} is listed but missing") from None
-        attrs = _ome_attrs(group, self.version)
+            raise InvalidImageError(f"{self.url}: labels/{name} is listed but missing (no "
+                                    f"{at('', path, metadata_file(self.zarr_format, 'group'))})") from None
+        attrs = _ome_attrs(group, self.version, at(self.url, path))
+        meta = at(self.url, path, metadata_file(self.zarr_format, "attrs"))
         model = ImageLabelAttrs05 if self.version == "0.5" else ImageLabelAttrs04
         if "image-label" in attrs:
-            _validate(model, attrs, f"{self.url}/{path}", self.version)
-        multiscale = _multiscale(group, path, attrs, f"{self.url}/{path}", self.version)
+            _validate(model, attrs, meta, self.version)
+        multiscale = _multiscale(group, path, attrs, f"{self.url}/{path}", self.version, meta)
         return LabelImage(name, multiscale, dict(attrs.get("image-label") or {}))
 
 
@@ -180,7 +186,7 @@ def plate_fields(url: str) -> list[PlateField] | None:
     """Every field of every well of the HCS plate at `url`, in row, column, field order; None if `url` is not
     a plate."""
     url = str(url).rstrip("/")
-    group = _open_group(url)
+    group = _root(url)
     attrs = dict(group.attrs)
     ome = attrs.get("ome") if isinstance(attrs.get("ome"), dict) else attrs
     plate = ome.get("plate")
@@ -200,7 +206,7 @@ def plate_fields(url: str) -> list[PlateField] | None:
         if (rows and row not in rows) or (columns and column not in columns):
             raise InvalidImageError(f"{url}: well {path} is not in the plate's rows and columns")
         try:
-            wgroup = group[path]
+            wgroup = _child(group, url, path, "group")
         except KeyError:
             raise InvalidImageError(f"{url}/{path}: well listed in the plate but missing") from None
         wattrs = dict(wgroup.attrs)
@@ -318,14 +324,61 @@ def error_text(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
+# zarr's errors for metadata it cannot parse: JSON errors and its validation errors are ValueErrors, a
+# mistyped field is often a TypeError from a dataclass, an unknown codec a KeyError (handled where it is met).
+_METADATA_ERRORS = (ValueError, TypeError)
+
+
+def _root(url: str) -> zarr.Group:
+    """The image's root group (`_open_group`), its metadata files checked first when it is local; metadata
+    zarr cannot parse is one line naming the file."""
+    path = local_path(url)
+    if path is not None and path.is_dir():
+        check_node(path, url, "")
+    try:
+        return _open_group(url)
+    except _METADATA_ERRORS as exc:
+        raise InvalidImageError(f"{url}: Zarr cannot read the group's metadata (zarr.json, or .zgroup and .zattrs) "
+                                f"({type(exc).__name__}: {error_text(exc)})") from None
+
+
+def _child(group: zarr.Group, url: str, path: str, kind: str) -> zarr.Group | zarr.Array:
+    """`group[path]` (a "group" or "array"; `url` is where `group` lies), its metadata files checked first
+    when the image is local; metadata zarr cannot parse is one line naming the file. A KeyError means the node
+    is not there."""
+    node = path.strip("/")
+    local = local_path(url)
+    fmt = group.metadata.zarr_format
+    if local is not None:
+        check_node(local, url, node)
+    try:
+        return group[path]
+    except KeyError as exc:
+        if local is None or not (local / node / metadata_file(fmt, kind)).is_file():
+            raise
+        error: Exception = exc  # the metadata is there: an unknown codec or data type, not a missing node
+    except _METADATA_ERRORS as exc:
+        error = exc
+    name = metadata_file(fmt, kind) if local is not None or fmt == 3 or kind == "array" else ".zgroup or .zattrs"
+    raise InvalidImageError(f"{at(url, node, name)}: Zarr cannot read this {kind}'s metadata "
+                            f"({type(error).__name__}: {error_text(error)})")
+
+
 def open_level(url: str, path: str) -> zarr.Array:
     """Open one array of an image (for example `labels/nuclei/0`) in read-only mode."""
-    return _open_group(url)[path]
+    return _child(_root(url), url, path, "array")
 
 
-def _ome_attrs(group: zarr.Group, version: str) -> dict[str, Any]:
+def _ome_attrs(group: zarr.Group, version: str, where: str) -> dict[str, Any]:
+    """A group's OME attributes (0.5: those under "ome"); `where` is the group's URL, for errors."""
     attrs = dict(group.attrs)
-    return dict(attrs.get("ome") or {}) if version == "0.5" else attrs
+    if version != "0.5":
+        return attrs
+    ome = attrs.get("ome")
+    if ome is not None and not isinstance(ome, dict):
+        raise InvalidImageError(f"{at(where, '', 'zarr.json')}: attributes.ome is {type(ome).__name__}, "
+                                "expected an object")
+    return dict(ome or {})
 
 
 def _validate(model: type[pydantic.BaseModel], attrs: dict, where: str, version: str) -> pydantic.BaseModel:
@@ -341,8 +394,12 @@ def _validate(model: type[pydantic.BaseModel], attrs: dict, where: str, version:
 def _version(group: zarr.Group, url: str) -> str:
     attrs = dict(group.attrs)
     zarr_format = group.metadata.zarr_format
+    meta = metadata_file(zarr_format, "attrs")
     if zarr_format == 3 and "ome" in attrs:
-        version = str((attrs.get("ome") or {}).get("version"))
+        if not isinstance(attrs["ome"], dict):
+            raise InvalidImageError(f"{at(url, '', meta)}: attributes.ome is {type(attrs['ome']).__name__}, "
+                                    "expected an object")
+        version = str(attrs["ome"].get("version"))
     elif "multiscales" in attrs:
         ms = attrs["multiscales"]
         version = str(ms[0].get("version", "0.4")) if isinstance(ms, list) and ms and isinstance(ms[0], dict) else "0.4"
@@ -351,7 +408,8 @@ def _version(group: zarr.Group, url: str) -> str:
     elif "plate" in attrs or "plate" in (attrs.get("ome") or {}):
         raise InvalidImageError(f"{url}: an HCS plate, not an image; give one field, e.g. {url}/A/1/0")
     else:
-        raise InvalidImageError(f"{url}: a Zarr group but not an OME-NGFF image (no 'multiscales' in its attributes)")
+        raise InvalidImageError(f"{url}: a Zarr group but not an OME-NGFF image (no 'multiscales' in its attributes, "
+                                f"{meta})")
     if version not in SUPPORTED_VERSIONS:
         raise InvalidImageError(
             f"{url}: NGFF version {version} is not supported (cellar reads {' and '.join(SUPPORTED_VERSIONS)})"
@@ -391,26 +449,36 @@ def _vector(transforms, kind: str, ndim: int, where: str) -> np.ndarray:
     return default
 
 
-def _multiscale(group: zarr.Group, group_path: str, attrs: dict, where: str, version: str) -> Multiscale:
+def _multiscale(group: zarr.Group, group_path: str, attrs: dict, where: str, version: str, meta: str) -> Multiscale:
+    """The multiscale group at `where` (`group_path` under the image); `meta` names its attributes file, for
+    errors in the metadata."""
     model = ImageAttrs05 if version == "0.5" else ImageAttrs04
-    parsed = _validate(model, {"multiscales": attrs.get("multiscales"), **({"version": "0.5"} if version == "0.5" else {})}, where, version)
+    if "multiscales" not in attrs:
+        raise InvalidImageError(f"{meta}: no 'multiscales' in the attributes")
+    version_key = {"version": "0.5"} if version == "0.5" else {}
+    parsed = _validate(model, {"multiscales": attrs.get("multiscales"), **version_key}, meta, version)
     ms = parsed.multiscales[0]
-    axes = _axes(list(ms.axes), where)
+    axes = _axes(list(ms.axes), meta)
     ndim = len(axes)
-    ms_scale = _vector(ms.coordinateTransformations, "scale", ndim, where)
-    ms_trans = _vector(ms.coordinateTransformations, "translation", ndim, where)
+    ms_scale = _vector(ms.coordinateTransformations, "scale", ndim, meta)
+    ms_trans = _vector(ms.coordinateTransformations, "translation", ndim, meta)
+    array_meta = metadata_file(group.metadata.zarr_format, "array")
     levels = []
     for ds in ms.datasets:
-        scale = _vector(ds.coordinateTransformations, "scale", ndim, where)
-        trans = _vector(ds.coordinateTransformations, "translation", ndim, where)
+        scale = _vector(ds.coordinateTransformations, "scale", ndim, meta)
+        trans = _vector(ds.coordinateTransformations, "translation", ndim, meta)
         if np.any(~np.isfinite(scale)) or np.any(scale <= 0):
-            raise InvalidImageError(f"{where}: dataset '{ds.path}' scale {scale.tolist()}: expected positive finite values")
+            raise InvalidImageError(f"{meta}: dataset '{ds.path}' scale {scale.tolist()}: "
+                                    "expected positive finite values")
         try:
-            arr = group[ds.path]
+            arr = _child(group, where, ds.path, "array")
         except KeyError:
-            raise InvalidImageError(f"{where}: dataset '{ds.path}' listed in multiscales but missing") from None
+            raise InvalidImageError(f"{where}/{ds.path}/{array_meta}: missing (dataset '{ds.path}' is listed in "
+                                    "multiscales)") from None
         if not isinstance(arr, zarr.Array) or arr.ndim != ndim:
-            raise InvalidImageError(f"{where}/{ds.path}: expected a {ndim}-D array to match the {ndim} axes")
+            found = f"a {arr.ndim}-D array" if isinstance(arr, zarr.Array) else "a group"
+            raise InvalidImageError(f"{where}/{ds.path}: {found} ({ds.path}/{array_meta}) where the {ndim} axes of "
+                                    f"{meta.rsplit('/', 1)[-1]} expect a {ndim}-D array")
         levels.append(
             Level(
                 path=f"{group_path}/{ds.path}".lstrip("/"),
@@ -422,6 +490,18 @@ def _multiscale(group: zarr.Group, group_path: str, attrs: dict, where: str, ver
             )
         )
     return Multiscale(group_path, axes, tuple(levels))
+
+
+def _check_omero(attrs: dict, meta: str) -> None:
+    """The optional `omero` metadata, when present, is an object whose `channels` (if any) is a list: other
+    types are damage (left alone, they would silently rename the channels c0, c1, ...)."""
+    omero = attrs.get("omero")
+    if omero is None:
+        return
+    if not isinstance(omero, dict):
+        raise InvalidImageError(f"{meta}: 'omero' is {type(omero).__name__}, expected an object")
+    if not isinstance(omero.get("channels", []), list):
+        raise InvalidImageError(f"{meta}: 'omero.channels' is {type(omero['channels']).__name__}, expected a list")
 
 
 def _channel_names(attrs: dict, n: int) -> tuple[str, ...]:
@@ -449,17 +529,19 @@ def _image_name(url: str, ms_attrs: Any) -> str:
 def open_image(url: str) -> NgffImage:
     """Open an OME-NGFF image by local path or URL (file://, http(s)://, s3:// with s3fs)."""
     url = str(url)
-    group = _open_group(url)
+    group = _root(url)
     version = _version(group, url)
-    attrs = _ome_attrs(group, version)
-    multiscale = _multiscale(group, "", attrs, url, version)
+    attrs = _ome_attrs(group, version, url)
+    meta = at(url, "", metadata_file(group.metadata.zarr_format, "attrs"))
+    _check_omero(attrs, meta)
+    multiscale = _multiscale(group, "", attrs, url, version, meta)
     label_names: tuple[str, ...] | None = None
     try:
-        labels = group["labels"]
+        labels = _child(group, url, "labels", "group")
     except KeyError:
         labels = None
     if isinstance(labels, zarr.Group):
-        listed = _ome_attrs(labels, version).get("labels")
+        listed = _ome_attrs(labels, version, at(url, "labels")).get("labels")
         if isinstance(listed, list):
             label_names = tuple(str(n) for n in listed)
         else:

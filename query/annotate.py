@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas import integrity
 from schemas import store as layout
 from schemas.errors import StoreError, UsageError
 
@@ -82,7 +83,7 @@ def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, sourc
                          f"(first: {first}); fix them, or pass --drop-unknown to store the others")
     if n_unknown:
         rows = rows.filter(pa.array(~unknown))
-    manifest = layout.read_manifest(store)
+    manifest = integrity.check_writable(store)  # never a new version in a store with a damaged file
     entry = next((t for t in manifest.get("tables", []) if t["image"] == image and t["label_image"] == label_image),
                  None)
     if entry is None:

@@ -250,10 +250,7 @@ class Query:
     def _run(self, sql: str, how: str = "fetchall"):
         """Run a statement and materialise it (`how`: a relation method); errors found while running it (a
         value that does not convert, say) become one-line QueryErrors like those found while binding."""
-        try:
-            return getattr(self.objects.sql(sql), how)()
-        except duckdb.Error as exc:
-            raise QueryError(self.objects.explain(exc)) from None
+        return self.objects.fetch(sql, how)
 
     def label_ids(self) -> np.ndarray:
         """The matching label ids (uint64): in the query's order if it has one, else ascending.

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -82,7 +83,17 @@ def _provenance(q: Query) -> dict[str, str]:
 
 
 def _reader(q: Query) -> pa.RecordBatchReader:
-    return q.relation().arrow(batch_size=BATCH_ROWS)
+    """The query's rows in batches. An error DuckDB meets while the batches stream (a Parquet file whose data
+    do not decode) reaches pyarrow's reader as an OSError: it is the store's error, not one writing the output."""
+    source = q.relation().arrow(batch_size=BATCH_ROWS)
+
+    def batches():
+        try:
+            yield from source
+        except OSError as exc:
+            raise q.objects.error(exc) from None
+
+    return pa.RecordBatchReader.from_batches(source.schema, batches())
 
 
 def export(q: Query, fmt: str, output: str | Path, *, overwrite: bool = False, image_id: int | None = None,
@@ -105,7 +116,10 @@ def export(q: Query, fmt: str, output: str | Path, *, overwrite: bool = False, i
             import anndata  # noqa: F401
         except ImportError:
             raise UsageError("the anndata export needs the anndata package: pip install 'cellar[anndata]'") from None
-    return _atomic(output, overwrite, writer)
+    try:
+        return _atomic(output, overwrite, writer)
+    except duckdb.Error as exc:  # met while the rows stream in: a Parquet file whose data do not decode
+        raise q.objects.error(exc) from None
 
 
 # -- OMERO.tables ---------------------------------------------------------------------------------------
@@ -131,7 +145,7 @@ def _omero(q: Query, path: Path, image_id: int | None, roi_column: str | None, m
     if text:
         from query.api import quote
 
-        row = q.objects.sql(f"SELECT {', '.join(f'max(strlen({quote(c)}))' for c in text)} FROM ({q.to_sql()})").fetchall()[0]
+        row = q.objects.fetch(f"SELECT {', '.join(f'max(strlen({quote(c)}))' for c in text)} FROM ({q.to_sql()})")[0]
         for c, w in zip(text, row):
             if w is not None and w > max_string:
                 raise UsageError(f"column {c!r} holds text of {w} bytes, longer than --max-string {max_string}; "

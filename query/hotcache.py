@@ -10,7 +10,8 @@
   reads only the blocks that can hold matches (as row-group statistics do for the Parquet files, finer).
 - `places-<fingerprint>.npy`: where each column's buffers lie in the objects file, so that a query's few
   columns are rebuilt over the mapped file without parsing every batch's metadata.
-- `stats-<fingerprint>.json`: the batch and block ends and the column names the two `.npy` files index.
+- `stats-<fingerprint>.json`: the batch and block ends, the column names the two `.npy` files index, and
+  whether there is a row-major copy.
 - with `--rows`, `rows-<fingerprint>.npy`: the numeric columns again, row-major (a numpy structured array).
   A filter's matches are scattered over the whole table, and taking whole rows of them from columns touches
   one page per value (200 columns x 5,000 rows: a million page touches); from the row-major copy a row is
@@ -20,7 +21,8 @@ The cost is disk: the files hold the values uncompressed (the objects file is ab
 real measurements and the rows file as much again). The fingerprint is a hash of the manifest's table entries,
 so any write (a new table, a re-measurement, an annotation version) makes the cache stale: a stale cache is
 never read, and the writers remove it. The Parquet files stay the store's data; the cache can be dropped at
-any time (`cellar cache --drop`).
+any time (`cellar cache --drop`). The files are written together, the objects file last; opening the cache
+checks them all (`check`), and a missing, truncated or inconsistent one is a StoreError naming it.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
+from schemas import integrity
 from schemas import store as layout
 from schemas.errors import StoreError
 
@@ -50,13 +54,101 @@ RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "cen
 
 
 def find(store: Path, manifest: dict) -> Path | None:
-    """The store's cache file if one matches the manifest, else None."""
+    """The store's cache file if one matches the manifest, else None. The objects file missing while the
+    state's other cache files are there (and no build is writing it) is a StoreError: it is written last."""
     path = layout.cache_path(store, manifest)
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    others = [layout.cache_path(store, manifest, kind) for kind in ("stats", "ranges", "places", "rows")]
+    if any(p.exists() for p in others) and not any(path.parent.glob(f"{layout.TMP_PREFIX}objects-*")) \
+            and layout.cache_path(store, layout.read_manifest(store)) == path:  # not a write under way either
+        raise _unreadable(path, "missing, while the cache's other files are there")
+    return None
 
 
-def _unreadable(path: Path, exc: Exception) -> StoreError:
-    return StoreError(f"{path}: unreadable session cache ({exc}); rebuild it with `cellar cache --rebuild`")
+def _unreadable(path: Path, exc: Exception | str) -> StoreError:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return StoreError(f"{path}: unreadable session cache ({text}); `cellar cache --rebuild` writes it anew, "
+                      "`cellar cache --drop` removes it")
+
+
+def _load_npy(path: Path, header_only: bool = False) -> np.ndarray | tuple[tuple[int, ...], np.dtype]:
+    """A cache's .npy file, or with `header_only` only its (shape, dtype), the file's size checked against
+    them; a missing or damaged file is a StoreError naming it."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise _unreadable(path, "not a .npy file")
+            if not header_only:
+                fh.seek(0)
+                return np.load(fh, allow_pickle=False)
+            fh.seek(0)
+            version = np.lib.format.read_magic(fh)  # the build writes version 1.0
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            need = fh.tell() + int(np.prod(shape)) * dtype.itemsize
+            if path.stat().st_size < need:
+                raise _unreadable(path, f"truncated .npy file: {path.stat().st_size:,} bytes of {need:,}")
+            return shape, dtype
+    except FileNotFoundError:
+        raise _unreadable(path, "missing: the cache's files are written together") from None
+    except (OSError, ValueError, EOFError) as exc:  # numpy's errors for a file that is not a whole .npy array
+        raise _unreadable(path, f"truncated or damaged .npy file: {exc}") from None
+
+
+def _stats_of(path: Path, batches: int) -> dict[str, Any]:
+    """The stats file of the cache file `path` (batch and block ends, the names the .npy files index), checked
+    against the objects file's `batches`."""
+    stats_path = layout.cache_sibling(path, "stats")
+    try:
+        stats = json.loads(stats_path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _unreadable(stats_path, "missing: the cache's files are written together") from None
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+        raise _unreadable(stats_path, f"not valid JSON: {exc}") from None
+    fields = {"ends": int, "blocks": int, "ranges": str, "places": str}
+    if not isinstance(stats, dict) or not all(
+            isinstance(stats.get(k), list) and all(isinstance(v, t) and not isinstance(v, bool) for v in stats[k])
+            for k, t in fields.items()) or not isinstance(stats.get("rows", False), bool):
+        raise _unreadable(stats_path, "not the cache's statistics (lists ends, blocks, ranges, places and a "
+                                      "true/false rows expected)")
+    ends, blocks = stats["ends"], stats["blocks"]
+    if len(ends) != batches or np.any(np.diff([0, *ends]) < 0) or np.any(np.diff([0, *blocks]) <= 0) \
+            or (ends[-1] if ends else 0) != (blocks[-1] if blocks else 0):
+        raise _unreadable(stats_path, f"its batch ends do not match the {batches} batches of {path.name}")
+    return stats
+
+
+def check(path: Path, reader: pa.ipc.RecordBatchFileReader) -> None:
+    """The other files of the cache `path` (stats, centroid ranges, buffer places, and the row-major copy if
+    there is one) are whole and agree with the objects file; a StoreError names the first that is not."""
+    stats = _stats_of(path, reader.num_record_batches)
+    size = path.stat().st_size
+    names = set(reader.schema.names)
+    ranges_path, places_path = layout.cache_sibling(path, "ranges"), layout.cache_sibling(path, "places")
+    ranges, places = _load_npy(ranges_path), _load_npy(places_path)
+    if ranges.dtype != np.float64 or ranges.shape != (len(stats["ranges"]), 2, len(stats["blocks"])) \
+            or not set(stats["ranges"]) <= names:
+        raise _unreadable(ranges_path, f"shape {ranges.shape}, not that of the ranges its stats file lists")
+    if places.dtype != np.int64 or places.shape != (len(stats["places"]), len(stats["ends"]), 3, 2) \
+            or not set(stats["places"]) <= names \
+            or np.any((places[..., 0] >= 0) & (places[..., 0] + places[..., 1] > size)) or np.any(places[..., 1] < -1):
+        raise _unreadable(places_path, f"shape {places.shape} or places beyond the {size:,} bytes of {path.name}")
+    rows_path = layout.cache_sibling(path, "rows")
+    if stats.get("rows") and not rows_path.exists():
+        raise _unreadable(rows_path, "missing: the cache was written with its row-major copy")
+
+
+def check_rows(path: Path, reader: pa.ipc.RecordBatchFileReader) -> None:
+    """The row-major copy of the cache `path`, if there is one, is whole: its header parses and the file holds
+    a record for every row. Parsing the header of 200 columns costs 3 ms, so opening the cache leaves it to
+    the first read of whole rows (`Mapped._rows_file`) and to `status`."""
+    rows_path = layout.cache_sibling(path, "rows")
+    if rows_path.exists():
+        shape, dtype = _load_npy(rows_path, header_only=True)
+        n = _stats_of(path, reader.num_record_batches)["ends"][-1:] or [0]
+        if shape != (n[0],) or dtype.names is None or not set(dtype.names) <= set(reader.schema.names):
+            raise _unreadable(rows_path, f"shape {shape}, the objects file has {n[0]:,} rows")
 
 
 class Mapped:
@@ -80,6 +172,7 @@ class Mapped:
                 self._readers.append(pa.ipc.open_file(pa.BufferReader(self._buffers[-1])))
             except (OSError, pa.ArrowInvalid) as exc:
                 raise _unreadable(path, exc) from None
+            check(path, self._readers[-1])
 
     @cached_property
     def schema(self) -> pa.Schema:
@@ -122,31 +215,19 @@ class Mapped:
     def _places(self) -> tuple[dict[str, int], np.ndarray] | None:
         """({column: row of the places array}, places[column, batch, buffer] = (file offset, size) or -1) of
         one store's columns without nulls, or None."""
-        stats = self._stats[0] if len(self._stats) == 1 else None
-        if not stats or "places" not in stats:
+        if len(self._stats) != 1:
             return None
-        try:
-            where = np.load(layout.cache_sibling(self.paths[0], "places"))
-        except (OSError, ValueError):
-            return None
-        return {n: i for i, n in enumerate(stats["places"])}, where
+        where = _load_npy(layout.cache_sibling(self.paths[0], "places"))
+        return {n: i for i, n in enumerate(self._stats[0]["places"])}, where
 
     @cached_property
-    def _stats(self) -> list[dict | None]:
-        """Each store's stats file (batch ends, centroid ranges, the columns with recorded places), None where
-        it is missing."""
-        out = []
-        for path in self.paths:
-            try:
-                out.append(json.loads(layout.cache_sibling(path, "stats").read_text()))
-            except (OSError, ValueError):
-                out.append(None)
-        return out
+    def _stats(self) -> list[dict]:
+        """Each store's stats file (batch ends, centroid ranges, the columns with recorded places)."""
+        return [_stats_of(path, reader.num_record_batches) for path, reader in zip(self.paths, self._readers)]
 
     @cached_property
     def num_rows(self) -> int:
-        ranges = self.batch_ranges
-        return int(ranges["starts"][-1]) if ranges is not None else sum(r.count_rows() for r in self._readers)
+        return int(self.batch_ranges["starts"][-1])
 
     @cached_property
     def table(self) -> pa.Table:
@@ -235,17 +316,12 @@ class Mapped:
         return self.table.slice(start, stop - start).combine_chunks().to_batches()[0]
 
     @cached_property
-    def batch_ranges(self) -> dict[str, Any] | None:
+    def batch_ranges(self) -> dict[str, Any]:
         """{"batches": row offsets of the batches (and the end), "starts": of the blocks (and the end), column:
-        (mins, maxs) per block} over every store, or None if a store's stats file is missing."""
+        (mins, maxs) per block} over every store."""
         batches, starts, ranges = [0], [0], {}
         for path, stats in zip(self.paths, self._stats):
-            if stats is None:
-                return None
-            try:
-                values = np.load(layout.cache_sibling(path, "ranges"))
-            except (OSError, ValueError):
-                return None
+            values = _load_npy(layout.cache_sibling(path, "ranges"))
             base = batches[-1]
             batches.extend(base + e for e in stats["ends"])
             starts.extend(base + e for e in stats["blocks"])
@@ -269,9 +345,12 @@ class Mapped:
         if not path.is_file():
             return None
         try:
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise _unreadable(path, "not a .npy file")
             matrix = _map_rows(path)
-        except (OSError, ValueError, TypeError) as exc:  # TypeError: numpy's "buffer is too small"
-            raise _unreadable(path, exc) from None
+        except (OSError, ValueError, TypeError, EOFError) as exc:  # TypeError: numpy's "buffer is too small"
+            raise _unreadable(path, f"truncated or damaged .npy file: {exc}") from None
         if matrix.shape != (self.num_rows,):
             raise _unreadable(path, ValueError(f"{matrix.shape[0]:,} rows, the objects file {self.num_rows:,}"))
         return matrix
@@ -409,12 +488,13 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
 
     start = time.perf_counter()
     store = Path(store)
+    integrity.check_writable(store)  # a damaged Parquet file fails here, before any cache file is touched
     objs = Objects([store], cache=False, engine="duckdb")
     if not objs.tables:
         raise StoreError(f"{store}: the store has no tables to cache")
     manifest = objs.manifests[0]
     target = layout.cache_path(store, manifest)
-    layout.remove_stale_caches(store, None)  # this state's files too: they are written anew
+    layout.remove_stale_caches(store, manifest)  # other states' files; this state's are replaced at the end
     target.parent.mkdir(exist_ok=True)
     tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places", "ranges")}
     n_rows, ends, blocks, ranges = 0, [], [], {}
@@ -471,11 +551,17 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
         with open(tmps["ranges"], "wb") as fh:  # numbers in .npy: parsing them from JSON costs milliseconds
             np.save(fh, np.array([ranges[n] for n in ranges], float).reshape(len(ranges), 2, len(blocks)))
         os.replace(tmps["ranges"], layout.cache_path(store, manifest, "ranges"))
-        stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names}
-        layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
+        # The stats file says whether there is a row-major copy: it names one only once it is in place, and an
+        # earlier build's copy goes only once the stats file no longer names it.
         if record is not None:
             os.replace(tmps["rows"], layout.cache_path(store, manifest, "rows"))
+        stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names, "rows": record is not None}
+        layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
+        if record is None:
+            layout.cache_path(store, manifest, "rows").unlink(missing_ok=True)
         os.replace(tmps["objects"], target)
+    except duckdb.Error as exc:  # a Parquet file whose data do not decode
+        raise objs.error(exc) from None
     except FileNotFoundError as exc:  # a write to the store removed the files of the state being cached
         raise StoreError(f"{store}: the store changed while its cache was written ({exc.filename} is gone); "
                          "run `cellar cache` again") from None
@@ -524,11 +610,19 @@ def _record_dtype(schema: pa.Schema) -> np.dtype | None:
     return np.dtype(fields) if fields else None
 
 
-def status(store: Path) -> dict[str, Any]:
-    """Whether the store has a fresh cache, its size (with the row-major copy), and the Parquet files' size."""
+def status(store: Path, check: bool = True) -> dict[str, Any]:
+    """Whether the store has a fresh cache, its size (with the row-major copy), and the Parquet files' size.
+
+    `check` first checks the Parquet files (`schemas.integrity.check_tables`) and opens a fresh cache (which
+    checks its files), so that a damaged file is a StoreError naming it, not a size in the report."""
     store = Path(store)
     manifest = layout.read_manifest(store)
     path = find(store, manifest)
+    if check:
+        integrity.check_tables(store, manifest)
+        if path is not None:
+            mapped = Mapped([path])
+            check_rows(path, mapped._readers[0])
     files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
     parquet = sum((store / t["dir"] / f).stat().st_size for t in manifest.get("tables", []) for f in t["files"]
                   if (store / t["dir"] / f).is_file())

@@ -80,8 +80,8 @@ def coloring(q: Query, by: str, *, where: str | None = None, cmap: str = "viridi
     except KeyError:
         raise UsageError(f"--cmap {cmap}: unknown colormap (for example viridis, magma, coolwarm, tab10)") from None
     matched_sql = f"coalesce(({where}), false)" if where else "true"
-    rel = q.objects.sql(f"SELECT label_id, {quote(by)} AS v, {matched_sql} AS m FROM ({q.to_sql()}) ORDER BY label_id")
-    data = rel.fetchnumpy()
+    data = q.objects.fetch(f"SELECT label_id, {quote(by)} AS v, {matched_sql} AS m FROM ({q.to_sql()}) "
+                           "ORDER BY label_id", "fetchnumpy")
     ids = np.asarray(data["label_id"], np.uint64)
     matched = np.asarray(data["m"], bool)
     values = data["v"]
@@ -127,7 +127,10 @@ def _categories(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
 
 def source_image(entry: dict, image_url: str | None = None) -> ngff.NgffImage:
     """The NGFF image a table was measured from (or `image_url`, checked to hold the label image)."""
-    url = image_url or entry["source"]["url"]
+    url = image_url or (entry.get("source") or {}).get("url")
+    if url is None:  # a table written without provenance (store_write.write_table alone)
+        raise UsageError(f"{entry['image']}/{entry['label_image']}: the store does not record the image it was "
+                         "measured from; give the image's path or URL")
     image = ngff.open_image(url)
     image.label(entry["label_image"])  # a clear error if it is not there
     return image
@@ -312,7 +315,7 @@ def histogram(objs: Objects, column: str, out: Path, *, where: str | None = None
         base.where(where)
     col = quote(column)
     matched = f"coalesce(({where}), false)" if where else "true"
-    data = objs.sql(f"SELECT {col}::DOUBLE AS v, {matched} AS m FROM objects WHERE {col} IS NOT NULL").fetchnumpy()
+    data = objs.fetch(f"SELECT {col}::DOUBLE AS v, {matched} AS m FROM objects WHERE {col} IS NOT NULL", "fetchnumpy")
     v = np.asarray(data["v"], np.float64)
     m = np.asarray(data["m"], bool)
     ok = np.isfinite(v)

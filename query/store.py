@@ -32,8 +32,9 @@ import pyarrow as pa
 
 from query import hotcache
 from query.api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
+from schemas import integrity
 from schemas import store as layout
-from schemas.errors import QueryError
+from schemas.errors import CellarError, QueryError, StoreError
 
 _CHANNEL_SEP = "__"
 _CHANNELS_VIEW = re.compile(r"\bchannels\b", re.IGNORECASE)
@@ -58,7 +59,9 @@ class Objects:
         self.stores = tuple(stores)
         self.manifests = [layout.read_manifest(s) for s in self.stores]
         self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
-        self._files()  # a missing file is an error now, not at the first query
+        for store, manifest in zip(self.stores, self.manifests):  # a missing or truncated file fails now
+            for rel, _ in integrity.files(manifest):
+                integrity.parquet_file(store, rel)
         self._threads = threads
         # DuckDB: a connection serves one thread at a time. The views live in a schema of the database (made
         # once, on `_base`); every thread queries through a connection of its own (`con`), which registers the
@@ -156,7 +159,7 @@ class Objects:
         if "_frame" not in self.__dict__:
             import polars as pl
 
-            frames = [pl.scan_parquet(store / table["dir"] / name).with_columns(
+            frames = [_scan(store, table, name).with_columns(
                 image=pl.lit(table["image"]), label_image=pl.lit(table["label_image"]))
                 for store, table in self.tables for name in table["files"]]
             self._frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
@@ -198,7 +201,10 @@ class Objects:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
-            table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            try:
+                table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            except duckdb.Error as exc:  # a Parquet file whose data do not decode
+                raise self.error(exc) from None
             # One chunk per column (DuckDB hands over one per row group): taking rows from chunked columns
             # concatenates them on every call. Column by column, so the copy costs one column of memory. The
             # copies come from the system allocator: it returns a freed column's pages to the operating system,
@@ -272,14 +278,64 @@ class Objects:
         return CACHED_VIEW
 
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
-        files = []
-        for store, table in self.tables if entries is None else entries:
-            for name in table["files"]:
-                path = store / table["dir"] / name
-                if not path.is_file():
-                    raise QueryError(f"{store}: manifest lists {table['dir']}/{name}, which is missing")
-                files.append(str(path.resolve()))
-        return files
+        """The Parquet files of these table entries or annotation versions (all tables for None), each checked
+        to exist and to look like Parquet (`schemas.integrity.parquet_file`)."""
+        return [str(integrity.parquet_file(store, f"{table['dir']}/{name}").resolve())
+                for store, table in (self.tables if entries is None else entries) for name in table["files"]]
+
+    def _check_parquet(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Check, once, that every Parquet file's footer parses and holds the columns the manifest lists for it
+        (a file of another table would otherwise join the views unnoticed). DuckDB parses the footers here and
+        keeps them in its metadata cache, so the views' binding that follows does not parse them again."""
+        if self.__dict__.get("_parquet_checked"):
+            return
+        expected = {str((store / rel).resolve()): (store, rel, names)
+                    for store, manifest in zip(self.stores, self.manifests) for rel, names in integrity.files(manifest)}
+        if expected:
+            con.execute("SET parquet_metadata_cache = true")
+            listing = ", ".join(literal(f) for f in expected)
+            try:
+                rows = con.execute(f"SELECT file_name, name, num_children FROM parquet_schema([{listing}])").fetchall()
+            except duckdb.Error:  # a footer that does not parse: find which (DuckDB's message may not say)
+                raise _unparsable(con, expected.values()) from None
+            for path, names in _top_level_columns(rows).items():
+                store, rel, want = expected[path]
+                problem = integrity.column_problem(store, rel, names, want)
+                if problem is not None:
+                    raise problem
+        self._parquet_checked = True
+
+    def error(self, exc: duckdb.Error | OSError) -> CellarError:
+        """DuckDB's error as a cellar error: a StoreError naming the store file it could not read, else a
+        QueryError with DuckDB's message on one line (`explain`). An OSError is DuckDB's error as pyarrow's
+        reader of DuckDB's result stream passes it on."""
+        text = one_line(exc)
+        if isinstance(exc, (duckdb.IOException, duckdb.InvalidInputException, OSError)):
+            for quoted in re.findall(r"""["']([^"']+)["']""", text):
+                for store in self.stores:
+                    root = store.resolve()
+                    if Path(quoted).is_relative_to(root):
+                        rel = Path(quoted).relative_to(root).as_posix()
+                        return StoreError(f"{store}: {rel}: damaged Parquet file ({text})")
+        if type(exc) is duckdb.Error or isinstance(exc, OSError):  # a page that does not decode, not the SQL
+            damaged = self._undecodable(text)
+            if damaged is not None:
+                return damaged
+        return QueryError(self.explain(exc))
+
+    def _undecodable(self, text: str) -> StoreError | None:
+        """The error naming the first Parquet file whose data DuckDB cannot decode, for an error that does not
+        say which (its thrift decoder's, say). Every value of every file is read: only on an error's path."""
+        con = duckdb.connect(":memory:")
+        for store, manifest in zip(self.stores, self.manifests):
+            for rel, _ in integrity.files(manifest):
+                try:  # hashing every value decodes every column, keeping none
+                    source = f"read_parquet({literal(str(store / rel))})"
+                    con.execute(f"SELECT bit_xor(hash(COLUMNS(*))) FROM {source}").fetchall()
+                except duckdb.Error as exc:
+                    return StoreError(f"{store}: {rel}: damaged Parquet file: its data do not decode "
+                                      f"({one_line(exc) or text})")
+        return None
 
     @staticmethod
     def _read_parquet(files: list[str], keys: str) -> str:
@@ -290,6 +346,7 @@ class Objects:
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         """The views, in this Objects' schema of the database (`con`: the connection that holds it)."""
         keys = "'image': VARCHAR, 'label_image': VARCHAR"
+        self._check_parquet(self.con)
         files = self._files()
         if files:
             select_objects = f"SELECT * FROM {self._read_parquet(files, keys)}"
@@ -379,9 +436,18 @@ class Objects:
             try:
                 return con.sql(query)
             except duckdb.Error as again:
-                raise QueryError(self.explain(again)) from None
+                raise self.error(again) from None
         except duckdb.Error as exc:
-            raise QueryError(self.explain(exc)) from None
+            raise self.error(exc) from None
+
+    def fetch(self, query: str, how: str = "fetchall"):
+        """Run SQL over the views and materialise the result (`how`: a relation method, such as fetchnumpy);
+        an error met while it runs (a Parquet file whose data do not decode) is a cellar error (`error`), as
+        one met while binding."""
+        try:
+            return getattr(self.sql(query), how)()
+        except duckdb.Error as exc:
+            raise self.error(exc) from None
 
     def _create_channels_view(self) -> None:
         """Made on first mention: DuckDB binds a view when it is created (at 40 channels this one takes 57 ms;
@@ -508,6 +574,55 @@ def _lazy_frame(table: pa.Table):
     import polars as pl
 
     return pl.from_arrow(table, rechunk=False).lazy()
+
+
+def _scan(store: Path, table: dict, name: str):
+    """A polars scan of one of the table's files, its footer read now: a footer that does not parse, or
+    columns other than the manifest lists, are a StoreError naming the file."""
+    import polars as pl
+
+    rel = f"{table['dir']}/{name}"
+    frame = pl.scan_parquet(store / rel)
+    try:
+        names = frame.collect_schema().names()  # polars keeps the parsed footer for the query's own scan
+    except (pl.exceptions.ComputeError, OSError) as exc:
+        raise StoreError(f"{store}: {rel}: damaged Parquet file ({' '.join(str(exc).split())})") from None
+    expected = {c["name"] for c in table["columns"]} - set(integrity.PARTITION_KEYS)
+    problem = integrity.column_problem(store, rel, names, expected)
+    if problem is not None:
+        raise problem
+    return frame
+
+
+def _top_level_columns(rows: list[tuple]) -> dict[str, list[str]]:
+    """{file: its top-level column names} from DuckDB's `parquet_schema` rows (file_name, name, num_children),
+    which list each file's schema tree depth first, the root first."""
+    out: dict[str, list[str]] = {}
+    pending: dict[str, list[int]] = {}  # per file, the children still to come at each open level
+    for path, name, children in rows:
+        stack = pending.get(path)
+        if stack is None:  # the root
+            out[path], pending[path] = [], [children or 0]
+            continue
+        while stack and stack[-1] == 0:
+            stack.pop()
+        if len(stack) == 1:
+            out[path].append(name)
+        stack[-1] -= 1
+        if children:
+            stack.append(children)
+    return out
+
+
+def _unparsable(con: duckdb.DuckDBPyConnection, files) -> StoreError:
+    """The error naming the first of (store, rel, names) whose footer DuckDB cannot parse."""
+    for store, rel, _ in files:
+        try:
+            con.execute(f"SELECT 1 FROM parquet_schema({literal(str((store / rel).resolve()))})").fetchall()
+        except duckdb.Error as exc:
+            return StoreError(f"{store}: {rel}: damaged Parquet file: its footer does not parse ({one_line(exc)})")
+    stores = dict.fromkeys(str(store) for store, _, _ in files)
+    return StoreError(f"{', '.join(stores)}: a Parquet file's footer does not parse")
 
 
 _DATABASE: duckdb.DuckDBPyConnection | None = None

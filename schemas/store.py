@@ -16,6 +16,9 @@ with their files and concrete columns; a reader reads only what the manifest lis
 still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
 and renamed into place, the manifest last. The cache file is derived data named by a hash of the manifest's
 tables (`cache_path`): a write makes it stale, and the writer removes it after the manifest swap.
+
+`read_manifest` checks the manifest's structure against `MANIFEST_SPEC`, so that a damaged manifest is one
+line naming the key, never a KeyError or TypeError further on; `schemas.integrity` checks the Parquet files.
 """
 
 from __future__ import annotations
@@ -116,17 +119,32 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def read_json(path: Path, what: str) -> Any:
+    """The JSON document in `path`; a file that is missing, unreadable or not JSON is a StoreError naming it
+    (`what` says what the file is, for the message)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing (the {what})") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: not valid JSON (not UTF-8 text): the {what} is damaged") from None
+    except ValueError as exc:  # json.JSONDecodeError
+        if not text.strip():
+            raise StoreError(f"{path}: an empty file, not JSON: the {what} is damaged") from None
+        raise StoreError(f"{path}: not valid JSON ({exc}): the {what} is truncated or damaged") from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
 def read_manifest(store: Path) -> dict[str, Any]:
-    """The store's manifest, checked for format and version."""
+    """The store's manifest, checked for format, version and structure (`MANIFEST_SPEC`)."""
     path = store / MANIFEST
     if not store.exists():
         raise StoreError(f"{store}: no such store (the path does not exist)")
     if not path.is_file():
         raise StoreError(f"{store}: not a cellar store (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"{path}: unreadable manifest ({exc})") from None
+    manifest = read_json(path, "store's manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise StoreError(f"{path}: not a cellar manifest (expected format '{FORMAT}')")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -134,7 +152,129 @@ def read_manifest(store: Path) -> dict[str, Any]:
             f"{path}: store format version {manifest.get('format_version')!r}, "
             f"this cellar reads version {FORMAT_VERSION}"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise StoreError(f"{path}: damaged manifest: {problem}")
     return manifest
+
+
+# The manifest's structure (format version 1). An object is {key: (spec, required)}; a one-item list is a list
+# of that; a type or tuple of types is checked with isinstance (a bool is not a number). Table entries written
+# by `measure.store_write.write_table` hold the required keys whatever their caller gives (the query benchmark
+# writes tables without provenance); `measure` adds the rest. A key that is present must have its type.
+_NUMBER = (int, float)
+_DIR, _FILE = object(), object()  # text naming a folder inside the store / a file in that folder
+_COLUMN = {"name": (str, True), "dtype": (str, True), "unit": (str, True), "description": (str, True)}
+_VERSION = {
+    "version": (int, True), "dir": (_DIR, True), "files": ([_FILE], True), "columns": ([{
+        "name": (str, True), "dtype": (str, True)}], True),
+    "source": (str, True), "created": (str, True), "rows": (int, False), "dropped_unknown": (int, False),
+}
+_SETTINGS = {
+    "url": (str, False), "labels": (str, False), "level": (int, False), "timepoint": (int, False),
+    "channels": ([str], False), "features": ([str], False), "radius": ((*_NUMBER, type(None)), False),
+    "texture_levels": (int, False), "context": (dict, False),
+}
+_SOURCE = {"url": (str, True), "ngff_version": (str, False), "zarr_format": (int, False),
+           "image_path": (str, False), "label_path": (str, False)}
+_TABLE = {
+    "image": (str, True), "label_image": (str, True), "dir": (_DIR, True), "files": ([_FILE], True),
+    "n_objects": (int, True), "columns": ([_COLUMN], True), "created": (str, True),
+    "channels": ([{"index": (int, True), "name": (str, True), "column": (str, True)}], False),
+    "annotations": ([_VERSION], False), "cellar_version": (str, False), "source": (_SOURCE, False),
+    "level": (int, False), "timepoint": ((int, type(None)), False), "axes": ([str], False),
+    "shape": ([int], False), "pixel_size": ([_NUMBER], False), "pixel_unit": ([(str, type(None))], False),
+    "translation": ([_NUMBER], False), "spacing_um": (([_NUMBER], type(None)), False),
+    "features": ([str], False), "radius": ((*_NUMBER, type(None)), False),
+    "texture_levels": ((int, type(None)), False), "halo": (int, False), "settings": (_SETTINGS, False),
+    "context": (dict, False), "regions": (int, False), "workers": (int, False), "elapsed_s": (_NUMBER, False),
+}
+MANIFEST_SPEC = {
+    "format": (str, True), "format_version": (int, True), "tables": ([_TABLE], True),
+    "cellar_version": (str, False), "created": (str, False), "updated": (str, False),
+}
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What is wrong with a manifest's structure (`MANIFEST_SPEC`), or None: the first key with a missing or
+    mistyped value, or a table given twice."""
+    problem = _spec_problem(manifest, MANIFEST_SPEC, "")
+    if problem:
+        return problem
+    seen = set()
+    for i, table in enumerate(manifest["tables"]):
+        key = (table["image"], table["label_image"])
+        if key in seen:
+            return f"tables[{i}]: a second table image={key[0]} label_image={key[1]}"
+        seen.add(key)
+        if not table["files"]:
+            return f"tables[{i}].files: an empty list (a table has at least one file)"
+    return None
+
+
+def _spec_problem(value: Any, spec: Any, where: str) -> str | None:
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            return f"{where or 'the document'}: expected an object, found {_kind(value)}"
+        for key, (sub, required) in spec.items():
+            if key not in value:
+                if required:
+                    return f"{where + ': ' if where else ''}no '{key}'"
+                continue
+            problem = _spec_problem(value[key], sub, f"{where}.{key}" if where else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(spec, list):
+        if not isinstance(value, list):
+            return f"{where}: expected a list, found {_kind(value)}"
+        if _plainly(value, spec[0]):
+            return None
+        for i, item in enumerate(value):
+            problem = _spec_problem(item, spec[0], f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if spec is _DIR or spec is _FILE:
+        parts = value.split("/") if isinstance(value, str) else [""]
+        if "" in parts or ".." in parts or "." in parts or (spec is _FILE and len(parts) > 1):
+            return f"{where}: {_kind(value)} is not a {'file name' if spec is _FILE else 'folder'} inside the store"
+        return None
+    if isinstance(spec, tuple) and any(isinstance(s, (list, dict)) for s in spec):  # a list or None
+        if value is None and type(None) in spec:
+            return None
+        return _spec_problem(value, next(s for s in spec if isinstance(s, (list, dict))), where)
+    types = spec if isinstance(spec, tuple) else (spec,)
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        names = dict.fromkeys(_TYPE_NAMES.get(t, t.__name__) for t in types if not (t is int and float in types))
+        return f"{where}: expected {' or '.join(names)}, found {_kind(value)}"
+    return None
+
+
+def _plainly(items: list, spec: Any) -> bool:
+    """True if every item is a value of the plain type `spec`, or an object with every key of a flat `spec`
+    of plain types: the bulk of a large manifest (column lists, feature lists) checked in one pass; False
+    leaves the list to the item-by-item check, which finds the problem."""
+    if isinstance(spec, type):
+        return all(type(v) is spec for v in items)
+    if isinstance(spec, dict) and all(required and isinstance(sub, type) for sub, required in spec.values()):
+        fields = [(key, sub) for key, (sub, _) in spec.items()]
+        return all(type(v) is dict and all(type(v.get(k)) is t for k, t in fields) for v in items)
+    return False
+
+
+_TYPE_NAMES = {str: "text", int: "a whole number", float: "a number", dict: "an object", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    """`value`'s JSON type in words, with the value when it is short."""
+    if isinstance(value, (dict, list)):
+        return "an object" if isinstance(value, dict) else "a list"
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    text = json.dumps(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"text {text}" if isinstance(value, str) else f"the number {text}"
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:

@@ -147,7 +147,7 @@ BAD_MEASURE = [
     ("old version", _old_version, [], ["NGFF version 0.3 is not supported (cellar reads 0.4 and 0.5)"]),
     ("no labels", _no_labels, [], ["no 'labels' group"]),
     ("unknown label", lambda t: _good(t / "u.zarr"), ["--labels", "cells"], ["no label image 'cells'", "it has: nuclei"]),
-    ("float labels", _float_labels, [], ["labels/nuclei/0: dtype float32, expected an integer dtype"]),
+    ("float labels", _float_labels, [], ["labels/nuclei/0/zarr.json: dtype float32, expected an integer dtype"]),
     ("negative labels", _negative_labels, [], ["negative label value -4", "label values must be >= 0"]),
     ("shape mismatch", _shape_mismatch, [], ["spatial shape (48, 60) at level 0, but the image (0) has (48, 64)"]),
     ("level out of range", lambda t: _good(t / "l.zarr"), ["--level", "2"], ["--level 2 out of range", "valid: 0..1"]),

@@ -72,7 +72,8 @@ def test_file_url_opens_like_a_path(tmp_path):
     (lambda a: a["multiscales"][0]["axes"][0].update(type="wavelength"), "multiscales.0.axes: Length of space axes"),
     (lambda a: a["multiscales"][0]["datasets"][0].update(coordinateTransformations=[{"type": "scale", "scale": [-1, 1]}]),
      "expected positive finite values"),
-    (lambda a: a["multiscales"][0]["datasets"][0].update(path="nope"), "dataset 'nope' listed in multiscales but missing"),
+    (lambda a: a["multiscales"][0]["datasets"][0].update(path="nope"),
+     "nope/.zarray: missing \\(dataset 'nope' is listed in multiscales\\)"),
 ])
 def test_invalid_metadata_is_one_clear_error(tmp_path, mutate, message):
     path = write_image(tmp_path / "f.zarr", np.zeros((8, 8), np.uint8), "yx", version="0.4")
