@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -294,7 +295,14 @@ def _anndata(q: Query, path: Path) -> dict:
                                       "region_key": "region", "instance_key": "instance_id"}
     adata.uns["cellar"] = {**_provenance(q), "spatial_columns": xy}
     if path.suffix == ".zarr":
-        adata.write_zarr(path)
+        # Zarr v2, which every anndata and zarr reader reads (v3 AnnData needs anndata >= 0.11, and zarr warns
+        # that its consolidated metadata is outside the v3 spec); anndata's notice that its default will change
+        # is about its defaults, not this file.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Writing zarr v2 data will no longer be the default",
+                                    category=UserWarning)
+            with ad.settings.override(zarr_write_format=2):
+                adata.write_zarr(path)
     else:
         adata.write_h5ad(path)
     return {"rows": table.num_rows, "columns": len(numeric), "renamed": {}}

@@ -171,6 +171,10 @@ def test_anndata_for_spatialdata(case, suffix):
     np.testing.assert_array_equal(a.obsm["spatial"][order], expected[["centroid_x_um", "centroid_y_um"]].to_numpy())
     assert dict(a.uns["spatialdata_attrs"]) == {"region": "nuclei", "region_key": "region", "instance_key": "instance_id"}
     assert set(a.obs["region"]) == {"nuclei"}
+    r = run_cli("export", str(case / "s.cellar"), "--to", "anndata", str(case / f"cli{suffix}"))
+    lines = r.stderr.splitlines()  # cellar's one line, no library's warnings
+    n_all = len(_store_rows(case / "s.cellar"))
+    assert r.returncode == 0 and lines == [f"exported {n_all} rows x {a.n_vars} columns as anndata to {case / f'cli{suffix}'}"], lines
 
 
 def test_ngff_properties_are_written_and_bounded(case):
