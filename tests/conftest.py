@@ -289,7 +289,9 @@ def browser():
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only the tests that will run count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Stop at collection, with one line, when the selected tests need Chromium and it is not installed."""
+    """Stop at collection, with one line, when the selected tests need Chromium and it is not installed; put the
+    tests that wait for scripts/test's background build last."""
+    items.sort(key=lambda item: item.get_closest_marker("omero") is not None)
     needing = [item for item in items if "browser" in getattr(item, "fixturenames", ())]
     if not needing or config.option.collectonly or os.access(CHROMIUM, os.X_OK):
         return
