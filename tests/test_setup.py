@@ -1,8 +1,8 @@
 """The test set-up: `scripts/test` installs what the suite needs before it runs pytest, and pytest run without
 the browser stops at collection when the selected tests need it.
 
-The script runs in a copy of its own tree, with stand-ins for apt-get, sudo and the project's python on a
-PATH of their own, and in a user namespace (`unshare`) as root or as another user: it never installs anything.
+The script runs in a copy of its own tree, with stand-ins for apt-get, sudo, python3.10 and the project's python
+on a PATH of their own, and in a user namespace (`unshare`) as root or as another user: it installs nothing.
 """
 
 from __future__ import annotations
