@@ -126,7 +126,9 @@ def _omero_python() -> str:
             pytest.skip(reason)
         pytest.fail("no Python with omero-py: run scripts/test, which builds .venv-omero (or set CELLAR_OMERO_PYTHON)",
                     pytrace=False)
-    _wait_for_the_omero_build()
+    built_here = Path(python).parent.resolve() == OMERO_VENV_PYTHON.parent.resolve()
+    if built_here:
+        _wait_for_the_omero_build()
     try:
         probe = subprocess.run([python, "-c", "import omero.hdfstorageV2, tables"], capture_output=True, text=True,
                                timeout=120)
@@ -134,8 +136,8 @@ def _omero_python() -> str:
         pytest.fail(f"OMERO's python {python} does not run: {exc}", pytrace=False)
     if probe.returncode != 0:
         pytest.fail(f"OMERO's python {python} cannot import omero.hdfstorageV2 and tables: "
-                    f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]} (scripts/test's build log: "
-                    f"{OMERO_LOG})", pytrace=False)
+                    f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}"
+                    + (f" (scripts/test's build log: {OMERO_LOG})" if built_here else ""), pytrace=False)
     return python
 
 

@@ -48,6 +48,17 @@ def test_tests_that_need_no_browser_run_without_it():
     assert "1 passed" in r.stdout and "error" not in r.stdout.lower(), r.stdout
 
 
+@pytest.mark.parametrize("python, fragment", [
+    ("/nonexistent/python", "OMERO's python /nonexistent/python does not run: "),
+    (sys.executable, f"OMERO's python {sys.executable} cannot import omero.hdfstorageV2 and tables: "),
+])
+def test_a_named_omero_python_that_does_not_work_fails_the_reader_test(python, fragment):
+    env = dict(os.environ, CELLAR_OMERO_PYTHON=python)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_export.py", "-k",
+                        "omero_reads"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "1 failed" in r.stdout and fragment in r.stdout, r.stdout + r.stderr
+
+
 def _stub(path: Path, body: str) -> None:
     path.write_text(f"#!{BASH}\n{body}")
     path.chmod(0o755)
