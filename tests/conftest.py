@@ -18,6 +18,11 @@ from skimage.measure import regionprops_table
 from measure import features as registry
 
 DATA = Path(__file__).parent / "data"
+# Debian's chromium, which the viewer's page tests drive with Playwright (scripts/test installs it);
+# CELLAR_CHROMIUM names another binary, so that the missing-browser path can be tried on a machine that has it.
+CHROMIUM = os.environ.get("CELLAR_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def nuclei_like(shape: tuple[int, ...], n: int, seed: int, radius: float = 6.0, dtype=np.uint32) -> np.ndarray:
@@ -280,3 +285,31 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def dsb2018() -> tuple[np.ndarray, np.ndarray]:
     """The real DSB2018 nuclei image (uint16) and its hand-made labels (125 nuclei, values up to 183)."""
     return tifffile.imread(DATA / "dsb2018_image.tif"), tifffile.imread(DATA / "dsb2018_labels.tif")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium, driven by Playwright: a test that takes this fixture needs the browser installed."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected: only the tests that will run count
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Stop at collection, with one line, when the selected tests need Chromium and it is not installed; put the
+    tests that wait for scripts/test's background build last."""
+    items.sort(key=lambda item: item.get_closest_marker("omero") is not None)
+    needing = [item for item in items if "browser" in getattr(item, "fixturenames", ())]
+    if not needing or config.option.collectonly or os.access(CHROMIUM, os.X_OK):
+        return
+    count = f"{len(needing)} selected test needs" if len(needing) == 1 else f"{len(needing)} selected tests need"
+    message = (f"{CHROMIUM} is not installed and {count} it: run scripts/test, which installs Debian's chromium, "
+               "or apt-get install chromium")
+    # A failed collection report rather than a UsageError: pytest-xdist's workers pass it on to the controller,
+    # which stops the run with this message (a UsageError in a worker is an internal error there).
+    config.hook.pytest_collectreport(report=pytest.CollectReport(needing[0].nodeid, "failed", message, []))
+    items[:] = []
