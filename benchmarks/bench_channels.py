@@ -10,7 +10,6 @@ Run: `python benchmarks/bench_channels.py`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -34,6 +33,7 @@ def main() -> None:
 
     import measure
     from ngff.write import write_image
+    from schemas import log
 
     counts = [int(c) for c in args.channels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="cellar-bench-channels-"))
@@ -50,8 +50,8 @@ def main() -> None:
             t = time.perf_counter()
             measure.measure(str(path), "nuclei", store, overwrite=True)
             times.append(time.perf_counter() - t)
-        manifest = json.loads((store / "manifest.json").read_text())
-        rows.append((c, statistics.median(times), len(manifest["tables"][0]["columns"])))
+        snap = log.snapshot(store)
+        rows.append((c, statistics.median(times), len(snap.columns(snap.entry(*snap.keys[0])))))
         print(f"{c} channels: {rows[-1][1]:.2f} s, {rows[-1][2]} columns", flush=True)
     shutil.rmtree(work)
     base = rows[0][1]

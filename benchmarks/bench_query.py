@@ -15,7 +15,7 @@ Queries, each timed `--repeat` times (median):
 5. top-100 objects by a column.
 
 Engines:
-- cellar cold from the Parquet files: `query.open(store, cache=False)` afresh for every run (manifest, then
+- cellar cold from the Parquet files: `query.open(store, cache=False)` afresh for every run (the log, then
   the query on the Parquet file);
 - polars: `pl.scan_parquet` on the same file;
 - cellar cold from the on-disk session cache with its row-major copy (`cellar cache --rows`): `query.open`

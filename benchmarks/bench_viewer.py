@@ -156,11 +156,12 @@ def main() -> None:
 
     import measure
     import query
+    from schemas import log
     from viewer.session import Session
 
     data = args.data / f"s{args.size}"
     image, store = data / "slide.ome.zarr", data / "slide.cellar"
-    if not (store / "manifest.json").exists():
+    if not log.is_store(store):
         data.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         generate(image, args.size)

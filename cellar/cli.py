@@ -146,6 +146,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import query
 
     objs = query.open(args.store)
+    if args.files:
+        print("\n".join(objs.data_files()))
+        return 0
+    snap = objs.snapshots[0]
+    print(f"{args.store}: {objs.n_tables} tables, {len(objs):,} objects (store version {snap.version})")
     for _, table in objs.tables:
         src = table.get("source", {})
         channels = ", ".join(c["name"] for c in table.get("channels", [])) or "none"
@@ -159,7 +164,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  channels {channels}")
         print(f"  written {table.get('created')} by cellar {table.get('cellar_version')} "
               f"in {table.get('elapsed_s')} s")
-    if objs.tables:
+    if objs.n_tables:
         from query import hotcache
 
         cache = hotcache.status(objs.stores[0])
@@ -238,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a store: tables, provenance and (with --columns) the columns")
     p.add_argument("store")
     p.add_argument("--columns", action="store_true", help="list every column with dtype, unit and description")
+    p.add_argument("--files", action="store_true", help="print only the paths of the snapshot's Parquet files, one "
+                   "a line (for dask, Spark or polars; a glob would also read replaced tables' files)")
     p.set_defaults(func=_cmd_info)
 
     from cellar import cli_objects
@@ -274,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cellar: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`cellar sql ... | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes
+        return 141
 
 
 if __name__ == "__main__":

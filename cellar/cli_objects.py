@@ -136,14 +136,11 @@ def cmd_hist(args: argparse.Namespace) -> int:
 def cmd_annotate(args: argparse.Namespace) -> int:
     import query
     from query import annotate
-    from query.api import literal
 
     objs = query.open(args.store)
     store, entry = objs.table(args.image, args.labels)
     rows = annotate.read_source(Path(args.source_file), args.key)
-    view = "measurements" if entry.get("annotations") else "objects"  # see query.store: objects joins annotations
-    known = objs.fetch(f"SELECT label_id FROM {view} WHERE image = {literal(entry['image'])} AND label_image = "
-                       f"{literal(entry['label_image'])}", "fetchnumpy")["label_id"]
+    known = annotate.known_ids(store, entry)
     measured = [c["name"] for c in entry.get("columns", [])]
     record = annotate.annotate(store, entry["image"], entry["label_image"], rows, source=str(args.source_file),
                                known_ids=known, measured=measured, drop_unknown=args.drop_unknown)
@@ -155,15 +152,16 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from query import hotcache
+    from schemas import log
     from schemas import store as layout
 
     for store in map(Path, args.stores):
         if args.drop:
-            layout.read_manifest(store)  # a wrong path fails here, before anything is removed
+            log.read_marker(store)  # a wrong path fails here, before anything is removed
             n = layout.remove_stale_caches(store, None)
             print(f"{store}: {n} cache file{'s' * (n != 1)} removed", file=sys.stderr)
             continue
-        # reads the manifest (a wrong path fails here, before anything is written) and checks the store's files,
+        # reads the log (a wrong path fails here, before anything is written) and checks the store's files,
         # the cache's too unless it is to be written anew
         info = hotcache.status(store, check=not args.rebuild)
         if args.status or (info["fresh"] and not args.rebuild and (info["row_major"] or not args.rows)):
@@ -176,6 +174,25 @@ def cmd_cache(args: argparse.Namespace) -> int:
         kind = " with its row-major copy" if info["row_major"] else ""
         print(f"{store}: session cache{kind} of {info['rows']:,} objects written in {info['seconds']:.1f} s "
               f"({info['bytes'] / 2**20:,.1f} MiB): {info['path']}", file=sys.stderr)
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from schemas import log
+
+    n = log.upgrade(Path(args.store))
+    print(f"{args.store}: converted to store format {log.FORMAT_VERSION} (a commit log) with {n} tables", file=sys.stderr)
+    return 0
+
+
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from measure import store_write
+
+    if not args.retain_hours >= 0:
+        raise UsageError(f"--retain-hours {args.retain_hours:g}: expected a number of hours >= 0")
+    done = store_write.vacuum(Path(args.store), args.retain_hours * 3600)
+    print(f"{args.store}: {done['files']} files no commit lists removed ({done['bytes'] / 2**20:,.1f} MiB); "
+          f"the store is at version {done['version']}", file=sys.stderr)
     return 0
 
 
@@ -285,6 +302,17 @@ def add_parsers(sub, positive_int) -> None:
                    help="also write a row-major copy of the numeric columns: whole rows of scattered objects (a "
                         "filter's matches, a top-k) come from it at once (as much disk again)")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("vacuum", help="remove the files of replaced tables and crashed writes (older than --retain-hours)")
+    p.add_argument("store")
+    p.add_argument("--retain-hours", type=float, default=1.0,
+                   help="keep files younger than this, which readers of an earlier state or writers at work may "
+                        "still use (default: 1)")
+    p.set_defaults(func=cmd_vacuum)
+
+    p = sub.add_parser("upgrade", help="convert a store of cellar's format 1 (manifest.json) to the commit log")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_upgrade)
 
     from query.export import FORMATS, MAX_CELLS, MAX_STRING
 

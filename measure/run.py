@@ -34,7 +34,6 @@ from measure import store_write
 from measure.accumulate import Merger
 from measure.block import BlockResult, KernelPlan, measure_block, measure_object
 from measure.shape_kernels import INTENSITY_STATS, surface_lut
-from schemas import integrity
 from schemas import store as layout
 from schemas.errors import InvalidImageError, StoreError, UsageError
 
@@ -452,7 +451,7 @@ def measure(
     existing = store_write.existing_entry(out, name, labels)
     if existing is not None and not overwrite:
         if existing.get("settings") == settings:
-            integrity.check_tables(out, {"tables": [existing]})  # kept only if its files are intact
+            store_write.check_files(out, existing)  # kept only if its files are intact
             return MeasureResult(out, name, labels, int(existing["n_objects"]), 0, time.perf_counter() - t0,
                                  skipped=True)
         raise StoreError(f"{out}: already holds image={name} label_image={labels}, measured with other settings; "

@@ -1,10 +1,11 @@
-"""Write one (image, label image) table into a cellar store, atomically.
+"""Write one (image, label image) table into a cellar store: its Parquet file, then a commit.
 
-A new store is assembled in a temporary sibling directory and renamed into place. Adding to (or, with
-`overwrite`, replacing in) an existing store writes the Parquet file under a temporary name, renames it to a
-name unique to this run, then swaps the manifest; files the manifest no longer lists are removed last. A
-reader therefore always sees either the old or the new table, and a crash leaves at most unlisted files
-that the next write removes.
+The Parquet file goes under a name unique to this run (`part-<run>.parquet`, written under a temporary name and
+renamed), then one commit to the store's log (`schemas.log`) adds the table, or replaces it with `overwrite`.
+Any number of writers may do this at once, on one machine or over NFS: each commit is one new file, and a
+writer that finds its table committed meanwhile by another re-decides (the same settings: kept; others: an
+error). A reader sees the old table or the new one; a crash leaves at most a file no commit lists, which the
+next write of that table (or `cellar vacuum`) removes once it is older than RETAIN_S.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,50 +23,51 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import schemas
-from schemas import integrity
+from schemas import integrity, log
 from schemas import store as layout
 from schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
 COMPRESSION = "lz4"
+# Files no commit lists (replaced tables, crashed writes) are removed once older than this: a reader of the
+# state before a replacement may still be reading them, and a writer of the same table may be writing one.
+RETAIN_S = 3600.0
 
 
 def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
-    """Refuse, before any work, an output that is not a store (or empty), a store with a damaged file, or one
-    that already holds this table."""
+    """Refuse, before any work, an output that is not a store (or empty), or a store that already holds this
+    table (without `overwrite`). Only what the write touches is checked: a damaged file of another table
+    stays as it is and is no reason to refuse a new table."""
     if not out.exists():
         if not out.parent.is_dir():
             raise StoreError(f"{out}: parent directory {out.parent} does not exist")
         return
     if out.is_file() or out.is_symlink() and not out.is_dir():
         raise StoreError(f"{out}: exists and is a file, not a cellar store; refusing to overwrite it")
-    if not layout.is_store(out):
+    if not log.is_store(out):
         if any(out.iterdir()):
             raise StoreError(f"{out}: exists and is a directory that is not a cellar store; refusing to write into it "
-                             f"(no {layout.MANIFEST})")
+                             f"(no {log.MARKER})")
         return
-    # a damaged store is refused before any work (a table being replaced may be the damaged one)
-    manifest = integrity.check_writable(out, skip=(image, label_image) if overwrite else None)
-    if _find(manifest, image, label_image) is not None and not overwrite:
+    snap = log.snapshot(out)
+    if (image, label_image) in snap and not overwrite:
         raise StoreError(
             f"{out}: already holds image={image} label_image={label_image}; pass --overwrite to replace it"
         )
 
 
+def check_files(out: Path, entry: dict) -> None:
+    """A StoreError naming the first of the table's files that is missing or damaged (`schemas.integrity`)."""
+    integrity.check_entry_files(log.snapshot(out), entry)
+
+
 def existing_entry(out: Path, image: str, label_image: str) -> dict | None:
-    """The manifest entry of the (image, label image) table if `out` is a store that holds it."""
-    if not layout.is_store(out):
+    """The entry of the (image, label image) table if `out` is a store that holds it (with its `columns`)."""
+    if not log.is_store(out):
         return None
-    manifest = layout.read_manifest(out)
-    i = _find(manifest, image, label_image)
-    return None if i is None else manifest["tables"][i]
-
-
-def _find(manifest: dict, image: str, label_image: str) -> int | None:
-    for i, t in enumerate(manifest.get("tables", [])):
-        if t.get("image") == image and t.get("label_image") == label_image:
-            return i
-    return None
+    snap = log.snapshot(out)
+    entry = snap.entry(image, label_image)
+    return None if entry is None else {**entry, "columns": snap.columns(entry)}
 
 
 def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: dict) -> pa.Table:
@@ -81,44 +84,67 @@ def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: d
 
 
 def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], overwrite: bool = False) -> Path:
-    """Commit `table` as the store table described by `entry` (which gains `dir`, `files`, `created`).
+    """Commit `table` as the store table described by `entry` (its `columns`: the column specs), creating the
+    store if needed. `entry` gains `dir`, `files`, `created` and `columns_id` (its columns go to the log's
+    column lists).
 
     `table` may be an iterable of tables with one schema (at least one, possibly empty), written one after
-    the other into the same file, so that a large table need never be in memory whole."""
+    the other into the same file, so that a large table need never be in memory whole. If another writer
+    committed this table meanwhile with the same `settings`, its table is kept and this one dropped; with other
+    settings that is an error unless `overwrite`."""
     check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
     # `entry` itself is completed (not a copy), so a generator of `table` may still add to it while it runs
     entry.update(dir=layout.table_dir(entry["image"], entry["label_image"]), files=[f"part-{run_id}.parquet"],
                  created=layout.now())
-    if layout.is_store(out):
-        _commit_into(out, entry, table)
-        return out
-    # Staging directories of earlier attempts at this store that were killed before their rename: no reader
-    # ever saw them (concurrent writers to one store are not supported).
-    for stale in out.parent.glob(f"{layout.TMP_PREFIX}{out.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = out.parent / f"{layout.TMP_PREFIX}{out.name}-{run_id}"
+    # A new store is assembled beside `out` with this table's file, and renamed into place: a first write that
+    # fails leaves nothing behind.
+    staging = None if log.is_store(out) else log.new_store(out, entry["created"],
+                                                             {"cellar_version": schemas.cellar_version()})
+    rel = f"{entry['dir']}/{entry['files'][0]}"
+    committed = False
     try:
-        staging.mkdir()
-        manifest = {
-            "format": layout.FORMAT, "format_version": layout.FORMAT_VERSION,
-            "cellar_version": schemas.cellar_version(), "created": entry["created"], "tables": [],
-        }
-        (staging / layout.MANIFEST).write_text(json.dumps(manifest))
-        _commit_into(staging, entry, table)
-        os.rename(staging, out)  # rename(2) also replaces an empty directory at `out`
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _write_parquet((staging or out) / rel, table)
+        if staging is not None:
+            layout.write_json_atomic(staging / layout.SCHEMA, schemas.objects_schema())
+            log.place_store(staging, out)
+            staging = None
+        entry["columns_id"] = log.write_columns(out, entry.pop("columns"))
+        snap = log.commit(out, "measure", lambda state: _add(state, entry, overwrite))
+        committed = snap is not None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not committed:
+            (out / rel).unlink(missing_ok=True)
+    if committed:
+        remove_unlisted(out, snap, (entry["image"], entry["label_image"]))
+        layout.remove_stale_caches(out, snap.version)  # the session caches of earlier states
     return out
 
 
-def _commit_into(root: Path, entry: dict, table: pa.Table | Iterable[pa.Table]) -> None:
-    part_dir = root / entry["dir"]
-    part_dir.mkdir(parents=True, exist_ok=True)
-    final = part_dir / entry["files"][0]
-    tmp = final.with_name(final.name + ".tmp")
-    committed = False
+def _add(state: log.Snapshot, entry: dict, overwrite: bool) -> list[dict] | None:
+    """The commit's actions against `state`: add the table, or replace it (keeping its annotations, which join
+    by label id); None if another writer committed it with the same settings meanwhile."""
+    key = (entry["image"], entry["label_image"])
+    current = state.entry(*key)
+    if current is not None and not overwrite:
+        if entry.get("settings") is not None and current.get("settings") == entry.get("settings"):
+            return None
+        raise StoreError(f"{state.store}: another writer committed image={key[0]} label_image={key[1]} meanwhile; "
+                         "pass --overwrite to replace it")
+    if current is not None and current.get("annotations"):
+        entry["annotations"] = current["annotations"]
+    else:
+        entry.pop("annotations", None)
+    entry["cellar_version"] = entry.get("cellar_version") or schemas.cellar_version()
+    return [{"add": entry}]
+
+
+def _write_parquet(final: Path, table: pa.Table | Iterable[pa.Table]) -> None:
+    """Write the table's row groups under a temporary name, then rename it to `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{layout.TMP_PREFIX}{final.name}")
     try:
         # LZ4, no dictionary encoding, 128k-row groups, chosen by measurement (benchmarks/bench_query.py and
         # the README): measurement columns are mostly distinct floats, where dictionaries cost time and space
@@ -136,27 +162,61 @@ def _commit_into(root: Path, entry: dict, table: pa.Table | Iterable[pa.Table]) 
                 writer.close()
         if writer is None:
             raise ValueError("bug: write_table was given no table")
+        with open(tmp, "rb") as fh:  # the data are on disk before a commit can name them
+            os.fsync(fh.fileno())
         os.replace(tmp, final)
-        layout.write_json_atomic(root / layout.SCHEMA, schemas.objects_schema())
-        manifest = layout.read_manifest(root)
-        tables = manifest.setdefault("tables", [])
-        i = _find(manifest, entry["image"], entry["label_image"])
-        if i is None:
-            tables.append(entry)
-        else:  # a re-measurement keeps the table's annotations (joined by label id)
-            if tables[i].get("annotations"):
-                entry["annotations"] = tables[i]["annotations"]
-            tables[i] = entry
-        manifest["updated"] = entry["created"]
-        manifest["cellar_version"] = schemas.cellar_version()
-        layout.write_json_atomic(root / layout.MANIFEST, manifest)
-        committed = True
     finally:
-        if not committed:
-            tmp.unlink(missing_ok=True)
-            final.unlink(missing_ok=True)
-    # Files of replaced or crashed writes: no manifest lists them any more.
-    for stale in part_dir.iterdir():
-        if stale.name not in entry["files"]:
-            stale.unlink(missing_ok=True)
-    layout.remove_stale_caches(root, manifest)  # the session cache of the previous state
+        tmp.unlink(missing_ok=True)
+
+
+def remove_unlisted(store: Path, snap: log.Snapshot, key: tuple[str, str], retain_s: float = RETAIN_S) -> int:
+    """Remove the files in the folder of table `key` that `snap` does not list and that are older than
+    `retain_s` seconds (a replaced table's, a crashed write's); returns how many. One table's folder: the cost
+    does not grow with the store."""
+    rel_dir = layout.table_dir(*key)
+    entry = snap.entry(*key)
+    listed = set(entry["files"]) if entry is not None else set()
+    now, removed = time.time(), 0
+    folder = Path(store) / rel_dir
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if path.name in listed or not path.is_file():
+            continue
+        try:
+            if now - path.stat().st_mtime >= retain_s:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # removed by another writer meanwhile
+            pass
+    return removed
+
+
+def vacuum(store: Path, retain_s: float = RETAIN_S) -> dict[str, int]:
+    """Remove what no commit of the latest state lists and that is older than `retain_s` seconds: data files of
+    replaced tables and crashed writes (tables' and annotation versions'), temporary files, the staging folders
+    of first writes killed before they made the store, stale session caches. Returns how many files and bytes
+    were removed."""
+    store = Path(store)
+    snap = log.snapshot(store)
+    listed = set()
+    for entry in snap.entries():
+        listed.update(f"{entry['dir']}/{name}" for name in entry["files"])
+        for version in entry.get("annotations") or []:
+            listed.update(f"{version['dir']}/{name}" for name in version["files"])
+    now, files, size = time.time(), 0, 0
+    for top in (layout.OBJECTS_DIR, "annotations"):
+        for path in sorted((store / top).rglob("*")) if (store / top).is_dir() else []:
+            if not path.is_file() or path.relative_to(store).as_posix() in listed:
+                continue
+            try:
+                info = path.stat()
+                if now - info.st_mtime >= retain_s:
+                    path.unlink()
+                    files, size = files + 1, size + info.st_size
+            except FileNotFoundError:
+                pass
+    for staging in store.parent.glob(f"{layout.TMP_PREFIX}{store.name}-*"):  # first writes that were killed
+        if staging.is_dir() and now - staging.stat().st_mtime >= retain_s:
+            files += sum(1 for p in staging.rglob("*") if p.is_file())
+            shutil.rmtree(staging, ignore_errors=True)
+    files += layout.remove_stale_caches(store, snap.version)
+    return {"files": files, "bytes": size, "version": snap.version}

@@ -2,10 +2,12 @@
 
 Each `annotate` call writes one new *version*: a Parquet file
 `annotations/image=IMG/label_image=LBL/version=N/part-<run>.parquet` holding `label_id` and the user's
-columns, listed in the table's manifest entry under `annotations`. Measurements are never rewritten. The
-`objects` view joins the latest version (its columns appear beside the measurements, NULL for objects it
-does not mention); the `annotations` view holds every version with a `version` column, so a re-annotation
-never loses the previous one.
+columns, listed in the table's entry under `annotations` by a commit to the store's log (`schemas.log`).
+Measurements are never rewritten. The `objects` view joins the latest version (its columns appear beside the
+measurements, NULL for objects it does not mention); the `annotations` view holds every version with a
+`version` column, so a re-annotation never loses the previous one. Annotators running at once each get a
+version of their own: the number is taken when the commit is made (the file moves to its folder if another
+annotator took the number first).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import integrity
+from schemas import integrity, log
 from schemas import store as layout
 from schemas.errors import StoreError, UsageError
 
@@ -83,39 +85,60 @@ def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, sourc
                          f"(first: {first}); fix them, or pass --drop-unknown to store the others")
     if n_unknown:
         rows = rows.filter(pa.array(~unknown))
-    manifest = integrity.check_writable(store)  # never a new version in a store with a damaged file
-    entry = next((t for t in manifest.get("tables", []) if t["image"] == image and t["label_image"] == label_image),
-                 None)
+    snap = log.snapshot(store)
+    entry = snap.entry(image, label_image)
     if entry is None:
         raise StoreError(f"{store}: no table {image}/{label_image}")
-    versions = entry.setdefault("annotations", [])
-    version = max((v["version"] for v in versions), default=0) + 1
-    rel_dir = annotation_dir(image, label_image, version)
-    part = store / rel_dir
+    integrity.check_entry_files(snap, entry)  # never a new version on a table with a damaged file
+    measured_files = entry["files"]
     name = f"part-{uuid.uuid4().hex[:12]}.parquet"
-    part.mkdir(parents=True, exist_ok=True)
-    tmp = part / f"{name}.tmp"
+    where = {"dir": annotation_dir(image, label_image, _next_version(entry))}
+    (store / where["dir"]).mkdir(parents=True, exist_ok=True)
+    tmp = store / where["dir"] / f"{layout.TMP_PREFIX}{name}"
     try:
         pq.write_table(rows, tmp, compression="zstd")
-        os.replace(tmp, part / name)
+        os.replace(tmp, store / where["dir"] / name)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     record = {
-        "version": version, "dir": rel_dir, "files": [name], "source": source, "rows": rows.num_rows,
-        "dropped_unknown": n_unknown, "columns": [{"name": c, "dtype": str(rows.schema.field(c).type)} for c in names],
-        "created": layout.now(),
+        "dir": where["dir"], "files": [name], "source": source, "rows": rows.num_rows, "dropped_unknown": n_unknown,
+        "columns": [{"name": c, "dtype": str(rows.schema.field(c).type)} for c in names], "created": layout.now(),
     }
-    versions.append(record)
+
+    def decide(state: log.Snapshot) -> list[dict]:
+        current = state.entry(image, label_image)
+        if current is None or current["files"] != measured_files:
+            raise StoreError(f"{store}: {image}/{label_image} was measured again or removed while it was being "
+                             "annotated; run the annotation again")
+        version = _next_version(current)
+        wanted = annotation_dir(image, label_image, version)
+        if wanted != where["dir"]:  # another annotator took the number: the file moves to the next one
+            os.renames(store / where["dir"] / name, store / wanted / name)
+            where["dir"] = wanted
+        return [{"annotate": {"image": image, "label_image": label_image,
+                              "record": {"version": version, **record, "dir": wanted}}}]
+
     try:
-        layout.write_json_atomic(store / layout.MANIFEST, manifest)
+        snap = log.commit(store, "annotate", decide)
     except BaseException:
-        (part / name).unlink(missing_ok=True)
+        (store / where["dir"] / name).unlink(missing_ok=True)
         raise
-    layout.remove_stale_caches(store, manifest)  # the session cache of the previous state
-    return record
+    layout.remove_stale_caches(store, snap.version)  # the session caches of earlier states
+    return max(snap.entry(image, label_image)["annotations"], key=lambda v: v["version"])
 
 
-def latest(entry: dict) -> dict | None:
-    versions = entry.get("annotations") or []
-    return max(versions, key=lambda v: v["version"]) if versions else None
+def _next_version(entry: dict) -> int:
+    return max((v["version"] for v in entry.get("annotations") or []), default=0) + 1
+
+
+def known_ids(store: Path, entry: dict) -> np.ndarray:
+    """The label ids of a table, read from its Parquet files (checked first: a damaged file is a StoreError
+    naming it, not a disagreement with the annotations)."""
+    integrity.check_entry_files(log.snapshot(store), entry)
+    paths = [store / entry["dir"] / name for name in entry["files"]]
+    try:
+        ids = pq.read_table(paths, columns=["label_id"]).column("label_id")
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StoreError(f"{store}: {entry['dir']}: damaged Parquet file ({' '.join(str(exc).split())})") from None
+    return ids.to_numpy()

@@ -16,6 +16,7 @@ import difflib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +68,10 @@ class Query:
         """Keep the objects for which the SQL `condition` holds (`"area_um2 > 80 AND class = 'tumour'"`)."""
         if not isinstance(condition, str) or not condition.strip():
             raise QueryError("where: expected a SQL condition such as \"area > 80\"")
+        query = replace(self, filters=(*self.filters, f"({condition})"))
         if not (simple_condition(condition, self.objects.column_names) and _polars_parses(condition)):
-            self._check_condition(condition)
-        return replace(self, filters=(*self.filters, f"({condition})"))
+            query._pruned()._check_condition(condition)  # bound on the tables the query will read
+        return query
 
     def select(self, *columns: str) -> Query:
         """Keep only these columns (in this order)."""
@@ -142,17 +144,33 @@ class Query:
             sql += f" LIMIT {self.limit_rows}"
         return sql
 
+    def _pruned(self) -> Query:
+        """This query on only the tables its filters allow (`partition_terms`): partition pruning, before any
+        file is opened. Itself where the filters name no image or label image, or over a session cache."""
+        if not self.filters or self.objects.is_cached:
+            return self
+        images, label_images, _ = partition_terms(self.filters)
+        if images is None and label_images is None:
+            return self
+        narrowed = self.objects.narrow(images, label_images)
+        return self if narrowed is self.objects else replace(self, objects=narrowed)
+
     def relation(self) -> duckdb.DuckDBPyRelation:
         """The DuckDB relation (still lazy)."""
-        return self.objects.sql(self.to_sql())
+        q = self._pruned()
+        return q.objects.sql(q.to_sql())
 
     def sql(self, statement: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over this query's rows, available as the table `q`:
         ``objs.where("area > 80").sql("SELECT class, avg(area) FROM q GROUP BY class")``."""
-        return self.objects.sql(f"WITH q AS ({self.to_sql()}) {statement}")
+        q = self._pruned()
+        return q.objects.sql(f"WITH q AS ({q.to_sql()}) {statement}")
 
     # -- results ---------------------------------------------------------------------------------------
     def to_arrow(self) -> pyarrow.Table:
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.to_arrow()
         if self.objects.is_cached:
             if not (self.filters or self.order or self.limit_rows is not None):
                 cached = self.objects.cached
@@ -193,7 +211,14 @@ class Query:
         return self.to_arrow().to_pandas()
 
     def count(self) -> int:
-        """Number of matching objects."""
+        """Number of matching objects: from the log's object counts where the filters name only images and
+        label images (no file is read), else from the files or the session cache."""
+        images, label_images, only = partition_terms(self.filters)
+        if only and not self.objects.is_cached:
+            return self.objects.count_from_log(images, label_images)
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.count()
         frame = self._polars(ordered=False, needs=())
         if frame is not None:
             import polars as pl
@@ -258,16 +283,19 @@ class Query:
         The result must come from one (image, label image) table; restrict several with
         `.where("image = '...' AND label_image = '...'")`.
         """
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.label_ids()
         tables = self._run(
             f"SELECT DISTINCT image, label_image FROM ({replace(self, columns=None).to_sql()})"
-        ) if len(self.objects.tables) > 1 else []
+        ) if self.objects.n_tables > 1 else []
         if len(tables) > 1:
             names = ", ".join(f"{i}/{lbl}" for i, lbl in tables[:4])
             raise QueryError(
                 f"label_ids: the result spans {len(tables)} tables ({names}); label ids are only unique within "
                 "one: add .where(\"image = '...' AND label_image = '...'\")"
             )
-        frame = self._polars(needs=("label_id",)) if len(self.objects.tables) == 1 else None
+        frame = self._polars(needs=("label_id",)) if self.objects.n_tables == 1 else None
         result = self._collect(frame.select("label_id")) if frame is not None else None
         if result is not None:
             ids = result.get_column("label_id").to_numpy()
@@ -279,6 +307,9 @@ class Query:
     def describe(self, column: str) -> dict[str, Any]:
         """A column's dtype, unit and description, with its count, nulls, min, max, mean and quantiles over
         the matching rows (NaN values are left out of the statistics and counted)."""
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.describe(column)
         self.objects.check_columns([column], "describe")
         info = self.objects.column_info(column)
         base = replace(self, columns=None, order=(), limit_rows=self.limit_rows)
@@ -302,6 +333,9 @@ class Query:
     def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
         """Write this query's rows as `fmt` ("omero-h5", "csv", "parquet", "anndata", "ngff-properties"); see
         `query.export.export` for the options. Returns a summary (rows, columns, renamed columns)."""
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.export(fmt, output, **options)
         from query.export import export
 
         return export(self, fmt, output, **options)
@@ -355,6 +389,102 @@ def simple_condition(condition: str, columns: list[str]) -> bool:
             return False  # a function call
         prev, pos = (kind, value), m.end()
     return True
+
+
+_PARTITION_KEYS = ("image", "label_image")
+
+
+def partition_terms(filters: Sequence[str]) -> tuple[set[str] | None, set[str] | None, bool]:
+    """(images, label images, only) the filters allow: from their top-level AND terms of the form
+    `image = 'a'`, `'a' = image` or `image IN ('a', 'b')` (and the same for `label_image`); None where they do
+    not restrict it. `only`: every term is such a term (the filters select whole tables)."""
+    allowed: dict[str, set[str] | None] = {k: None for k in _PARTITION_KEYS}
+    only = True
+    for condition in filters:
+        for term in _conjuncts(condition):
+            found = _partition_term(term)
+            if found is None:
+                only = False
+                continue
+            key, values = found
+            allowed[key] = values if allowed[key] is None else allowed[key] & values
+    return allowed["image"], allowed["label_image"], only
+
+
+def _tokens(condition: str) -> list[tuple[str, str]]:
+    """The condition as (kind, text) tokens: those of `_TOKEN`, any other character a token of its own."""
+    out, pos, text = [], 0, condition.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None or m.end() == pos:
+            while pos < len(text) and text[pos].isspace():
+                pos += 1
+            out.append(("other", text[pos]))
+            pos += 1
+            continue
+        out.append((m.lastgroup, m.group(m.lastgroup)))
+        pos = m.end()
+    return out
+
+
+def _conjuncts(condition: str | list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The condition's AND terms as tokens: split at the top level, and again inside a term that is all in
+    parentheses."""
+    tokens = _tokens(condition) if isinstance(condition, str) else condition
+    while len(tokens) >= 2 and tokens[0] == ("op", "(") and tokens[-1] == ("op", ")") and _encloses(tokens):
+        tokens = tokens[1:-1]
+    terms, current, depth, between = [], [], 0, False
+    for kind, value in tokens:
+        word = value.lower() if kind == "name" else None
+        depth += (value == "(") - (value == ")") if kind == "op" else 0
+        if depth == 0 and word == "between":
+            between = True
+        elif depth == 0 and word == "and":
+            if between:  # BETWEEN a AND b: this AND is the range's
+                between = False
+            else:
+                terms.append(current)
+                current = []
+                continue
+        current.append((kind, value))
+    terms.append(current)
+    if len(terms) == 1:
+        return terms
+    return [part for term in terms for part in _conjuncts(term)]
+
+
+def _encloses(tokens: list[tuple[str, str]]) -> bool:
+    """Whether the first token's parenthesis closes at the last token."""
+    depth = 0
+    for i, (kind, value) in enumerate(tokens):
+        if kind == "op":
+            depth += (value == "(") - (value == ")")
+            if depth == 0 and i < len(tokens) - 1:
+                return False
+    return True
+
+
+def _partition_term(term: list[tuple[str, str]]) -> tuple[str, set[str]] | None:
+    """(key, values) of `image = 'a'`, `'a' = image` or `image IN ('a', ...)`, else None."""
+    def key(token: tuple[str, str]) -> str | None:
+        kind, value = token
+        name = value[1:-1] if kind == "quoted" else value if kind == "name" else None
+        return name if name in _PARTITION_KEYS else None
+
+    def text(token: tuple[str, str]) -> str | None:
+        return token[1][1:-1].replace("''", "'") if token[0] == "str" else None
+
+    if len(term) == 3 and term[1] == ("op", "="):
+        for a, b in ((term[0], term[2]), (term[2], term[0])):
+            if key(a) and text(b) is not None:
+                return key(a), {text(b)}
+    if len(term) >= 5 and key(term[0]) and term[1][0] == "name" and term[1][1].lower() == "in" \
+            and term[2] == ("op", "(") and term[-1] == ("op", ")"):
+        items = term[3:-1]
+        values = [text(t) for t in items[0::2]]
+        if all(v is not None for v in values) and all(t == ("op", ",") for t in items[1::2]):
+            return key(term[0]), set(values)
+    return None
 
 
 def referenced(condition: str, columns: list[str]) -> list[str]:

@@ -18,7 +18,7 @@
   one contiguous read, as in a row store such as OMERO.tables' HDF5.
 
 The cost is disk: the files hold the values uncompressed (the objects file is about 1.4x the Parquet files on
-real measurements and the rows file as much again). The fingerprint is a hash of the manifest's table entries,
+real measurements and the rows file as much again). The files are named by the store's version (its log's),
 so any write (a new table, a re-measurement, an annotation version) makes the cache stale: a stale cache is
 never read, and the writers remove it. The Parquet files stay the store's data; the cache can be dropped at
 any time (`cellar cache --drop`). The files are written together, the objects file last; opening the cache
@@ -41,7 +41,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from schemas import integrity
+from schemas import integrity, log
 from schemas import store as layout
 from schemas.errors import StoreError
 
@@ -53,15 +53,15 @@ BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads ab
 RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
 
 
-def find(store: Path, manifest: dict) -> Path | None:
-    """The store's cache file if one matches the manifest, else None. The objects file missing while the
-    state's other cache files are there (and no build is writing it) is a StoreError: it is written last."""
-    path = layout.cache_path(store, manifest)
+def find(store: Path, snap: log.Snapshot) -> Path | None:
+    """The store's cache file of the state `snap`, else None. The objects file missing while the state's other
+    cache files are there (and no build is writing it) is a StoreError: it is written last."""
+    path = layout.cache_path(store, snap.version)
     if path.is_file():
         return path
-    others = [layout.cache_path(store, manifest, kind) for kind in ("stats", "ranges", "places", "rows")]
+    others = [layout.cache_path(store, snap.version, kind) for kind in ("stats", "ranges", "places", "rows")]
     if any(p.exists() for p in others) and not any(path.parent.glob(f"{layout.TMP_PREFIX}objects-*")) \
-            and layout.cache_path(store, layout.read_manifest(store)) == path:  # not a write under way either
+            and log.advance(snap).version == snap.version:  # not a write under way either
         raise _unreadable(path, "missing, while the cache's other files are there")
     return None
 
@@ -488,13 +488,15 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
 
     start = time.perf_counter()
     store = Path(store)
-    integrity.check_writable(store)  # a damaged Parquet file fails here, before any cache file is touched
     objs = Objects([store], cache=False, engine="duckdb")
-    if not objs.tables:
+    snap = objs.snapshots[0]
+    if not len(snap):
         raise StoreError(f"{store}: the store has no tables to cache")
-    manifest = objs.manifests[0]
-    target = layout.cache_path(store, manifest)
-    layout.remove_stale_caches(store, manifest)  # other states' files; this state's are replaced at the end
+    for entry in snap.entries():  # a damaged Parquet file fails here, before any cache file is touched
+        integrity.check_entry_files(snap, entry)
+    version = snap.version
+    target = layout.cache_path(store, version)
+    layout.remove_stale_caches(store, version)  # earlier states' files; this state's are replaced at the end
     target.parent.mkdir(exist_ok=True)
     tmps = {kind: target.with_name(f"{layout.TMP_PREFIX}{kind}-{uuid.uuid4().hex[:12]}") for kind in ("objects", "rows", "places", "ranges")}
     n_rows, ends, blocks, ranges = 0, [], [], {}
@@ -536,7 +538,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
                     if bar is not None:
                         bar.update(task, advance=batch.num_rows)
             if n_rows != len(objs):
-                raise StoreError(f"{store}: the manifest counts {len(objs):,} objects, the files hold {n_rows:,}")
+                raise StoreError(f"{store}: the log counts {len(objs):,} objects, the files hold {n_rows:,}")
         finally:
             if row_sink is not None:
                 row_sink.close()
@@ -547,18 +549,18 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
         names, places = _buffer_places(tmps["objects"])
         with open(tmps["places"], "wb") as fh:
             np.save(fh, places)
-        os.replace(tmps["places"], layout.cache_path(store, manifest, "places"))
+        os.replace(tmps["places"], layout.cache_path(store, version, "places"))
         with open(tmps["ranges"], "wb") as fh:  # numbers in .npy: parsing them from JSON costs milliseconds
             np.save(fh, np.array([ranges[n] for n in ranges], float).reshape(len(ranges), 2, len(blocks)))
-        os.replace(tmps["ranges"], layout.cache_path(store, manifest, "ranges"))
+        os.replace(tmps["ranges"], layout.cache_path(store, version, "ranges"))
         # The stats file says whether there is a row-major copy: it names one only once it is in place, and an
         # earlier build's copy goes only once the stats file no longer names it.
         if record is not None:
-            os.replace(tmps["rows"], layout.cache_path(store, manifest, "rows"))
+            os.replace(tmps["rows"], layout.cache_path(store, version, "rows"))
         stats = {"ends": ends, "blocks": blocks, "ranges": list(ranges), "places": names, "rows": record is not None}
-        layout.write_json_atomic(layout.cache_path(store, manifest, "stats"), stats, indent=None)
+        layout.write_json_atomic(layout.cache_path(store, version, "stats"), stats, indent=None)
         if record is None:
-            layout.cache_path(store, manifest, "rows").unlink(missing_ok=True)
+            layout.cache_path(store, version, "rows").unlink(missing_ok=True)
         os.replace(tmps["objects"], target)
     except duckdb.Error as exc:  # a Parquet file whose data do not decode
         raise objs.error(exc) from None
@@ -570,10 +572,11 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
             bar.stop()
         for tmp in tmps.values():
             tmp.unlink(missing_ok=True)
-    if layout.cache_path(store, layout.read_manifest(store)) != target:  # a write committed meanwhile
-        layout.remove_stale_caches(store, layout.read_manifest(store))
+    latest = log.advance(snap).version
+    if latest != version:  # a write committed meanwhile
+        layout.remove_stale_caches(store, latest)
         raise StoreError(f"{store}: the store changed while its cache was written; run `cellar cache` again")
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
+    files = [layout.cache_path(store, version, k) for k in ("objects", "rows", "stats", "places", "ranges")]
     return {"path": str(target), "rows": n_rows, "bytes": sum(f.stat().st_size for f in files if f.is_file()),
             "row_major": record is not None, "seconds": time.perf_counter() - start}
 
@@ -613,18 +616,20 @@ def _record_dtype(schema: pa.Schema) -> np.dtype | None:
 def status(store: Path, check: bool = True) -> dict[str, Any]:
     """Whether the store has a fresh cache, its size (with the row-major copy), and the Parquet files' size.
 
-    `check` first checks the Parquet files (`schemas.integrity.check_tables`) and opens a fresh cache (which
-    checks its files), so that a damaged file is a StoreError naming it, not a size in the report."""
+    `check` first checks the Parquet files (`schemas.integrity.check_entry_files`) and opens a fresh cache
+    (which checks its files), so that a damaged file is a StoreError naming it, not a size in the report."""
     store = Path(store)
-    manifest = layout.read_manifest(store)
-    path = find(store, manifest)
+    snap = log.snapshot(store)
+    path = find(store, snap)
+    entries = list(snap.entries())
     if check:
-        integrity.check_tables(store, manifest)
+        for entry in entries:
+            integrity.check_entry_files(snap, entry)
         if path is not None:
             mapped = Mapped([path])
             check_rows(path, mapped._readers[0])
-    files = [layout.cache_path(store, manifest, k) for k in ("objects", "rows", "stats", "places", "ranges")]
-    parquet = sum((store / t["dir"] / f).stat().st_size for t in manifest.get("tables", []) for f in t["files"]
+    files = [layout.cache_path(store, snap.version, k) for k in ("objects", "rows", "stats", "places", "ranges")]
+    parquet = sum((store / t["dir"] / f).stat().st_size for t in entries for f in t["files"]
                   if (store / t["dir"] / f).is_file())
     folder = store / layout.CACHE_DIR
     stale = [p for p in folder.iterdir() if p not in files] if folder.is_dir() else []

@@ -8,6 +8,11 @@ Views:
   statement first names it).
 - `columns`: every column's name, dtype, unit and description, per image and label image.
 
+A store of many tables (a cohort) opens without reading its tables' entries or files: the state comes from
+its log's last checkpoint (`schemas.log`), and a query whose filters name images or label images
+(`image = 's03'`, `label_image IN (...)`) runs on those tables alone (`Objects.narrow`), before any file is
+opened; counting comes from the log's object counts.
+
 By default the views read the Parquet files (cold: only the row groups and columns a query needs), or, when
 the store has a fresh on-disk session cache (`cellar cache`, see `query.hotcache`), its memory-mapped Arrow
 file. With `cache=True` the objects are held as one Arrow table (the mapped cache file, or else the store read
@@ -32,12 +37,12 @@ import pyarrow as pa
 
 from query import hotcache
 from query.api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
-from schemas import integrity
-from schemas import store as layout
+from schemas import integrity, log
 from schemas.errors import CellarError, QueryError, StoreError
 
 _CHANNEL_SEP = "__"
-_CHANNELS_VIEW = re.compile(r"\bchannels\b", re.IGNORECASE)
+_PARTITION_KEYS = ("image", "label_image")
+_LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns")}
 CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
 ROW_COLUMN = "__row"
 
@@ -52,16 +57,19 @@ class Objects:
     """
 
     def __init__(self, stores: Sequence[Path], cache: bool | None = None, threads: int | None = None,
-                 engine: str = "auto"):
+                 engine: str = "auto", *, snapshots: Sequence[log.Snapshot] | None = None,
+                 keys: list[tuple[int, tuple[str, str]]] | None = None, shape: dict[str, str] | None = None):
         if engine not in ("auto", "duckdb"):
             raise QueryError(f"engine={engine!r}; expected 'auto' or 'duckdb'")
         self.engine = engine
         self.stores = tuple(stores)
-        self.manifests = [layout.read_manifest(s) for s in self.stores]
-        self.tables = [(s, t) for s, m in zip(self.stores, self.manifests) for t in m.get("tables", [])]
-        for store, manifest in zip(self.stores, self.manifests):  # a missing or truncated file fails now
-            for rel, _ in integrity.files(manifest):
-                integrity.parquet_file(store, rel)
+        self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s) for s in self.stores]
+        # the tables this Objects covers, as (store index, (image, label image)): all, or those `narrow` chose
+        self._keys = keys if keys is not None else [(i, k) for i, snap in enumerate(self.snapshots) for k in snap.keys]
+        self._narrowed: dict[tuple, Objects] = {}
+        # a narrowed Objects answers with every column of the Objects it was narrowed from (name -> dtype), so
+        # that pruning never changes a result: the columns its tables lack are NULL, as in the union by name
+        self._shape = shape
         self._threads = threads
         # DuckDB: a connection serves one thread at a time. The views live in a schema of the database (made
         # once, on `_base`); every thread queries through a connection of its own (`con`), which registers the
@@ -79,13 +87,87 @@ class Objects:
         self._cached_bounds: dict[str, Any] | None = None  # the RAM cache's centroid ranges per block
         self._numbered = False
         self._closed = False
-        self._channels_view = False  # made on first mention (see `sql`)
-        if cache is not False and self.tables:
-            found = [hotcache.find(s, m) for s, m in zip(self.stores, self.manifests) if m.get("tables")]
+        self._lazy_views: set[str] = set()  # `channels` and `columns`, made on first mention (see `sql`)
+        if cache is not False and self._keys and keys is None:
+            found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
             if all(found):
                 self._mapped = hotcache.Mapped(found)
         if cache:
             self.cache()
+
+    # -- the tables ----------------------------------------------------------------------------------------
+    @cached_property
+    def tables(self) -> list[tuple[Path, dict]]:
+        """(store, entry) of every table this Objects covers, each entry with its `columns` (the entries are
+        parsed on first use of this list: the query paths use `_groups` and the snapshots instead)."""
+        out = []
+        for i, key in self._keys:
+            snap = self.snapshots[i]
+            entry = snap.entry(*key)
+            out.append((self.stores[i], {**entry, "columns": self._specs(i, entry["columns_id"])}))
+        return out
+
+    @property
+    def n_tables(self) -> int:
+        """How many tables this Objects covers."""
+        return len(self._keys)
+
+    def _specs(self, i: int, columns_id: str) -> list[dict]:
+        """A column list of store `i` (read once per Objects; shared, not to be changed)."""
+        cache = self.__dict__.setdefault("_spec_cache", {})
+        if (i, columns_id) not in cache:
+            cache[(i, columns_id)] = log.read_columns(self.stores[i], columns_id)
+        return cache[(i, columns_id)]
+
+    @cached_property
+    def _groups(self) -> dict[tuple[int, str], list[tuple[str, str]]]:
+        """The covered tables by column list: {(store index, columns_id): [keys]}. Tables measured the same way
+        share one, so a cohort has a few groups however many tables it has."""
+        groups: dict[tuple[int, str], list[tuple[str, str]]] = {}
+        for i, key in self._keys:
+            groups.setdefault((i, self.snapshots[i].columns_id(*key)), []).append(key)
+        return groups
+
+    def _annotated(self) -> list[tuple[int, tuple[str, str], list[dict]]]:
+        """(store index, key, annotation versions) of the covered tables that have annotations."""
+        out = []
+        for i, key in self._keys:
+            versions = self.snapshots[i].annotations(*key)
+            if versions:
+                out.append((i, key, versions))
+        return out
+
+    def narrow(self, images: set[str] | None = None, label_images: set[str] | None = None) -> Objects:
+        """These objects restricted to the tables of these images and label images (None: any), sharing the
+        stores' state: partition pruning before any file is opened. With the session cache, or when every
+        table matches, this Objects itself. No match gives the first table of each column list (a query's own
+        filters then leave no rows, with the columns they would have)."""
+        self._check_open()
+        if self.is_cached:
+            return self
+        wanted = (frozenset(images) if images is not None else None,
+                  frozenset(label_images) if label_images is not None else None)
+        with self._lock:
+            hit = self._narrowed.get(wanted)
+        if hit is not None:
+            return hit
+        keys = [(i, k) for i, k in self._keys
+                if (images is None or k[0] in images) and (label_images is None or k[1] in label_images)]
+        if len(keys) == len(self._keys):
+            return self
+        if not keys:
+            keys = [(i, members[0]) for (i, _), members in self._groups.items()]
+        narrowed = Objects(self.stores, cache=False, threads=self._threads, engine=self.engine,
+                           snapshots=self.snapshots, keys=keys, shape=self.column_types)
+        with self._lock:
+            return self._narrowed.setdefault(wanted, narrowed)
+
+    def count_from_log(self, images: set[str] | None = None, label_images: set[str] | None = None) -> int:
+        """The number of objects in the covered tables (of these images and label images; None: any), as the
+        log records it: no file is read."""
+        self._check_open()
+        return sum(self.snapshots[i].n_objects(*k) for i, k in self._keys
+                   if (images is None or k[0] in images) and (label_images is None or k[1] in label_images))
 
     @property
     def cached(self) -> pa.Table | None:
@@ -147,14 +229,14 @@ class Objects:
         `ranges` ((column, lo, hi), a box) let the mapped cache skip the batches whose statistics rule them out.
         """
         self._check_open()
-        if self.engine == "duckdb" or not self.tables:
+        if self.engine == "duckdb" or not self._keys:
             return None
         if self._mapped is not None and self._cached is None:
             return self._mapped_frame(columns, ranges)
         if self._cached is not None:
             boxed = self._cached_box(columns, ranges) if ranges and columns is not None else None
             return _lazy_frame(boxed) if boxed is not None else self._cached_frame.lazy()
-        if any(t.get("annotations") for _, t in self.tables):
+        if self._annotated():
             return None
         if "_frame" not in self.__dict__:
             import polars as pl
@@ -162,7 +244,13 @@ class Objects:
             frames = [_scan(store, table, name).with_columns(
                 image=pl.lit(table["image"]), label_image=pl.lit(table["label_image"]))
                 for store, table in self.tables for name in table["files"]]
-            self._frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+            frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+            shape = self._reshaped()
+            if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
+                have = set(frame.collect_schema().names())
+                frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
+                                      for n, t in shape.items()])
+            self._frame = frame
         return self._frame
 
     def _cached_box(self, columns: Sequence[str], ranges: Sequence[tuple[str, float, float]]) -> pa.Table | None:
@@ -197,7 +285,7 @@ class Objects:
         if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM."""
         if self._mapped is not None:
             return self  # the mapped files answer as fast: the operating system keeps their pages in memory
-        if self._cached is None and self.tables:
+        if self._cached is None and self._keys:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
@@ -236,7 +324,7 @@ class Objects:
                 con.close()
             self._connections, self._base, self._registered = [], None, {}
             self._local = threading.local()
-            self._channels_view = False
+            self._lazy_views = set()
         self._cached = self._mapped = self._cached_bounds = None
         for name in ("_cached_frame", "_frame", "schema"):
             self.__dict__.pop(name, None)
@@ -283,14 +371,21 @@ class Objects:
         return [str(integrity.parquet_file(store, f"{table['dir']}/{name}").resolve())
                 for store, table in (self.tables if entries is None else entries) for name in table["files"]]
 
-    def _check_parquet(self, con: duckdb.DuckDBPyConnection) -> None:
+    def data_files(self) -> list[str]:
+        """The absolute paths of the Parquet files that hold the covered tables' measurements in this snapshot,
+        for engines that read the store themselves (dask.dataframe, Spark, polars): the files of replaced tables
+        and of writes in progress lie in the same directories until `cellar vacuum`, so a glob would read them
+        too. Their paths carry the partition keys (`objects/image=.../label_image=.../part-*.parquet`)."""
+        return self._files()
+
+    def _check_parquet(self, con: duckdb.DuckDBPyConnection, annotations_only: bool = False) -> None:
         """Check, once, that every Parquet file's footer parses and holds the columns the manifest lists for it
         (a file of another table would otherwise join the views unnoticed). DuckDB parses the footers here and
         keeps them in its metadata cache, so the views' binding that follows does not parse them again."""
         if self.__dict__.get("_parquet_checked"):
             return
-        expected = {str((store / rel).resolve()): (store, rel, names)
-                    for store, manifest in zip(self.stores, self.manifests) for rel, names in integrity.files(manifest)}
+        files = self._annotation_files() if annotations_only else self._parquet_files()
+        expected = {str((store / rel).resolve()): (store, rel, names) for store, rel, names in files}
         if expected:
             con.execute("SET parquet_metadata_cache = true")
             listing = ", ".join(literal(f) for f in expected)
@@ -327,58 +422,82 @@ class Objects:
         """The error naming the first Parquet file whose data DuckDB cannot decode, for an error that does not
         say which (its thrift decoder's, say). Every value of every file is read: only on an error's path."""
         con = duckdb.connect(":memory:")
-        for store, manifest in zip(self.stores, self.manifests):
-            for rel, _ in integrity.files(manifest):
-                try:  # hashing every value decodes every column, keeping none
-                    source = f"read_parquet({literal(str(store / rel))})"
-                    con.execute(f"SELECT bit_xor(hash(COLUMNS(*))) FROM {source}").fetchall()
-                except duckdb.Error as exc:
-                    return StoreError(f"{store}: {rel}: damaged Parquet file: its data do not decode "
-                                      f"({one_line(exc) or text})")
+        for store, rel, _ in self._parquet_files():
+            try:  # hashing every value decodes every column, keeping none
+                source = f"read_parquet({literal(str(store / rel))})"
+                con.execute(f"SELECT bit_xor(hash(COLUMNS(*))) FROM {source}").fetchall()
+            except duckdb.Error as exc:
+                return StoreError(f"{store}: {rel}: damaged Parquet file: its data do not decode "
+                                  f"({one_line(exc) or text})")
         return None
 
+    def _annotation_files(self):
+        """(store, store-relative path, expected column names) of the covered tables' annotation files."""
+        for i, key, _ in self._annotated():
+            for rel, names in integrity.annotation_files(self.snapshots[i].entry(*key)):
+                yield self.stores[i], rel, names
+
+    def _parquet_files(self):
+        """(store, store-relative path, expected column names) of the covered tables' Parquet files."""
+        for i, store in enumerate(self.stores):
+            entries = [entry for (j, _), (_, entry) in zip(self._keys, self.tables) if j == i]
+            for rel, names in integrity.files(self.snapshots[i], entries):
+                yield store, rel, names
+
     @staticmethod
-    def _read_parquet(files: list[str], keys: str) -> str:
+    def _read_parquet(files: list[str], keys: str, union: bool = True) -> str:
         listing = ", ".join(literal(f) for f in files)
-        return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
+        return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = {str(union).lower()}, "
                 f"hive_types = {{{keys}}})")
+
+    def _measurements_sql(self, keys: str) -> str:
+        """The covered tables' objects: one scan per column list (its files share one schema, so DuckDB reads
+        one footer to bind it, where a union by name reads every file's), the scans unioned by name."""
+        entries = dict(zip(self._keys, (entry for _, entry in self.tables)))
+        parts = []
+        for (i, _), members in self._groups.items():
+            tables = [(self.stores[i], entries[(i, key)]) for key in members]
+            parts.append(f"SELECT * FROM {self._read_parquet(self._files(tables), keys, union=False)}")
+        if not parts:  # an empty store still answers, with the key columns
+            return "SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::UBIGINT AS label_id WHERE false"
+        return " UNION ALL BY NAME ".join(f"({part})" for part in parts) if len(parts) > 1 else parts[0]
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
         """The views, in this Objects' schema of the database (`con`: the connection that holds it)."""
         keys = "'image': VARCHAR, 'label_image': VARCHAR"
-        self._check_parquet(self.con)
-        files = self._files()
-        if files:
-            select_objects = f"SELECT * FROM {self._read_parquet(files, keys)}"
-        else:  # an empty store still answers, with the key columns
-            select_objects = "SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::UBIGINT AS label_id WHERE false"
-        versions = [(s, v) for s, t in self.tables for v in t.get("annotations") or []]
-        if versions:  # see query.annotate: the latest version of each table joins its objects
-            latest = [(s, max((v for v in t["annotations"]), key=lambda v: v["version"])) for s, t in self.tables
-                      if t.get("annotations")]
-            every = self._read_parquet(self._files(versions), keys + ", 'version': INTEGER")
-            last = self._read_parquet(self._files(latest), keys + ", 'version': INTEGER")
-            con.execute(f"CREATE VIEW annotations AS SELECT * FROM {every}")
-            con.execute(f"CREATE VIEW measurements AS {select_objects}")
-            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
-                              f"LEFT JOIN {last} a USING (image, label_image, label_id)")
+        select_objects = None if self.is_cached else self._measurements_sql(keys)
+        self._check_parquet(con, annotations_only=self.is_cached)
+        annotated = self._annotated()
+        if annotated:  # see query.annotate: the latest version of each table joins its objects
+            every = [(self.stores[i], v) for i, _, versions in annotated for v in versions]
+            latest = [(self.stores[i], max(versions, key=lambda v: v["version"])) for i, _, versions in annotated]
+            con.execute(f"CREATE VIEW annotations AS SELECT * FROM "
+                        f"{self._read_parquet(self._files(every), keys + ', ' + repr('version') + ': INTEGER')}")
+            if select_objects is not None:
+                last = self._read_parquet(self._files(latest), keys + ", 'version': INTEGER")
+                con.execute(f"CREATE VIEW measurements AS {select_objects}")
+                select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
+                                  f"LEFT JOIN {last} a USING (image, label_image, label_id)")
         else:
             con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
-                             "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
+                        "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
         if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
             self._register_cached()
         else:
+            shape = self._reshaped()
+            if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
+                nulls = ", ".join(f"{_duck_null(t)} AS {quote(n)}" for n, t in shape.items())
+                select_objects = f"(SELECT {nulls} WHERE false) UNION ALL BY NAME ({select_objects})"
             con.execute(f"CREATE VIEW objects AS {select_objects}")
-        self._create_columns_view()
 
     def _channels_sql(self) -> str:
         per_channel: dict[str, list[str]] = {}  # channel column suffix -> feature names present
         names: dict[str, str] = {}  # suffix -> channel name
-        for _, table in self.tables:
-            cols = [c["name"] for c in table.get("columns", [])]
-            for ch in table.get("channels", []):
+        for (i, columns_id), members in self._groups.items():
+            cols = [c["name"] for c in self._specs(i, columns_id)]
+            for ch in self.snapshots[i].entry(*members[0]).get("channels", []):  # tables of one column list alike
                 suffix = _CHANNEL_SEP + ch["column"]
-                names[ch["column"]] = ch["name"]
+                names.setdefault(ch["column"], ch["name"])
                 feats = per_channel.setdefault(ch["column"], [])
                 feats.extend(c[: -len(suffix)] for c in cols if c.endswith(suffix) and c[: -len(suffix)] not in feats)
         features: list[str] = []
@@ -402,37 +521,63 @@ class Objects:
         return (f"SELECT o.image, o.label_image, o.label_id, c.channel, {values} FROM objects o "
                 f"CROSS JOIN (VALUES {listing}) c(k, channel) WHERE CASE c.k {' '.join(present)} END")
 
-    def _column_specs(self) -> list[tuple[dict, dict]]:
-        """(table entry, column spec) of every column: measurements, then the latest annotations."""
+    @cached_property
+    def _annotation_specs(self) -> list[tuple[tuple[str, str], dict]]:
+        """(table key, column spec) of the latest annotation version's columns of each annotated table."""
         out = []
-        for _, table in self.tables:
-            out.extend((table, c) for c in table.get("columns", []))
-            if table.get("annotations"):
-                last = max(table["annotations"], key=lambda v: v["version"])
-                out.extend((table, {**c, "unit": "", "description": f"annotation (version {last['version']}, from "
-                                    f"{last['source']}, {last['created']})"}) for c in last["columns"])
+        for _, key, versions in self._annotated():
+            last = max(versions, key=lambda v: v["version"])
+            out.extend((key, {**c, "unit": "", "description": f"annotation (version {last['version']}, from "
+                              f"{last['source']}, {last['created']})"}) for c in last["columns"])
         return out
 
     def _create_columns_view(self) -> None:
-        """The `columns` view, from an Arrow table of the column specs (binding a long VALUES list costs more)."""
-        fields = ("image", "label_image", "name", "dtype", "unit", "description")
-        specs = self._column_specs()
-        data = {f: [str(table[f]) for table, _ in specs] for f in fields[:2]}
-        data.update({f: [str(c[f]) for _, c in specs] for f in fields[2:]})
-        self._register("columns", pa.table({f: pa.array(data[f], pa.string()) for f in fields}))
+        """The `columns` view, made on first mention: a table of the column lists and one of the tables with
+        theirs, joined (a cohort's tables share a few lists: nothing per table and column is built until a
+        query reads the view), in the tables' order, each table's measurements then its annotations."""
+        fields = ("name", "dtype", "unit", "description")
+        lists: dict[str, list] = {"list": [], "pos": [], **{f: [] for f in fields}}
+        tables: dict[str, list] = {"image": [], "label_image": [], "list": [], "seq": []}
+        order = {key: n for n, (_, key) in enumerate(self._keys)}
+        for k, ((i, columns_id), members) in enumerate(self._groups.items()):
+            for pos, c in enumerate(self._specs(i, columns_id)):
+                lists["list"].append(k)
+                lists["pos"].append(pos)
+                for f in fields:
+                    lists[f].append(str(c[f]))
+            tables["image"].extend(key[0] for key in members)
+            tables["label_image"].extend(key[1] for key in members)
+            tables["list"].extend([k] * len(members))
+            tables["seq"].extend(order[key] for key in members)
+        extra: dict[str, list] = {"image": [], "label_image": [], **{f: [] for f in fields}, "seq": [], "pos": []}
+        for pos, ((image, label_image), c) in enumerate(self._annotation_specs):
+            for f, v in zip(extra, (image, label_image, *(str(c[f]) for f in fields), order[(image, label_image)], pos)):
+                extra[f].append(v)
+        self._register("_column_lists", pa.table(lists))
+        self._register("_table_lists", pa.table(tables))
+        self._register("_annotation_columns", pa.table({f: pa.array(v, pa.int64() if f in ("seq", "pos") else
+                                                                     pa.string()) for f, v in extra.items()}))
+        self.con.execute(
+            "CREATE VIEW columns AS SELECT image, label_image, name, dtype, unit, description FROM ("
+            "SELECT t.image, t.label_image, c.name, c.dtype, c.unit, c.description, t.seq, 0 AS part, c.pos "
+            "FROM _table_lists t JOIN _column_lists c USING (list) UNION ALL "
+            "SELECT image, label_image, name, dtype, unit, description, seq, 1, pos FROM _annotation_columns) "
+            "ORDER BY seq, part, pos")
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,
         `.fetchall()`)."""
         con = self.con
-        if not self._channels_view and _CHANNELS_VIEW.search(query):
-            self._create_channels_view()
+        for name, pattern in _LAZY_VIEWS.items():
+            if name not in self._lazy_views and pattern.search(query):
+                self._create_lazy_view(name)
         try:
             return con.sql(query)
         except duckdb.CatalogException as exc:
-            if self._channels_view:
+            if len(self._lazy_views) == len(_LAZY_VIEWS):
                 raise QueryError(self.explain(exc)) from None
-            self._create_channels_view()  # a misspelt name then gets `channels` among its suggestions
+            for name in _LAZY_VIEWS:  # a misspelt name then gets the lazy views among its suggestions
+                self._create_lazy_view(name)
             try:
                 return con.sql(query)
             except duckdb.Error as again:
@@ -449,15 +594,19 @@ class Objects:
         except duckdb.Error as exc:
             raise self.error(exc) from None
 
-    def _create_channels_view(self) -> None:
-        """Made on first mention: DuckDB binds a view when it is created (at 40 channels this one takes 57 ms;
-        as a union of one SELECT per channel it took 530 ms), which queries that do not use it need not pay.
-        Made on the calling thread's connection (it binds `objects`, which may be a registered table there)."""
-        con = self.con
+    def _create_lazy_view(self, name: str) -> None:
+        """Make the `channels` or `columns` view, once. They are made on first mention: DuckDB binds a view
+        when it is created (at 40 channels `channels` takes 57 ms; as a union of one SELECT per channel it took
+        530 ms), which queries that do not use them need not pay. Made on the calling thread's connection (they
+        bind `objects` or registered tables, which belong to a connection)."""
         with self._lock:
-            if not self._channels_view:
-                con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
-                self._channels_view = True
+            if name in self._lazy_views:
+                return
+            if name == "channels":
+                self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
+            else:
+                self._create_columns_view()
+            self._lazy_views.add(name)
 
     # -- the lazy API: each starts a `Query` over all objects ------------------------------------------
     def query(self) -> Query:
@@ -504,13 +653,16 @@ class Objects:
         return Query(self).export(fmt, output, **options)
 
     def table(self, image: str | None = None, label_image: str | None = None) -> tuple[Path, dict]:
-        """(store, manifest entry) of the one table matching `image` and `label_image` (either may be
-        omitted when it leaves a single table)."""
-        found = [(s, t) for s, t in self.tables
-                 if (image is None or t["image"] == image) and (label_image is None or t["label_image"] == label_image)]
+        """(store, entry with its `columns`) of the one table matching `image` and `label_image` (either may
+        be omitted when it leaves a single table)."""
+        found = [(i, k) for i, k in self._keys
+                 if (image is None or k[0] == image) and (label_image is None or k[1] == label_image)]
         if len(found) == 1:
-            return found[0]
-        have = ", ".join(f"{t['image']}/{t['label_image']}" for _, t in self.tables) or "none"
+            i, key = found[0]
+            entry = self.snapshots[i].entry(*key)
+            return self.stores[i], {**entry, "columns": self._specs(i, entry["columns_id"])}
+        listed = found or self._keys
+        have = ", ".join(f"{k[0]}/{k[1]}" for _, k in listed[:20]) + (", ..." if len(listed) > 20 else "") or "none"
         if not found:
             want = "/".join(x or "*" for x in (image, label_image))
             raise QueryError(f"no table {want} in {', '.join(map(str, self.stores))} (tables: {have})")
@@ -524,11 +676,30 @@ class Objects:
 
     @cached_property
     def column_names(self) -> list[str]:
-        """The objects view's columns, from the manifests: measurements (unioned by name), the latest
-        annotations, then `image` and `label_image`."""
-        names = dict.fromkeys(c["name"] for _, c in self._column_specs())
-        names.update(dict.fromkeys(("image", "label_image")))
-        return list(names)
+        """The objects view's columns, from the log: measurements (unioned by name), the latest annotations,
+        then `image` and `label_image`."""
+        return list(self.column_types)
+
+    @cached_property
+    def column_types(self) -> dict[str, str]:
+        """Column name -> dtype as the log records it, in the objects view's order: the measurements (in the
+        order they first appear), `image` and `label_image`, then the latest annotations' columns."""
+        if self._shape is not None:
+            return dict(self._shape)
+        types: dict[str, str] = {}
+        for i, columns_id in self._groups:
+            for c in self._specs(i, columns_id):
+                if c["name"] not in _PARTITION_KEYS:
+                    types.setdefault(c["name"], c["dtype"])
+        types.update({key: "string" for key in _PARTITION_KEYS})
+        for _, c in self._annotation_specs:
+            types.setdefault(c["name"], c["dtype"])
+        return types
+
+    def _reshaped(self) -> dict[str, str] | None:
+        """The columns (name -> dtype) the views are to show in `column_types`' order, or None where the files
+        give them so anyway (one column list, not narrowed)."""
+        return self.column_types if self._shape is not None or len(self._groups) > 1 else None
 
     def check_columns(self, columns: Sequence[str], what: str) -> None:
         """Raise a QueryError naming the first unknown column, with the closest known names."""
@@ -539,7 +710,8 @@ class Objects:
 
     def column_info(self, column: str) -> dict[str, str]:
         """dtype, unit and description of a column (from the first table that has it)."""
-        for _, c in self._column_specs():
+        specs = [c for (i, columns_id) in self._groups for c in self._specs(i, columns_id)]
+        for c in [*specs, *(c for _, c in self._annotation_specs)]:
             if c["name"] == column:
                 return {"dtype": c["dtype"], "unit": c["unit"], "description": c["description"]}
         return {"dtype": self.schema.get(column, ""), "unit": "", "description": ""}
@@ -554,11 +726,33 @@ class Objects:
         return text
 
     def __len__(self) -> int:
-        return sum(int(t.get("n_objects", 0)) for _, t in self.tables)
+        return self.count_from_log()
 
     def __repr__(self) -> str:
         stores = ", ".join(str(s) for s in self.stores)
-        return f"<cellar.Objects {stores}: {len(self.tables)} tables, {len(self)} objects>"
+        return f"<cellar.Objects {stores}: {len(self._keys)} tables, {len(self)} objects>"
+
+
+_TYPES = {  # a column's dtype as the log records it (numpy's or Arrow's names) -> DuckDB's, polars' name
+    "uint8": ("UTINYINT", "UInt8"), "uint16": ("USMALLINT", "UInt16"), "uint32": ("UINTEGER", "UInt32"),
+    "uint64": ("UBIGINT", "UInt64"), "int8": ("TINYINT", "Int8"), "int16": ("SMALLINT", "Int16"),
+    "int32": ("INTEGER", "Int32"), "int64": ("BIGINT", "Int64"), "float32": ("FLOAT", "Float32"),
+    "float": ("FLOAT", "Float32"), "float64": ("DOUBLE", "Float64"), "double": ("DOUBLE", "Float64"),
+    "bool": ("BOOLEAN", "Boolean"), "string": ("VARCHAR", "String"), "large_string": ("VARCHAR", "String"),
+    "string_view": ("VARCHAR", "String"),
+}
+
+
+def _duck_null(dtype: str) -> str:
+    """A NULL of the dtype's DuckDB type (of DuckDB's NULL type, which takes the type of the other side of a
+    union, for a dtype this does not know)."""
+    return f"NULL::{_TYPES[dtype][0]}" if dtype in _TYPES else "NULL"
+
+
+def _polars_type(dtype: str):
+    import polars as pl
+
+    return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
 
 
 def _plain_numbers(column: pa.ChunkedArray) -> np.ndarray | None:

@@ -3,28 +3,30 @@
 A store is a directory::
 
     STORE/
-      manifest.json                       provenance and the list of committed tables
+      cellar.json                         the marker: format and version (`schemas.log`)
+      log/                                the commit log: which tables the store holds, with their files,
+                                          columns and provenance (`schemas.log`)
       schema.json                         copy of schemas/objects.json (the column templates)
-      objects/image=IMG/label_image=LBL/part-00000.parquet   one row per object (LZ4)
-      cache/objects-<fingerprint>.arrow   optional: the session cache on disk (`cellar cache`, query.hotcache)
+      objects/image=IMG/label_image=LBL/part-<run>.parquet   one row per object (LZ4)
+      annotations/image=IMG/label_image=LBL/version=N/part-<run>.parquet   annotation versions
+      cache/objects-<version>.arrow       optional: the session cache on disk (`cellar cache`, query.hotcache)
 
 Each (image, label image) pair is one *table*, one Hive partition. Within a table the rows are in Hilbert-curve
 order of their centroids (`spatial_order`), so that a row group holds objects that lie close together and its
 min/max statistics on the centroid columns let a spatial query skip the row groups outside its box; filters on
-other columns skip row groups through the same statistics when their values cluster in space. The manifest lists the committed tables
-with their files and concrete columns; a reader reads only what the manifest lists, so a partition that is
-still being written (or was abandoned by a crash) is invisible. Every file is written under a temporary name
-and renamed into place, the manifest last. The cache file is derived data named by a hash of the manifest's
-tables (`cache_path`): a write makes it stale, and the writer removes it after the manifest swap.
+other columns skip row groups through the same statistics when their values cluster in space. The log lists
+the committed tables with their files; a reader reads only what the log lists, so a file that is still being
+written (or was abandoned by a crash) is invisible. Data files are written under names of their own, then
+committed. The cache files are derived data named by the store's version (`cache_path`): a write makes them
+stale, and writers remove stale ones.
 
-`read_manifest` checks the manifest's structure against `MANIFEST_SPEC`, so that a damaged manifest is one
-line naming the key, never a KeyError or TypeError further on; `schemas.integrity` checks the Parquet files.
+`entry_problem` checks a table entry's structure against `TABLE_SPEC`, so that a damaged log is one line
+naming the file and key, never a KeyError or TypeError further on; `schemas.integrity` checks Parquet files.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
 import re
@@ -36,9 +38,6 @@ import numpy as np
 
 from schemas.errors import StoreError
 
-FORMAT = "cellar-store"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"
 TMP_PREFIX = ".tmp-"
@@ -114,11 +113,6 @@ def spatial_order(y: np.ndarray, x: np.ndarray, bits: int = 16) -> np.ndarray:
     return np.argsort(d, kind="stable")
 
 
-def is_store(path: Path) -> bool:
-    """True if `path` is a directory holding a cellar manifest."""
-    return (path / MANIFEST).is_file()
-
-
 def read_json(path: Path, what: str) -> Any:
     """The JSON document in `path`; a file that is missing, unreadable or not JSON is a StoreError naming it
     (`what` says what the file is, for the message)."""
@@ -137,31 +131,10 @@ def read_json(path: Path, what: str) -> Any:
         raise StoreError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
 
 
-def read_manifest(store: Path) -> dict[str, Any]:
-    """The store's manifest, checked for format, version and structure (`MANIFEST_SPEC`)."""
-    path = store / MANIFEST
-    if not store.exists():
-        raise StoreError(f"{store}: no such store (the path does not exist)")
-    if not path.is_file():
-        raise StoreError(f"{store}: not a cellar store (no {MANIFEST})")
-    manifest = read_json(path, "store's manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise StoreError(f"{path}: not a cellar manifest (expected format '{FORMAT}')")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{path}: store format version {manifest.get('format_version')!r}, "
-            f"this cellar reads version {FORMAT_VERSION}"
-        )
-    problem = manifest_problem(manifest)
-    if problem:
-        raise StoreError(f"{path}: damaged manifest: {problem}")
-    return manifest
-
-
-# The manifest's structure (format version 1). An object is {key: (spec, required)}; a one-item list is a list
-# of that; a type or tuple of types is checked with isinstance (a bool is not a number). Table entries written
-# by `measure.store_write.write_table` hold the required keys whatever their caller gives (the query benchmark
-# writes tables without provenance); `measure` adds the rest. A key that is present must have its type.
+# A table entry's structure, as commits and checkpoints hold it. An object is {key: (spec, required)}; a one-item
+# list is a list of that; a type or tuple of types is checked with isinstance (a bool is not a number). Entries
+# written by `measure.store_write.write_table` hold the required keys whatever their caller gives (the query
+# benchmark writes tables without provenance); `measure` adds the rest. A key that is present must have its type.
 _NUMBER = (int, float)
 _DIR, _FILE = object(), object()  # text naming a folder inside the store / a file in that folder
 _COLUMN = {"name": (str, True), "dtype": (str, True), "unit": (str, True), "description": (str, True)}
@@ -179,7 +152,7 @@ _SOURCE = {"url": (str, True), "ngff_version": (str, False), "zarr_format": (int
            "image_path": (str, False), "label_path": (str, False)}
 _TABLE = {
     "image": (str, True), "label_image": (str, True), "dir": (_DIR, True), "files": ([_FILE], True),
-    "n_objects": (int, True), "columns": ([_COLUMN], True), "created": (str, True),
+    "n_objects": (int, True), "columns_id": (str, True), "created": (str, True),
     "channels": ([{"index": (int, True), "name": (str, True), "column": (str, True)}], False),
     "annotations": ([_VERSION], False), "cellar_version": (str, False), "source": (_SOURCE, False),
     "level": (int, False), "timepoint": ((int, type(None)), False), "axes": ([str], False),
@@ -189,27 +162,26 @@ _TABLE = {
     "texture_levels": ((int, type(None)), False), "halo": (int, False), "settings": (_SETTINGS, False),
     "context": (dict, False), "regions": (int, False), "workers": (int, False), "elapsed_s": (_NUMBER, False),
 }
-MANIFEST_SPEC = {
-    "format": (str, True), "format_version": (int, True), "tables": ([_TABLE], True),
-    "cellar_version": (str, False), "created": (str, False), "updated": (str, False),
-}
+TABLE_SPEC = _TABLE
 
 
-def manifest_problem(manifest: Any) -> str | None:
-    """What is wrong with a manifest's structure (`MANIFEST_SPEC`), or None: the first key with a missing or
-    mistyped value, or a table given twice."""
-    problem = _spec_problem(manifest, MANIFEST_SPEC, "")
-    if problem:
-        return problem
-    seen = set()
-    for i, table in enumerate(manifest["tables"]):
-        key = (table["image"], table["label_image"])
-        if key in seen:
-            return f"tables[{i}]: a second table image={key[0]} label_image={key[1]}"
-        seen.add(key)
-        if not table["files"]:
-            return f"tables[{i}].files: an empty list (a table has at least one file)"
-    return None
+def entry_problem(entry: Any) -> str | None:
+    """What is wrong with a table entry's structure (`TABLE_SPEC`), or None: the first key with a missing or
+    mistyped value."""
+    problem = _spec_problem(entry, TABLE_SPEC, "")
+    if problem is None and not entry["files"]:
+        return "files: an empty list (a table has at least one file)"
+    return problem
+
+
+def record_problem(record: Any) -> str | None:
+    """What is wrong with an annotation version's record, or None."""
+    return _spec_problem(record, _VERSION, "record")
+
+
+def columns_problem(specs: Any) -> str | None:
+    """What is wrong with a table's column list, or None."""
+    return _spec_problem(specs, [_COLUMN], "columns")
 
 
 def _spec_problem(value: Any, spec: Any, where: str) -> str | None:
@@ -293,15 +265,13 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
         raise
 
 
-def cache_path(store: Path, manifest: dict, kind: str = "objects") -> Path:
-    """Where the session cache of this state of the store lives: named by a hash of the manifest's tables
-    (files, columns, annotation versions), so every write gives a new name and a cache never goes stale
-    unnoticed. `kind`: "objects" (the columnar Arrow file), "rows" (the optional row-major copy), "stats"
-    (batch and block ends, the names the other files index), "places" (where the columns' buffers lie) or
-    "ranges" (each block's min and max of the centroid columns)."""
-    text = json.dumps(manifest.get("tables", []), sort_keys=True, default=str)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return Path(store) / CACHE_DIR / f"{kind}-{digest}{_CACHE_KINDS[kind]}"
+def cache_path(store: Path, version: int, kind: str = "objects") -> Path:
+    """Where the session cache of version `version` of the store lives (a version's state never changes, so
+    every write gives a new name and a cache never goes stale unnoticed). `kind`: "objects" (the columnar
+    Arrow file), "rows" (the optional row-major copy), "stats" (batch and block ends, the names the other
+    files index), "places" (where the columns' buffers lie) or "ranges" (each block's min and max of the
+    centroid columns)."""
+    return Path(store) / CACHE_DIR / f"{kind}-{version:020d}{_CACHE_KINDS[kind]}"
 
 
 def cache_sibling(path: Path, kind: str) -> Path:
@@ -310,19 +280,23 @@ def cache_sibling(path: Path, kind: str) -> Path:
     return Path(path).with_name(f"{kind}-{digest}{_CACHE_KINDS[kind]}")
 
 
-def remove_stale_caches(store: Path, manifest: dict | None) -> int:
-    """Remove session cache files (and abandoned temporary ones) that do not match `manifest` (all of them
-    for None); returns how many. A reader that has a removed file mapped keeps its pages until it closes."""
+def remove_stale_caches(store: Path, version: int | None) -> int:
+    """Remove the session cache files of versions before `version` (all of them for None) and abandoned
+    temporary ones; returns how many. A cache of a later version (written after another writer's commit) is
+    kept. A reader that has a removed file mapped keeps its pages until it closes."""
     folder = Path(store) / CACHE_DIR
     if not folder.is_dir():
         return 0
-    keep = {cache_path(store, manifest, kind).name for kind in _CACHE_KINDS} if manifest is not None else set()
     removed = 0
     for path in folder.iterdir():
-        ours = any(path.name.startswith(f"{k}-") and path.name.endswith(x) for k, x in _CACHE_KINDS.items())
-        if (ours and path.name not in keep) or path.name.startswith(TMP_PREFIX):
+        kind, _, rest = path.name.partition("-")
+        digits = rest.split(".", 1)[0]
+        ours = kind in _CACHE_KINDS and digits.isdigit()
+        if (ours and (version is None or int(digits) < version)) or path.name.startswith(TMP_PREFIX):
             path.unlink(missing_ok=True)
             removed += 1
-    if not any(folder.iterdir()):
-        folder.rmdir()
+    try:
+        folder.rmdir()  # only if empty
+    except OSError:
+        pass
     return removed

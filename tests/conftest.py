@@ -71,15 +71,31 @@ def two_slides(tmp: Path, shape: tuple[int, int], n: int, seed: int) -> tuple[Pa
 
 
 def read_table(store: Path, image: str | None = None, label_image: str | None = None) -> tuple[dict, "object"]:
-    """(manifest entry, pandas DataFrame sorted by label_id) of one table of a store (stored in space order)."""
-    manifest = json.loads((store / "manifest.json").read_text())
-    entry = next(t for t in manifest["tables"]
-                 if (image is None or t["image"] == image) and (label_image is None or t["label_image"] == label_image))
+    """(entry with its columns, pandas DataFrame sorted by label_id) of one table of a store (stored in space
+    order), read from the store's log and the table's Parquet file."""
+    from schemas import log
+
+    snap = log.snapshot(store)
+    entry = next(e for e in snap.entries()
+                 if (image is None or e["image"] == image) and (label_image is None or e["label_image"] == label_image))
+    entry = {**entry, "columns": snap.columns(entry)}
     frames = [pq.read_table(store / entry["dir"] / f) for f in entry["files"]]
     if len(frames) != 1:
         return entry, None
     df = frames[0].to_pandas()
     return entry, df.sort_values("label_id", ignore_index=True) if "label_id" in df else df
+
+
+def relocate_source(store: Path, url: str) -> None:
+    """Commit the store's (first) table again with its source image at `url` (a copy of the image)."""
+    from schemas import log
+
+    def decide(snap):
+        entry = dict(snap.entry(*snap.keys[0]))
+        entry["source"] = {**entry["source"], "url": url}
+        return [{"add": entry}]
+
+    log.commit(store, "relocate", decide)
 
 
 def geometry_of(entry: dict) -> registry.Geometry:

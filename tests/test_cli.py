@@ -92,7 +92,7 @@ def test_demo_runs_with_no_arguments(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "measured" in proc.stdout and "nuclei" in proc.stdout
     assert proc.stdout.count("┌") == 3  # three query results
-    assert (tmp_path / "cellar-demo" / "ihc.cellar" / "manifest.json").exists()
+    assert (tmp_path / "cellar-demo" / "ihc.cellar" / "cellar.json").exists()
     entry, df = read_table(tmp_path / "cellar-demo" / "ihc.cellar")
     labels = zarr.open_array(str(tmp_path / "cellar-demo" / "ihc.ome.zarr" / "labels" / "nuclei" / "0"), mode="r")[...]
     present = np.unique(labels)
@@ -190,4 +190,4 @@ def test_bad_sql_is_duckdbs_message_on_one_line(measured, sql, fragment):
 
 
 def test_sql_on_a_path_that_is_not_a_store(tmp_path):
-    _assert_one_line_error(run_cli("sql", str(tmp_path), "SELECT 1"), "not a cellar store (no manifest.json)")
+    _assert_one_line_error(run_cli("sql", str(tmp_path), "SELECT 1"), "not a cellar store (no cellar.json)")

@@ -18,8 +18,10 @@ import functools
 import hashlib
 import json
 import shutil
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,9 @@ import query
 from cellar.cli import main
 from ngff.integrity import METADATA_FILES
 from ngff.write import write_image
+from schemas import log
 from schemas import store as layout
-from schemas.errors import CellarError
+from schemas.errors import CellarError, StoreError
 from tests.conftest import intensities, nuclei_like, run_cli
 from viewer.session import Session
 
@@ -204,8 +207,12 @@ def _store_kind(rel: str) -> str:
 
 
 def _derived(rel: str) -> bool:
-    """A copy a write may replace or remove: the session cache and the column templates."""
-    return rel == layout.SCHEMA or rel.split("/")[0] == layout.CACHE_DIR
+    """A file a write may replace or remove: the session cache and the column templates (copies), the log's
+    pointers (hints a writer rewrites) and its column lists (named by the hash of their content, so a writer
+    that needs one writes it whole again)."""
+    top = rel.split("/")[0]
+    return (rel == layout.SCHEMA or top == layout.CACHE_DIR or rel.startswith(f"{log.LOG_DIR}/{log.COLUMNS_DIR}/")
+            or rel in (f"{log.LOG_DIR}/{log.LATEST}", f"{log.LOG_DIR}/{log.LAST_CHECKPOINT}"))
 
 
 Damage = Callable[[Path], None]
@@ -282,9 +289,13 @@ def _parquet_damages(path: Path) -> Iterator[tuple[str, Damage]]:
         pa.table({"label_id": pa.array([1, 2], pa.uint64()), "x": [0.5, 1.5]}), p)
 
 
+def _is_commit(rel: str) -> bool:
+    return rel.startswith(f"{log.LOG_DIR}/") and Path(rel).name[0].isdigit() and rel.endswith(".json")
+
+
 def store_damages(store: Path, rel: str, structure: bool) -> Iterator[tuple[str, Damage]]:
-    """The damages that apply to a store file; `structure`: also JSON of the wrong types (the manifest's are
-    in `test_a_damaged_manifest_is_one_line_naming_it_and_the_key`)."""
+    """The damages that apply to a store file; `structure`: also JSON of the wrong types (the commits' are
+    in `test_a_damaged_commit_is_one_line_naming_it_and_the_key`)."""
     path = store / rel
     kind = _store_kind(rel)
     if kind == "parquet":
@@ -318,7 +329,7 @@ def _tables(store: Path) -> dict[tuple[str, str], Run]:
         return objs.fetch(f"SELECT label_id, area FROM objects WHERE image = '{image}' AND label_image = "
                           f"'{label_image}' ORDER BY label_id")
 
-    names = [(t["image"], t["label_image"]) for _, t in objs.tables]
+    names = objs.snapshots[0].keys
     return {name: _api(functools.partial(rows, *name)) for name in names}
 
 
@@ -354,7 +365,7 @@ def _check_store_file(capsys, data: Data, tmp_path: Path, rel: str, refs: dict[s
     problems = []
     ref_case, case = tmp_path / "ref", tmp_path / "case"
     read_inside = True
-    for name, damage in store_damages(data.store, rel, structure=rel != layout.MANIFEST):
+    for name, damage in store_damages(data.store, rel, structure=not _is_commit(rel)):
         if not read_inside and name not in WHOLE_FILE:
             continue  # no read looks inside this file (garbage did not matter): wrong JSON types cannot either
         store = _copy(data.store, case)
@@ -403,47 +414,64 @@ def test_a_damaged_store_file_is_one_line_naming_it_for_every_command(data, tmp_
     assert not problems, "\n".join(problems)
 
 
-def test_a_damaged_manifest_is_one_line_naming_it_and_the_key(data, tmp_path, capsys):
-    """The manifest with each key of each object in it (tables, their sources, settings, columns, channels,
-    annotation versions) of another type, or missing where the format needs it: every command refuses with
-    one line naming manifest.json and the key, and changes nothing. The keys the format lets a table go
-    without (the provenance `measure` adds; `store_write.write_table` alone does not) are all removed at once:
-    every command then still works (the viewer asks for the image, whose URL was in the provenance)."""
+def _commit_problem(doc: object, version: int, store: Path) -> str | None:
+    """What reading this commit as commit `version` of the store says is wrong with it, or None."""
+    snap = log.Snapshot(store, version - 1, {})
+    for k in range(1, version):  # the commits before it: the tables it may annotate
+        snap.apply(json.loads(log.commit_path(store, k).read_text())["actions"], Path("-"))
+    try:
+        commit = log._parse_commit(json.dumps(doc).encode(), Path("commit"), version)
+        snap.apply(commit["actions"], Path("commit"))
+    except StoreError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("version", [1, 3], ids=["a table added", "an annotation version"])
+def test_a_damaged_commit_is_one_line_naming_it_and_the_key(data, tmp_path, capsys, version):
+    """A commit with each key of each object in it (the table entry, its source, settings, channels, the
+    annotation record) of another type, or missing where the format needs it: every command refuses with one
+    line naming the commit file and the key, and changes nothing. The keys the format lets a table go without
+    (the provenance `measure` adds; `store_write.write_table` alone does not) are all removed at once: every
+    command then still works (the viewer asks for the image, whose URL was in the provenance)."""
     store = _copy(data.store, tmp_path / "case")
-    manifest = store / layout.MANIFEST
-    good = manifest.read_bytes()
+    rel = log.commit_path(Path(""), version).as_posix()
+    commit = store / rel
+    good = commit.read_bytes()
     doc = json.loads(good)
     refs = reads(store, tmp_path / "case")
     light = {k: refs[k] for k in ("sql", "info --columns", "viewer session", "query.open")}
     problems, optional = [], []
     for name, key, mutated in _json_docs(doc, deep=True):
-        if layout.manifest_problem(mutated) is None:
+        if _commit_problem(mutated, version, data.store) is None:
             if not name.endswith(" missing"):
                 problems.append(f"{name}: accepted")
             optional.append(name.removesuffix(" missing"))
             continue
-        manifest.write_text(json.dumps(mutated))
+        commit.write_text(json.dumps(mutated))
         before = _hashes(store)
         for command, spec in light.items():
             run = _run_read(capsys, spec)
-            problem = _clean_error(run, layout.MANIFEST)
+            problem = _clean_error(run, rel)
             if problem is None and key is not None and key not in run.err and key.replace("_", " ") not in run.err:
                 problem = f"the line does not name the key {key}: {run.err.strip()}"
             if problem:
                 problems.append(f"{name}: {command}: {problem}")
         def twin(mutated=mutated) -> Path:
             copy = _copy(data.store, tmp_path / "twin")
-            (copy / layout.MANIFEST).write_text(json.dumps(mutated))
+            (copy / rel).write_text(json.dumps(mutated))
             return copy
 
         for command, argv in writes(data, store).items():
-            problem = _write_problem(capsys, argv, store, layout.MANIFEST, twin)
+            problem = _write_problem(capsys, argv, store, rel, twin)
             if problem:
                 problems.append(f"{name}: {command}: {problem}")
         if _hashes(store) != before:
             store = _copy(data.store, tmp_path / "case")
-        manifest.write_bytes(good)
+        commit.write_bytes(good)
     assert not problems, "\n".join(problems)
+    if version > 1:
+        return
     assert optional, "the format has keys a table may go without"
     lean = copy.deepcopy(doc)
     for path in sorted(optional, key=len, reverse=True):
@@ -451,8 +479,8 @@ def test_a_damaged_manifest_is_one_line_naming_it_and_the_key(data, tmp_path, ca
         for part in parts[:-1]:
             node = node[int(part[1:-1])] if part.startswith("[") else node[part]
         node.pop(parts[-1], None)
-    assert layout.manifest_problem(lean) is None
-    manifest.write_text(json.dumps(lean))
+    assert _commit_problem(lean, version, data.store) is None
+    commit.write_text(json.dumps(lean))
     for command, spec in refs.items():
         run = _run_read(capsys, spec)
         if command == "viewer session":  # without the source's URL it needs the image's path
@@ -577,13 +605,22 @@ def test_the_damaged_cache_is_rebuilt_or_dropped_and_a_damaged_table_measured_ag
     store = _copy(data.store, tmp_path / "case")
     part = next(p for p in store.rglob("*.parquet") if "label_image=cells" in str(p))
     part.write_bytes(part.read_bytes()[:1000])
-    assert _clean_error(_cli(capsys, ["sql", store, "SELECT 1"]), part.name) is None
+    # the fresh session cache (a faithful copy) still answers; what reads the Parquet files names the damage
+    assert _cli(capsys, ["sql", store, "SELECT count(*) FROM objects"]).code == 0
+    assert _clean_error(_cli(capsys, ["cache", store, "--status"]), part.name) is None
+    assert _clean_error(_api(lambda: query.open(store, cache=False).to_arrow()), part.name) is None
     measure = ["measure", data.images["0.5"], "--labels", "cells", "--out", store, "--workers", "1", "--quiet"]
-    for extra in (["--image-name", "other"], []):  # no new table; the damaged one is not "kept" as it is
-        assert _clean_error(_cli(capsys, [*measure, *extra]), part.name) is None
+    assert _clean_error(_cli(capsys, measure), part.name) is None  # the damaged table is not "kept" as it is
+    run = _cli(capsys, [*measure, "--image-name", "other"])
+    assert run.code == 0, run  # a new table goes in beside it: nothing of the damaged one is touched
     run = _cli(capsys, [*measure, "--overwrite"])
-    assert run.code == 0, run  # but it may be measured again
-    assert not part.exists() and answers(store) == expected
+    assert run.code == 0, run  # and the damaged one may be measured again
+    os.utime(part, (time.time() - 2 * 3600,) * 2)
+    assert _cli(capsys, ["vacuum", store]).code == 0
+    assert not part.exists()
+    got = query.open(store, cache=False).sql("SELECT label_image, label_id, area, kind FROM objects WHERE image = "
+                                             f"'{data.image}' ORDER BY ALL").fetchall()
+    assert got == expected
 
 
 # -- as a user runs it ----------------------------------------------------------------------------------------
@@ -606,8 +643,9 @@ def test_the_installed_command_names_damaged_image_metadata(data, tmp_path):
 def test_the_installed_command_names_a_truncated_parquet_file_and_writes_nothing(data, tmp_path):
     """Issue 14's second case (`cellar sql STORE "SELECT * FROM objects"` with a truncated part file), an
     annotation refused without a change, and `cellar view` refusing to serve the store."""
-    store = _copy(data.store, tmp_path / "case")
-    part = next(p for p in store.rglob("*.parquet") if p.parent.parent.parent.name == layout.OBJECTS_DIR)
+    store = _copy(data.plain, tmp_path / "case")  # no session cache: the queries read the Parquet files
+    part = next(p for p in store.rglob("*.parquet") if p.parent.parent.parent.name == layout.OBJECTS_DIR
+                and p.parent.name == "label_image=nuclei")  # the table annotated below
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 3])
     rel = part.relative_to(store).as_posix()
     _one_line(run_cli("sql", str(store), "SELECT * FROM objects"), f"{rel}: truncated or not a Parquet file")

@@ -23,7 +23,7 @@ import query
 from ngff.write import write_image
 from query import export as export_mod
 from schemas.errors import QueryError, UsageError
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
+from tests.conftest import intensities, nuclei_like, read_table, relocate_source, run_cli
 
 OMERO_READ = Path(__file__).parent / "tools" / "omero_read.py"
 # scripts/test builds OMERO's Python 3.10 environment here, holding the lock while it builds
@@ -48,9 +48,7 @@ def source(tmp_path_factory):
 def case(source, tmp_path):
     shutil.copytree(source / "img.ome.zarr", tmp_path / "img.ome.zarr")
     shutil.copytree(source / "s.cellar", tmp_path / "s.cellar")
-    manifest = json.loads((tmp_path / "s.cellar" / "manifest.json").read_text())
-    manifest["tables"][0]["source"]["url"] = str(tmp_path / "img.ome.zarr")
-    (tmp_path / "s.cellar" / "manifest.json").write_text(json.dumps(manifest))
+    relocate_source(tmp_path / "s.cellar", str(tmp_path / "img.ome.zarr"))
     return tmp_path
 
 

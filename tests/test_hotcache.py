@@ -16,6 +16,7 @@ import query
 from query import hotcache
 from query.annotate import annotate
 from query.api import take_rows
+from schemas import log
 from schemas import store as layout
 from tests.conftest import run_cli, two_slides
 
@@ -66,14 +67,14 @@ def test_the_build_shows_progress_with_rich(store, monkeypatch):
     console = Console(file=shown, force_terminal=True, width=120, color_system=None)
     info = hotcache.build(store, progress=True, console=console)
     n = sum(pq.read_metadata(f).num_rows for f in (store / "objects").rglob("*.parquet"))
-    assert info["rows"] == n and hotcache.find(store, layout.read_manifest(store))
+    assert info["rows"] == n and hotcache.find(store, log.snapshot(store))
     frames = shown.getvalue()
     assert f"caching {store.name}" in frames and f"{n}/{n} objects" in frames, frames
 
 
 def test_annotating_makes_the_cache_stale_and_removes_it(store):
     hotcache.build(store)
-    old = hotcache.find(store, layout.read_manifest(store))
+    old = hotcache.find(store, log.snapshot(store))
     ids = query.open(store).label_ids()[:5]
     annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()), "cls": ["t"] * 5}),
              source="test", known_ids=ids, measured=[])
@@ -87,7 +88,7 @@ def test_annotating_makes_the_cache_stale_and_removes_it(store):
 
 def test_remeasuring_makes_the_cache_stale(store, sources):
     hotcache.build(store)
-    measure.measure(str(sources[2]), "nuclei", store, workers=1)  # a second table: the manifest changes
+    measure.measure(str(sources[2]), "nuclei", store, workers=1)  # a second table: a new version of the store
     objs = query.open(store)
     assert not objs.mapped and len(objs.tables) == 2
     assert not (store / layout.CACHE_DIR).exists()
@@ -160,7 +161,7 @@ def test_take_rows_in_a_forked_child_after_the_parent_used_its_threads(monkeypat
 def test_cli_builds_reports_and_drops_the_cache(store):
     done = run_cli("cache", str(store))
     assert done.returncode == 0, done.stderr
-    assert "session cache of" in done.stderr and hotcache.find(store, layout.read_manifest(store))
+    assert "session cache of" in done.stderr and hotcache.find(store, log.snapshot(store))
     status = run_cli("cache", str(store), "--status")
     assert status.returncode == 0 and "fresh" in status.stderr
     rows = run_cli("cache", str(store), "--rows")  # adds the row-major copy to the fresh cache
@@ -178,7 +179,7 @@ def test_cli_cache_of_a_missing_store_is_one_line(tmp_path):
 
 def test_a_damaged_cache_file_is_a_one_line_store_error(store):
     hotcache.build(store)
-    path = hotcache.find(store, layout.read_manifest(store))
+    path = hotcache.find(store, log.snapshot(store))
     path.write_bytes(b"not arrow")
     done = run_cli("sql", str(store), "SELECT count(*) FROM objects")
     assert done.returncode == 2 and "unreadable session cache" in done.stderr and "Traceback" not in done.stderr
@@ -189,7 +190,7 @@ def test_a_damaged_row_major_copy_is_a_store_error_naming_it(store, damage):
     from schemas.errors import StoreError
 
     hotcache.build(store, rows=True)
-    path = layout.cache_sibling(hotcache.find(store, layout.read_manifest(store)), "rows")
+    path = layout.cache_sibling(hotcache.find(store, log.snapshot(store)), "rows")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a numpy file")
     with pytest.raises(StoreError, match=f"{path.name}: unreadable session cache"):

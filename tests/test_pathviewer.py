@@ -17,7 +17,7 @@ import measure
 import ngff
 import query
 from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
+from tests.conftest import intensities, nuclei_like, read_table, relocate_source, run_cli
 
 
 @pytest.fixture(scope="module", params=["0.4", "0.5"])
@@ -37,9 +37,7 @@ def case(measured, tmp_path):
     src, labels = measured
     shutil.copytree(src / "img.ome.zarr", tmp_path / "img.ome.zarr")
     shutil.copytree(src / "s.cellar", tmp_path / "s.cellar")
-    manifest = json.loads((tmp_path / "s.cellar" / "manifest.json").read_text())
-    manifest["tables"][0]["source"]["url"] = str(tmp_path / "img.ome.zarr")  # the copy, not the original
-    (tmp_path / "s.cellar" / "manifest.json").write_text(json.dumps(manifest))
+    relocate_source(tmp_path / "s.cellar", str(tmp_path / "img.ome.zarr"))  # the copy, not the original
     return tmp_path, labels
 
 

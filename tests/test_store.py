@@ -1,9 +1,10 @@
-"""The store: schema contract, manifest provenance, Hive layout, Parquet encoding, atomic commits."""
+"""The store: schema contract, provenance in the log, Hive layout, Parquet encoding, atomic commits."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ import schemas
 from measure import features as registry
 from measure import store_write
 from ngff.write import write_image
+from schemas import log
 from schemas.errors import StoreError
 from schemas.store import spatial_order
-from tests.conftest import intensities, nuclei_like, read_table
+from tests.conftest import intensities, nuclei_like, read_table, run_cli
 
 
 @pytest.fixture
@@ -40,13 +42,18 @@ def test_every_feature_declares_dtype_unit_and_description():
         assert f.unit or f.key or f.name.endswith("_id"), f.name  # only identifiers have no unit
 
 
-def test_manifest_records_provenance_and_concrete_columns(tmp_path, image):
+def test_the_log_records_provenance_and_concrete_columns(tmp_path, image):
     store = tmp_path / "s.cellar"
     measure.measure(str(image), "nuclei", store, workers=1)
-    manifest = json.loads((store / "manifest.json").read_text())
-    assert manifest["format"] == "cellar-store" and manifest["format_version"] == 1
-    assert manifest["cellar_version"] == schemas.cellar_version()
-    (entry,) = manifest["tables"]
+    marker = json.loads((store / "cellar.json").read_text())
+    assert marker["format"] == "cellar-store" and marker["format_version"] == 2
+    assert marker["cellar_version"] == schemas.cellar_version()
+    commit = json.loads((store / "log" / f"{1:020d}.json").read_text())
+    assert commit["version"] == 1 and commit["operation"] == "measure"
+    (action,) = commit["actions"]
+    entry, _ = read_table(store)
+    assert action["add"] == {k: v for k, v in entry.items() if k != "columns"}
+    assert entry["cellar_version"] == schemas.cellar_version()
     assert entry["image"] == "slide" and entry["label_image"] == "nuclei"
     assert entry["source"]["url"] == str(image.resolve())
     assert entry["source"]["ngff_version"] == "0.5" and entry["source"]["label_path"] == "labels/nuclei/0"
@@ -82,18 +89,23 @@ def test_a_store_holds_several_label_images_keeps_same_settings_and_refuses_othe
     store = tmp_path / "s.cellar"
     measure.measure(str(image), "nuclei", store, workers=1)
     measure.measure(str(image), "cells", store, workers=1)
-    manifest = json.loads((store / "manifest.json").read_text())
-    assert [t["label_image"] for t in manifest["tables"]] == ["nuclei", "cells"]
+    snap = log.snapshot(store)
+    assert snap.keys == [("slide", "nuclei"), ("slide", "cells")] and snap.version == 2
     again = measure.measure(str(image), "nuclei", store, workers=1)  # same settings: kept, not measured again
-    assert again.skipped and json.loads((store / "manifest.json").read_text()) == manifest
+    assert again.skipped and log.snapshot(store).version == 2
     with pytest.raises(StoreError, match="already holds image=slide label_image=nuclei, measured with other "
                                          "settings; pass --overwrite"):
         measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"])
-    old_file = manifest["tables"][0]["files"][0]
+    old_file = snap.entry("slide", "nuclei")["files"][0]
     measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"], overwrite=True)
     entry, df = read_table(store, label_image="nuclei")
     assert entry["files"][0] != old_file and "intensity_mean__DAPI" not in df
-    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == entry["files"]  # old file removed
+    # the replaced file stays for readers of the earlier state, until it is older than the retention
+    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == sorted([old_file, *entry["files"]])
+    os.utime(store / entry["dir"] / old_file, (time.time() - store_write.RETAIN_S - 1,) * 2)
+    r = run_cli("vacuum", str(store))
+    assert r.returncode == 0 and "1 files no commit lists removed" in r.stderr, r.stderr
+    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == entry["files"]
 
 
 def test_a_failed_write_leaves_no_store_and_no_temporary_files(tmp_path, image, monkeypatch):
@@ -113,14 +125,14 @@ def test_a_failed_write_into_an_existing_store_keeps_the_old_state(tmp_path, ima
     measure.measure(str(image), "nuclei", store, workers=1)
     before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
 
-    real = store_write.layout.write_json_atomic
+    real = log._create_if_absent
 
-    def fail_on_manifest(path, obj):
-        if path.name == "manifest.json":
+    def fail_on_commit(path, data):
+        if path.parent.name == log.LOG_DIR:
             raise OSError("disk full")
-        real(path, obj)
+        return real(path, data)
 
-    monkeypatch.setattr(store_write.layout, "write_json_atomic", fail_on_manifest)
+    monkeypatch.setattr(log, "_create_if_absent", fail_on_commit)
     with pytest.raises(OSError):
         measure.measure(str(image), "nuclei", store, workers=1, overwrite=True)
     with pytest.raises(OSError):
@@ -129,17 +141,20 @@ def test_a_failed_write_into_an_existing_store_keeps_the_old_state(tmp_path, ima
     assert after == before
 
 
-def test_stray_files_of_a_crashed_write_are_invisible_and_removed_by_the_next(tmp_path, image):
+def test_stray_files_of_a_crashed_write_are_invisible_and_removed_by_the_next_once_old(tmp_path, image):
     store = tmp_path / "s.cellar"
     measure.measure(str(image), "nuclei", store, workers=1)
     entry, _ = read_table(store)
     stray = store / entry["dir"] / "part-deadbeef.parquet.tmp"
     stray.write_bytes(b"half a file")
+    young = store / entry["dir"] / "part-cafe.parquet"  # another writer's, being written: kept
+    young.write_bytes(b"a file in the making")
+    os.utime(stray, (time.time() - store_write.RETAIN_S - 1,) * 2)
     import query
 
     assert query.open(store).sql("SELECT count(*) FROM objects").fetchall()[0][0] == entry["n_objects"]
     measure.measure(str(image), "nuclei", store, workers=1, overwrite=True)
-    assert not stray.exists()
+    assert not stray.exists() and young.exists()
 
 
 def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
@@ -152,7 +167,7 @@ def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
     empty = tmp_path / "empty"
     empty.mkdir()
     measure.measure(str(image), "nuclei", empty, workers=1)
-    assert (empty / "manifest.json").exists()
+    assert log.snapshot(empty).keys == [("slide", "nuclei")]
 
 
 def test_readme_feature_table_is_generated_from_the_registry():
@@ -171,6 +186,6 @@ def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path
     finally:
         os.umask(old)
     files = [p for p in store.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"manifest.json", "schema.json"} and len(files) >= 6
+    assert {p.name for p in files} >= {"cellar.json", f"{1:020d}.json", "schema.json"} and len(files) >= 8
     for p in files:
         assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))

@@ -111,7 +111,7 @@ class Session:
     # -- setup -----------------------------------------------------------------------------------------
     def _table(self) -> pa.Table:
         table = self.objs.cached
-        if len(self.objs.tables) > 1:  # the session cache holds every table of the store
+        if self.objs.n_tables > 1:  # the session cache holds every table of the store
             keep = pc.and_(pc.equal(table.column("image"), self.entry["image"]),
                            pc.equal(table.column("label_image"), self.entry["label_image"]))
             table = table.filter(keep)

@@ -1,0 +1,117 @@
+"""Benchmark: a store of many tables (a cohort), as one table per slide makes it.
+
+Measures one small generated image once, then adds its table to a store again and again under new image
+names through the store's writer (`measure.store_write.write_table`, the commit every `cellar measure` makes),
+until the store holds 10, 100, 1,000 and 10,000 tables (`--sizes`). At each size it reports:
+
+- add: the time to add one more table (median of the last `--adds` additions before that size);
+- open: `query.open(store)` in a fresh process (imports excluded);
+- query one image: `objs.where("image = 't00003' AND area > 20").label_ids()` after the open, same process;
+- count: `objs.count()` (every object of the store) after the open, same process;
+- the log's files read by the open (checkpoint and commits).
+
+Fresh-process figures are medians of `--repeat` processes. Run: `python benchmarks/bench_many.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROBE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import query
+t1 = time.perf_counter()
+objs = query.open(sys.argv[1])
+t2 = time.perf_counter()
+ids = objs.where("image = 't00003' AND area > 20").label_ids()
+t3 = time.perf_counter()
+n = objs.count()
+t4 = time.perf_counter()
+print(json.dumps({"import": t1 - t0, "open": t2 - t1, "query": t3 - t2, "count": t4 - t3, "ids": len(ids), "n": n}))
+"""
+
+
+def _probe(store: Path, repeat: int) -> dict[str, float]:
+    runs = []
+    root = Path(__file__).resolve().parents[1]
+    for _ in range(repeat):
+        out = subprocess.run([sys.executable, "-c", PROBE, str(store)], capture_output=True, text=True, check=True,
+                             cwd=root)
+        runs.append(json.loads(out.stdout))
+    keys = ("import", "open", "query", "count")
+    result = {k: statistics.median(r[k] for r in runs) for k in keys}
+    result.update(ids=runs[0]["ids"], n=runs[0]["n"])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000,10000")
+    parser.add_argument("--adds", type=int, default=10, help="additions timed before each size")
+    parser.add_argument("--repeat", type=int, default=5, help="fresh processes per figure")
+    args = parser.parse_args()
+
+    import pyarrow.parquet as pq
+
+    import measure
+    from measure import store_write
+    from ngff.write import write_image
+    from schemas import log
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.conftest import intensities, nuclei_like
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="cellar-bench-many-"))
+    image = write_image(work / "img.ome.zarr", intensities((64, 64), 2, seed=1), "cyx", chunks=(1, 64, 64),
+                        labels={"nuclei": nuclei_like((64, 64), 20, seed=2)}, scale={"y": 0.5, "x": 0.5})
+    measure.measure(str(image), "nuclei", work / "one.cellar", workers=1, progress=False)
+    snap = log.snapshot(work / "one.cellar")
+    template = snap.entry(*snap.keys[0])
+    specs = snap.columns(template)
+    table = pq.read_table(work / "one.cellar" / template["dir"] / template["files"][0])
+    n_objects = table.num_rows
+
+    store = work / "many.cellar"
+    rows, added = [], 0
+    for size in sizes:
+        times = []
+        while added < size:
+            entry = {k: v for k, v in template.items() if k not in ("dir", "files", "columns_id", "created")}
+            entry["image"] = f"t{added:05d}"
+            t = time.perf_counter()
+            store_write.write_table(store, entry, table, columns=specs)
+            times.append(time.perf_counter() - t)
+            added += 1
+        probe = _probe(store, args.repeat)
+        assert probe["n"] == size * n_objects and probe["ids"] > 0, probe
+        names = os.listdir(store / log.LOG_DIR)
+        rows.append((size, statistics.median(times[-args.adds:]), probe, len(names)))
+        print(f"{size:>6} tables: add {rows[-1][1] * 1e3:.1f} ms, open {probe['open'] * 1e3:.1f} ms, "
+              f"query one image {probe['query'] * 1e3:.1f} ms, count {probe['count'] * 1e3:.1f} ms "
+              f"(import {probe['import'] * 1e3:.0f} ms)", flush=True)
+    shutil.rmtree(work)
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; tables of "
+          f"{n_objects} objects x {table.num_columns} columns; fresh process per figure, median of {args.repeat}\n")
+    print("| tables | add a table (ms) | open (ms) | query one image (ms) | count (ms) | open + query vs 10 tables |")
+    print("|---|---|---|---|---|---|")
+    base = rows[0][2]["open"] + rows[0][2]["query"]
+    for size, add, probe, _ in rows:
+        both = probe["open"] + probe["query"]
+        print(f"| {size:,} | {add * 1e3:.1f} | {probe['open'] * 1e3:.1f} | {probe['query'] * 1e3:.1f} | "
+              f"{probe['count'] * 1e3:.1f} | {both / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
