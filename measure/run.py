@@ -440,7 +440,9 @@ def measure(
     chan_idx = _resolve_channels(image, channels)
     if not any(f.per_channel for f in selected):
         chan_idx = ()  # no intensity feature asked for: do not read the image at all
-    name = image_name or image.name
+    name = layout.partition_value(image_name or image.name)  # as queries see it: the Hive folder's value
+    if name != (image_name or image.name) and log is not None:
+        log(f"image name {image_name or image.name!r} is stored as {name!r} (letters, digits, '.', '_', '-')")
     if radius is not None and not (math.isfinite(radius) and radius > 0):
         raise UsageError(f"--radius {radius}: expected a positive distance")
     settings = {

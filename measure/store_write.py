@@ -34,26 +34,27 @@ COMPRESSION = "lz4"
 RETAIN_S = 3600.0
 
 
-def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> None:
+def check_output(out: Path, image: str, label_image: str, overwrite: bool) -> log.Snapshot | None:
     """Refuse, before any work, an output that is not a store (or empty), or a store that already holds this
     table (without `overwrite`). Only what the write touches is checked: a damaged file of another table
-    stays as it is and is no reason to refuse a new table."""
+    stays as it is and is no reason to refuse a new table. Returns the store's state (None: no store yet)."""
     if not out.exists():
         if not out.parent.is_dir():
             raise StoreError(f"{out}: parent directory {out.parent} does not exist")
-        return
+        return None
     if out.is_file() or out.is_symlink() and not out.is_dir():
         raise StoreError(f"{out}: exists and is a file, not a cellar store; refusing to overwrite it")
     if not log.is_store(out):
         if any(out.iterdir()):
             raise StoreError(f"{out}: exists and is a directory that is not a cellar store; refusing to write into it "
                              f"(no {log.MARKER})")
-        return
+        return None
     snap = log.snapshot(out)
     if (image, label_image) in snap and not overwrite:
         raise StoreError(
             f"{out}: already holds image={image} label_image={label_image}; pass --overwrite to replace it"
         )
+    return snap
 
 
 def check_files(out: Path, entry: dict) -> None:
@@ -92,7 +93,7 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
     the other into the same file, so that a large table need never be in memory whole. If another writer
     committed this table meanwhile with the same `settings`, its table is kept and this one dropped; with other
     settings that is an error unless `overwrite`."""
-    check_output(out, entry["image"], entry["label_image"], overwrite)
+    state = check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
     # `entry` itself is completed (not a copy), so a generator of `table` may still add to it while it runs
     entry.update(dir=layout.table_dir(entry["image"], entry["label_image"]), files=[f"part-{run_id}.parquet"],
@@ -110,7 +111,7 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
             log.place_store(staging, out)
             staging = None
         entry["columns_id"] = log.write_columns(out, entry.pop("columns"))
-        snap = log.commit(out, "measure", lambda state: _add(state, entry, overwrite))
+        snap = log.commit(out, "measure", lambda now: _add(now, entry, overwrite), start=state)
         committed = snap is not None
     finally:
         if staging is not None:
@@ -210,6 +211,15 @@ def vacuum(store: Path, retain_s: float = RETAIN_S) -> dict[str, int]:
             try:
                 info = path.stat()
                 if now - info.st_mtime >= retain_s:
+                    path.unlink()
+                    files, size = files + 1, size + info.st_size
+            except FileNotFoundError:
+                pass
+    for folder in (store / log.LOG_DIR, store / log.LOG_DIR / log.COLUMNS_DIR):  # commits of killed writers
+        for path in folder.glob(f"{layout.TMP_PREFIX}*"):
+            try:
+                info = path.stat()
+                if path.is_file() and now - info.st_mtime >= retain_s:
                     path.unlink()
                     files, size = files + 1, size + info.st_size
             except FileNotFoundError:

@@ -429,10 +429,13 @@ def _tokens(condition: str) -> list[tuple[str, str]]:
 
 def _conjuncts(condition: str | list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
     """The condition's AND terms as tokens: split at the top level, and again inside a term that is all in
-    parentheses."""
+    parentheses. A condition with an OR at its top level is one term (AND binds tighter: `a OR b AND c` is
+    `a OR (b AND c)`)."""
     tokens = _tokens(condition) if isinstance(condition, str) else condition
     while len(tokens) >= 2 and tokens[0] == ("op", "(") and tokens[-1] == ("op", ")") and _encloses(tokens):
         tokens = tokens[1:-1]
+    if _top_level_or(tokens):
+        return [tokens]
     terms, current, depth, between = [], [], 0, False
     for kind, value in tokens:
         word = value.lower() if kind == "name" else None
@@ -451,6 +454,17 @@ def _conjuncts(condition: str | list[tuple[str, str]]) -> list[list[tuple[str, s
     if len(terms) == 1:
         return terms
     return [part for term in terms for part in _conjuncts(term)]
+
+
+def _top_level_or(tokens: list[tuple[str, str]]) -> bool:
+    """Whether an OR, or a CASE (whose WHEN may hold an AND), stands at the top level of the tokens."""
+    depth = 0
+    for kind, value in tokens:
+        if kind == "op":
+            depth += (value == "(") - (value == ")")
+        elif depth == 0 and kind == "name" and value.lower() in ("or", "case"):
+            return True
+    return False
 
 
 def _encloses(tokens: list[tuple[str, str]]) -> bool:

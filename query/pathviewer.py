@@ -20,6 +20,7 @@ import ngff
 from ngff import labels as ngff_labels
 from query.api import Query, literal, quote
 from query.store import Objects
+from schemas import store as layout
 from schemas.errors import QueryError, UsageError
 
 GREY = (128, 128, 128, 255)
@@ -54,7 +55,8 @@ class Coloring:
 def table_query(objs: Objects, image: str | None, label_image: str | None) -> tuple[Query, dict]:
     """A query restricted to one (image, label image) table, and that table's manifest entry."""
     store, entry = objs.table(image, label_image)
-    q = objs.where(f"image = {literal(entry['image'])} AND label_image = {literal(entry['label_image'])}")
+    image, label_image = (layout.partition_value(entry[k]) for k in ("image", "label_image"))  # as queries see them
+    q = objs.where(f"image = {literal(image)} AND label_image = {literal(label_image)}")
     return q, entry
 
 

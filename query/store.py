@@ -26,6 +26,7 @@ import re
 import threading
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ import pyarrow as pa
 from query import hotcache
 from query.api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
 from schemas import integrity, log
+from schemas import store as layout
 from schemas.errors import CellarError, QueryError, StoreError
 
 _CHANNEL_SEP = "__"
@@ -45,6 +47,7 @@ _PARTITION_KEYS = ("image", "label_image")
 _LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns")}
 CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
 ROW_COLUMN = "__row"
+NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
 
 
 class Objects:
@@ -66,7 +69,8 @@ class Objects:
         self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s) for s in self.stores]
         # the tables this Objects covers, as (store index, (image, label image)): all, or those `narrow` chose
         self._keys = keys if keys is not None else [(i, k) for i, snap in enumerate(self.snapshots) for k in snap.keys]
-        self._narrowed: dict[tuple, Objects] = {}
+        self._whole = keys is None  # every table of the snapshots: their indexes answer for it
+        self._narrowed: OrderedDict[tuple, Objects] = OrderedDict()  # by (images, label images), see `narrow`
         # a narrowed Objects answers with every column of the Objects it was narrowed from (name -> dtype), so
         # that pruning never changes a result: the columns its tables lack are NULL, as in the union by name
         self._shape = shape
@@ -124,18 +128,26 @@ class Objects:
         """The covered tables by column list: {(store index, columns_id): [keys]}. Tables measured the same way
         share one, so a cohort has a few groups however many tables it has."""
         groups: dict[tuple[int, str], list[tuple[str, str]]] = {}
+        ids = [snap.columns_ids for snap in self.snapshots]
         for i, key in self._keys:
-            groups.setdefault((i, self.snapshots[i].columns_id(*key)), []).append(key)
+            groups.setdefault((i, ids[i][key]), []).append(key)
         return groups
+
+    @cached_property
+    def _group_ids(self) -> list[tuple[int, str]]:
+        """The (store index, columns_id) of the covered tables' column lists, in order of first use."""
+        if self._whole:
+            return list(dict.fromkeys((i, columns_id) for i, snap in enumerate(self.snapshots)
+                                      for columns_id in snap.columns_ids.values()))
+        return list(self._groups)
 
     def _annotated(self) -> list[tuple[int, tuple[str, str], list[dict]]]:
         """(store index, key, annotation versions) of the covered tables that have annotations."""
-        out = []
-        for i, key in self._keys:
-            versions = self.snapshots[i].annotations(*key)
-            if versions:
-                out.append((i, key, versions))
-        return out
+        if self._whole:
+            keys = [(i, key) for i, snap in enumerate(self.snapshots) for key in snap.annotated]
+        else:
+            keys = [(i, key) for i, key in self._keys if key in self.snapshots[i].annotated]
+        return [(i, key, self.snapshots[i].annotations(*key)) for i, key in keys]
 
     def narrow(self, images: set[str] | None = None, label_images: set[str] | None = None) -> Objects:
         """These objects restricted to the tables of these images and label images (None: any), sharing the
@@ -149,25 +161,46 @@ class Objects:
                   frozenset(label_images) if label_images is not None else None)
         with self._lock:
             hit = self._narrowed.get(wanted)
-        if hit is not None:
-            return hit
-        keys = [(i, k) for i, k in self._keys
-                if (images is None or k[0] in images) and (label_images is None or k[1] in label_images)]
-        if len(keys) == len(self._keys):
-            return self
+            if hit is not None:
+                self._narrowed.move_to_end(wanted)
+                return hit
+        keys = self._select(images, label_images)
         if not keys:
             keys = [(i, members[0]) for (i, _), members in self._groups.items()]
+        if len(keys) == len(self._keys):
+            return self
         narrowed = Objects(self.stores, cache=False, threads=self._threads, engine=self.engine,
                            snapshots=self.snapshots, keys=keys, shape=self.column_types)
-        with self._lock:
-            return self._narrowed.setdefault(wanted, narrowed)
+        with self._lock:  # a query that still holds an evicted one keeps it alive until it is done
+            narrowed = self._narrowed.setdefault(wanted, narrowed)
+            while len(self._narrowed) > NARROWED_KEPT:
+                self._narrowed.popitem(last=False)
+            return narrowed
 
     def count_from_log(self, images: set[str] | None = None, label_images: set[str] | None = None) -> int:
         """The number of objects in the covered tables (of these images and label images; None: any), as the
         log records it: no file is read."""
         self._check_open()
-        return sum(self.snapshots[i].n_objects(*k) for i, k in self._keys
-                   if (images is None or k[0] in images) and (label_images is None or k[1] in label_images))
+        if self._whole and images is None and label_images is None:
+            return sum(snap.total_objects for snap in self.snapshots)
+        return sum(self.snapshots[i].n_objects(*k) for i, k in self._select(images, label_images))
+
+    def _select(self, images: set[str] | None, label_images: set[str] | None) -> list[tuple[int, tuple[str, str]]]:
+        """The covered tables whose rows have these images and label images (None: any), as queries see them:
+        an image is named by its partition value in the log (`schemas.store.entry_problem`), a label image by
+        the Hive partition value of its name. With the images given, found by the snapshots' index."""
+        if images is not None and self._whole:
+            candidates = [(i, (image, label)) for i, snap in enumerate(self.snapshots) for image in sorted(images)
+                          for label in snap.label_images(image)]
+        else:
+            candidates = [(i, key) for i, key in self._keys if images is None or key[0] in images]
+        if label_images is None:
+            return candidates
+        seen: dict[str, str] = {}  # label images: a few names, many tables
+        for _, (_, label) in candidates:
+            if label not in seen:
+                seen[label] = layout.partition_value(label)
+        return [(i, key) for i, key in candidates if seen[key[1]] in label_images]
 
     @property
     def cached(self) -> pa.Table | None:
@@ -242,7 +275,8 @@ class Objects:
             import polars as pl
 
             frames = [_scan(store, table, name).with_columns(
-                image=pl.lit(table["image"]), label_image=pl.lit(table["label_image"]))
+                image=pl.lit(layout.partition_value(table["image"])),
+                label_image=pl.lit(layout.partition_value(table["label_image"])))
                 for store, table in self.tables for name in table["files"]]
             frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
             shape = self._reshaped()
@@ -320,6 +354,9 @@ class Objects:
         operating system. `with query.open(store, cache=True) as objs:` closes on leaving the block.
         """
         with self._lock:
+            for narrowed in self._narrowed.values():
+                narrowed.close()
+            self._narrowed.clear()
             for con in [*self._connections, *([self._base] if self._base is not None else [])]:
                 con.close()
             self._connections, self._base, self._registered = [], None, {}
@@ -687,7 +724,7 @@ class Objects:
         if self._shape is not None:
             return dict(self._shape)
         types: dict[str, str] = {}
-        for i, columns_id in self._groups:
+        for i, columns_id in self._group_ids:
             for c in self._specs(i, columns_id):
                 if c["name"] not in _PARTITION_KEYS:
                     types.setdefault(c["name"], c["dtype"])
@@ -699,7 +736,7 @@ class Objects:
     def _reshaped(self) -> dict[str, str] | None:
         """The columns (name -> dtype) the views are to show in `column_types`' order, or None where the files
         give them so anyway (one column list, not narrowed)."""
-        return self.column_types if self._shape is not None or len(self._groups) > 1 else None
+        return self.column_types if self._shape is not None or len(self._group_ids) > 1 else None
 
     def check_columns(self, columns: Sequence[str], what: str) -> None:
         """Raise a QueryError naming the first unknown column, with the closest known names."""
@@ -710,7 +747,7 @@ class Objects:
 
     def column_info(self, column: str) -> dict[str, str]:
         """dtype, unit and description of a column (from the first table that has it)."""
-        specs = [c for (i, columns_id) in self._groups for c in self._specs(i, columns_id)]
+        specs = [c for (i, columns_id) in self._group_ids for c in self._specs(i, columns_id)]
         for c in [*specs, *(c for _, c in self._annotation_specs)]:
             if c["name"] == column:
                 return {"dtype": c["dtype"], "unit": c["unit"], "description": c["description"]}
@@ -776,7 +813,7 @@ def _scan(store: Path, table: dict, name: str):
     import polars as pl
 
     rel = f"{table['dir']}/{name}"
-    frame = pl.scan_parquet(store / rel)
+    frame = pl.scan_parquet(integrity.parquet_file(store, rel))  # missing, truncated: named first
     try:
         names = frame.collect_schema().names()  # polars keeps the parsed footer for the query's own scan
     except (pl.exceptions.ComputeError, OSError) as exc:

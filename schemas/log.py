@@ -6,8 +6,10 @@ A store's state (its tables, their files, columns and annotation versions) is th
       cellar.json                                the marker: format, format version, creation
       log/00000000000000000001.json              commit 1: the actions of one write
       log/00000000000000000002.json              ...
-      log/00000000000000000100.checkpoint.parquet  the state after commit 100, one row per table
-      log/_last_checkpoint                       {"version": 100}: where readers start
+      log/00000000000000000020.checkpoint.parquet  the state after commit 20, one row per table: its key, object
+                                                 count, column list, annotation versions
+      log/00000000000000000020.entries.parquet     and its entry (provenance, files), by row
+      log/_last_checkpoint                       {"version": 20}: where readers start
       log/columns/<sha256>.json                  column specs by content (tables with the same columns share one)
 
 Writing: a writer puts its data files under names of its own (`part-<run>.parquet`), then reads the state
@@ -20,15 +22,18 @@ N+2. So every commit that a writer reports is in the log, whole, and no two writ
 Reading: a reader starts at the last checkpoint and reads the commits after it, one file each, until the
 next number is missing: the state of a version never changes, so a reader sees a consistent snapshot however
 many writers commit meanwhile. Every CHECKPOINT_EVERY commits the committing writer writes a checkpoint, and
-removes the commit files and checkpoints older than the one before, so reading the state costs the same at
-10 tables and at 10,000.
+removes the commit files and checkpoints more than LOG_KEPT versions old, so reading the state costs one
+checkpoint and a few commits at 10 tables and at 10,000.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,11 +52,13 @@ LOG_DIR = "log"
 COLUMNS_DIR = "columns"
 LAST_CHECKPOINT = "_last_checkpoint"
 LATEST = "_latest"  # {"version": N}: the newest commit its writer knew of, so that a lost last commit shows
-CHECKPOINT_EVERY = 100
+CHECKPOINT_EVERY = 20  # a reader reads the last checkpoint and fewer commits than this
+LOG_KEPT = 100  # the commits a compaction keeps: readers that started up to this many commits ago finish
 TMP_PREFIX = layout.TMP_PREFIX
 _DIGITS = 20
 _READ_ATTEMPTS = 8  # a reader restarts when a checkpoint it was sent to is compacted away meanwhile
-CHECKPOINT_COLUMNS = ("image", "label_image", "n_objects", "columns_id", "annotations", "entry")
+CHECKPOINT_ROW_GROUP = 256  # rows: reading one table's entry decompresses this many entries
+CHECKPOINT_COLUMNS = ("image", "label_image", "n_objects", "columns_id", "annotations")
 
 
 def commit_path(store: Path, version: int) -> Path:
@@ -60,6 +67,10 @@ def commit_path(store: Path, version: int) -> Path:
 
 def checkpoint_path(store: Path, version: int) -> Path:
     return Path(store) / LOG_DIR / f"{version:0{_DIGITS}d}.checkpoint.parquet"
+
+
+def entries_path(store: Path, version: int) -> Path:
+    return Path(store) / LOG_DIR / f"{version:0{_DIGITS}d}.entries.parquet"
 
 
 def columns_path(store: Path, columns_id: str) -> Path:
@@ -71,18 +82,21 @@ class Snapshot:
     """The state of a store at one version: its tables by (image, label image), in the order they were added.
 
     Table entries are dicts: image, label_image, dir, files, n_objects, columns_id, provenance, annotations.
-    Entries read from a checkpoint stay JSON text until first used (`entry`), so a store of 10,000 tables opens
-    without parsing them; the keys, object counts, column-list ids and annotation versions need no parsing.
+    Entries read from a checkpoint stay JSON text in its Arrow columns until first used (`entry`; `_entries`
+    then holds the row number), so a store of 10,000 tables opens without making or parsing them; the keys,
+    object counts and column-list ids need no parsing.
     """
 
     store: Path
     version: int
     marker: dict[str, Any]
-    _entries: dict[tuple[str, str], dict | str] = field(default_factory=dict)
+    _entries: dict[tuple[str, str], dict | int] = field(default_factory=dict)  # an int: the checkpoint's row
     _counts: dict[tuple[str, str], int] = field(default_factory=dict)
     _columns_ids: dict[tuple[str, str], str] = field(default_factory=dict)
-    _annotations: dict[tuple[str, str], str | None] = field(default_factory=dict)  # JSON text, unparsed entries
     _checkpoint: Path | None = None  # the file the entries still in text come from
+    _texts: _CheckpointTexts | None = None  # its columns `entry` and `annotations`, read when needed
+    _annotated: dict[tuple[str, str], None] | None = None  # indexes made on first use, dropped by `apply`
+    _by_image: dict[str, list[str]] | None = None
 
     @property
     def keys(self) -> list[tuple[str, str]]:
@@ -92,11 +106,11 @@ class Snapshot:
         """The entry of table (image, label image), or None."""
         key = (image, label_image)
         value = self._entries.get(key)
-        if isinstance(value, str):  # as a checkpoint holds it: the entry and its annotations apart
-            value = _parse_entry(value, self._checkpoint)
-            text = self._annotations.pop(key, None)
-            if text:
-                value["annotations"] = _parse_records(text, self._checkpoint)
+        if isinstance(value, int):  # as a checkpoint holds it: the entry and its annotations apart
+            text, annotations = self._texts.row(value)
+            value = _parse_entry(text, self._texts.path)
+            if annotations:
+                value["annotations"] = _parse_records(annotations, self._checkpoint)
             self._entries[key] = value
         return value
 
@@ -111,13 +125,37 @@ class Snapshot:
     def columns_id(self, image: str, label_image: str) -> str:
         return self._columns_ids[(image, label_image)]
 
+    @property
+    def columns_ids(self) -> dict[tuple[str, str], str]:
+        """Every table's column-list id, by key (not to be changed)."""
+        return self._columns_ids
+
+    @property
+    def annotated(self) -> dict[tuple[str, str], None]:
+        """The keys of the tables that have annotation versions, in the snapshot's order (not to be changed)."""
+        if self._annotated is None:
+            texts = self._texts.annotations if self._texts is not None else ()
+            self._annotated = {key: None for key, value in self._entries.items()
+                               if (texts[value] if isinstance(value, int) else value.get("annotations"))}
+        return self._annotated
+
+    def label_images(self, image: str) -> list[str]:
+        """The label images measured on `image` (an index made on first use: a query on some images then
+        finds their tables without going through all)."""
+        if self._by_image is None:
+            self._by_image = {}
+            for key in self._entries:
+                self._by_image.setdefault(key[0], []).append(key[1])
+        return self._by_image.get(image, [])
+
     def annotations(self, image: str, label_image: str) -> list[dict]:
         """The table's annotation versions (without parsing its entry)."""
         key = (image, label_image)
-        if key in self._annotations:
-            text = self._annotations[key]
+        value = self._entries[key]
+        if isinstance(value, int):
+            text = self._texts.annotations[value]
             return _parse_records(text, self._checkpoint) if text else []
-        return self.entry(*key).get("annotations") or []
+        return value.get("annotations") or []
 
     @property
     def total_objects(self) -> int:
@@ -135,6 +173,7 @@ class Snapshot:
 
     def apply(self, actions: list[dict], where: Path) -> None:
         """Apply a commit's actions (see `commit`)."""
+        self._annotated = self._by_image = None
         for i, action in enumerate(actions):
             if not isinstance(action, dict) or len(action) != 1:
                 raise StoreError(f"{where}: damaged commit (actions[{i}]: expected one action, add, annotate or "
@@ -172,8 +211,34 @@ class Snapshot:
             raise ValueError(f"unknown action {kind!r}")
 
     def _forget(self, key: tuple[str, str]) -> None:
-        for table in (self._entries, self._counts, self._columns_ids, self._annotations):
+        for table in (self._entries, self._counts, self._columns_ids):
             table.pop(key, None)
+
+
+class _CheckpointTexts:
+    """A checkpoint's `entry` and `annotations` columns (JSON text), read a row group at a time when an entry is
+    first needed: a writer that adds a table reads none of them, a query one group per table it touches. The
+    file stays open from the load on, so a compaction that removes its name meanwhile takes nothing away."""
+
+    def __init__(self, reader: Any, path: Path, annotations: list[str | None]):
+        self.reader, self.path, self.annotations = reader, path, annotations
+        metadata = reader.metadata
+        self.starts = list(itertools.accumulate((metadata.row_group(g).num_rows
+                                                 for g in range(metadata.num_row_groups)), initial=0))
+        self.groups: dict[int, list[str | None]] = {}
+        self.lock = threading.Lock()
+
+    def row(self, row: int) -> tuple[str, str | None]:
+        """(entry, annotations) of this row: the annotations column, mostly empty, is read at load."""
+        group = bisect.bisect_right(self.starts, row) - 1
+        with self.lock:
+            if group not in self.groups:
+                try:
+                    table = self.reader.read_row_group(group, columns=["entry"])
+                except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                    raise StoreError(f"{self.path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
+                self.groups[group] = table.column(0).to_pylist()
+        return self.groups[group][row - self.starts[group]], self.annotations[row]
 
 
 def _parse_records(text: str, where: Path | None) -> list[dict]:
@@ -187,7 +252,9 @@ def _parse_records(text: str, where: Path | None) -> list[dict]:
     return records
 
 
-def _parse_entry(text: str, where: Path) -> dict:
+def _parse_entry(text: str | None, where: Path) -> dict:
+    if not isinstance(text, str):
+        raise StoreError(f"{where}: damaged checkpoint (a table without its entry)")
     try:
         entry = json.loads(text)
     except (TypeError, ValueError) as exc:
@@ -335,29 +402,55 @@ def _pointer(path: Path) -> int:
 
 
 def _load_checkpoint(store: Path, version: int, marker: dict) -> Snapshot:
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     path = checkpoint_path(store, version)
     try:
-        table = pq.read_table(path)
+        table = _read_checkpoint_file(store, version, path).read(columns=list(CHECKPOINT_COLUMNS))
+    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+        raise StoreError(f"{path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
+    # the types from the schema, nulls from the arrays: no check per value in Python
+    types = {name: table.schema.field(name).type for name in CHECKPOINT_COLUMNS}
+    counts = table.column("n_objects").to_pylist()
+    if not (all(pa.types.is_string(types[name]) for name in ("image", "label_image", "columns_id", "annotations"))
+            and pa.types.is_integer(types["n_objects"])
+            and not any(table.column(name).null_count for name in CHECKPOINT_COLUMNS[:4])
+            and min(counts, default=0) >= 0):
+        raise StoreError(f"{path}: damaged checkpoint (a table without its key, object count or column-list id, "
+                         "or a column of another type)")
+    keys = list(zip(table.column("image").to_pylist(), table.column("label_image").to_pylist()))
+    rows = {key: row for row, key in enumerate(keys)}
+    if len(rows) != len(keys):
+        raise StoreError(f"{path}: damaged checkpoint (a table given twice)")
+    entries = entries_path(store, version)  # opened now: a compaction may remove its name later
+    reader = _read_checkpoint_file(store, version, entries)
+    if reader.schema_arrow.names != ["entry"] or not pa.types.is_string(reader.schema_arrow.field(0).type) \
+            or reader.metadata.num_rows != len(keys):
+        raise StoreError(f"{entries}: damaged checkpoint (expected a text column `entry` with a row for each of "
+                         f"the {len(keys)} tables {path.name} lists)")
+    return Snapshot(store, version, marker, rows, dict(zip(keys, counts)),
+                    dict(zip(keys, table.column("columns_id").to_pylist())), path,
+                    _CheckpointTexts(reader, entries, table.column("annotations").to_pylist()))
+
+
+def _read_checkpoint_file(store: Path, version: int, path: Path):
+    """A checkpoint file, opened (footer read) as a pyarrow ParquetFile; not pq.read_table, which imports
+    pyarrow.dataset and pandas."""
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+        missing = [name for name in (CHECKPOINT_COLUMNS if path.name.endswith(".checkpoint.parquet") else ())
+                   if name not in reader.schema_arrow.names]
     except FileNotFoundError:
         if any(v > version for v in _listed(store)["checkpoints"]):
             raise _Compacted() from None  # a reader sent to a checkpoint a compaction removed meanwhile
         raise StoreError(f"{path}: missing (the checkpoint {LOG_DIR}/{LAST_CHECKPOINT} names)") from None
     except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
         raise StoreError(f"{path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
-    try:
-        columns = {name: table.column(name).to_pylist() for name in CHECKPOINT_COLUMNS}
-    except KeyError as exc:
-        raise StoreError(f"{path}: damaged checkpoint (no column {exc})") from None
-    keys = list(zip(columns["image"], columns["label_image"]))
-    counts, ids = columns["n_objects"], columns["columns_id"]
-    if len(set(keys)) != len(keys) or not all(isinstance(n, int) and n >= 0 for n in counts) \
-            or not all(isinstance(i, str) for i in ids):
-        raise StoreError(f"{path}: damaged checkpoint (a table given twice, an object count that is not a whole "
-                         "number, or a missing column-list id)")
-    return Snapshot(store, version, marker, dict(zip(keys, columns["entry"])), dict(zip(keys, counts)),
-                    dict(zip(keys, ids)), dict(zip(keys, columns["annotations"])), path)
+    if missing:
+        raise StoreError(f"{path}: damaged checkpoint (no column {missing[0]!r})")
+    return reader
 
 
 @cache
@@ -425,17 +518,19 @@ def write_columns(store: Path, specs: list[dict]) -> str:
 
 
 def commit(store: Path, operation: str, decide: Callable[[Snapshot], list[dict] | None],
-           *, max_attempts: int = 10_000) -> Snapshot | None:
+           *, start: Snapshot | None = None, max_attempts: int = 10_000) -> Snapshot | None:
     """Commit the actions `decide(snapshot)` returns for the latest state; returns the new state, or None if
     `decide` returned None (nothing to do). When another writer takes the next version first, `decide` runs
-    again on the new state: it raises (a conflict) or returns actions for that state."""
+    again on the new state: it raises (a conflict) or returns actions for that state. `start`: a snapshot of
+    the store the caller has read (brought up to date here, and changed), so the log is not read again."""
     store = Path(store)
-    snap = snapshot(store)
+    snap = advance(start) if start is not None else snapshot(store)
     txn = uuid.uuid4().hex
     for attempt in range(max_attempts):
         actions = decide(snap)
         if actions is None:
             return None
+        _check_actions(store, actions)
         version = snap.version + 1
         record = {"version": version, "txn": txn, "operation": operation, "committed": _now(),
                   "actions": actions}
@@ -452,39 +547,59 @@ def commit(store: Path, operation: str, decide: Callable[[Snapshot], list[dict] 
     raise StoreError(f"{store}: could not commit after {max_attempts} attempts (other writers kept committing)")
 
 
+def _check_actions(store: Path, actions: list[dict]) -> None:
+    """Refuse actions a reader would call damaged (a table entry or annotation record of the wrong shape), before
+    they are committed: a commit is never taken back."""
+    for action in actions:
+        for kind, value in action.items():
+            problem = (layout.entry_problem(value) if kind == "add" else
+                       layout.record_problem(value.get("record")) if kind == "annotate" else None)
+            if problem:
+                raise StoreError(f"{store}: refusing to commit a {kind} action ({problem})")
+
+
 def write_checkpoint(snap: Snapshot) -> None:
     """Write the state at `snap.version` as a checkpoint, point readers at it, and remove the commits and
-    checkpoints that no reader needs any more (those older than the previous checkpoint)."""
+    checkpoints that no reader needs any more (those more than LOG_KEPT versions old)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     store, version = snap.store, snap.version
     keys = snap.keys
     texts, annotations = [], []
     for key in keys:
         value = snap._entries[key]
-        if isinstance(value, str):  # still as the last checkpoint had it
-            texts.append(value)
-            annotations.append(snap._annotations.get(key))
+        if isinstance(value, int):  # still as the last checkpoint had it
+            text, annotated = snap._texts.row(value)
+            texts.append(text)
+            annotations.append(annotated)
         else:
             plain = {k: v for k, v in value.items() if k != "annotations"}
             texts.append(json.dumps(plain, separators=(",", ":")))
             annotations.append(json.dumps(value["annotations"], separators=(",", ":"))
                                if value.get("annotations") else None)
+    # two files: the entries (read a row group at a time, when a table is touched) before the table list
+    # that names them by row (read whole on every open: one row group)
+    _write_parquet(entries_path(store, version), pa.table({"entry": pa.array(texts, pa.string())}),
+                   CHECKPOINT_ROW_GROUP)
     table = pa.table({"image": [k[0] for k in keys], "label_image": [k[1] for k in keys],
                       "n_objects": pa.array([snap._counts[k] for k in keys], pa.int64()),
                       "columns_id": [snap._columns_ids[k] for k in keys],
-                      "annotations": pa.array(annotations, pa.string()), "entry": pa.array(texts, pa.string())})
-    final = checkpoint_path(store, version)
+                      "annotations": pa.array(annotations, pa.string())})
+    _write_parquet(checkpoint_path(store, version), table, max(len(keys), 1))
+    _advance_pointer(store / LOG_DIR / LAST_CHECKPOINT, version)
+    _compact(store, version - LOG_KEPT)
+
+
+def _write_parquet(final: Path, table: Any, row_group_size: int) -> None:
+    import pyarrow.parquet as pq
+
     tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
         _fsync(tmp)
         os.replace(tmp, final)  # the same state whoever writes it: replacing is harmless
     finally:
         tmp.unlink(missing_ok=True)
-    _advance_pointer(store / LOG_DIR / LAST_CHECKPOINT, version)
-    _compact(store, version - CHECKPOINT_EVERY)
 
 
 def _advance_pointer(path: Path, version: int) -> None:
@@ -495,8 +610,8 @@ def _advance_pointer(path: Path, version: int) -> None:
 
 
 def _compact(store: Path, keep_from: int) -> None:
-    """Remove commit files up to `keep_from` and checkpoints before it (readers start at the last checkpoint or
-    the one before)."""
+    """Remove commit files up to `keep_from` and checkpoints before it (a reader that started from the
+    checkpoint at `keep_from`, or a later one, finds every commit it needs)."""
     if keep_from <= 0:
         return
     for path in (store / LOG_DIR).iterdir():
@@ -504,7 +619,7 @@ def _compact(store: Path, keep_from: int) -> None:
         if not stem.isdigit():
             continue
         number = int(stem)
-        is_checkpoint = path.name.endswith(".checkpoint.parquet")
+        is_checkpoint = path.name.endswith((".checkpoint.parquet", ".entries.parquet"))
         if (is_checkpoint and number < keep_from) or (not is_checkpoint and number <= keep_from):
             path.unlink(missing_ok=True)
 
@@ -591,6 +706,8 @@ def upgrade(store: Path) -> int:
     actions = []
     for i, table in enumerate(manifest["tables"]):
         entry = dict(table) if isinstance(table, dict) else {}
+        if isinstance(entry.get("image"), str):  # queries always saw the Hive folder's value: it is the name
+            entry["image"] = layout.partition_value(entry["image"])
         specs = entry.pop("columns", None)
         problem = layout.columns_problem(specs)
         if problem is None:

@@ -71,7 +71,11 @@ def unique_identifiers(names: list[str]) -> list[str]:
 
 def partition_value(name: str) -> str:
     """A Hive partition value safe in a path and in DuckDB's and polars' Hive parsers."""
-    return _PARTITION_SAFE.sub("_", str(name)).strip("._") or "_"
+    name = str(name)
+    if name.isascii() and name.replace(".", "").replace("_", "").replace("-", "").isalnum() \
+            and name[0] not in "._" and name[-1] not in "._":  # safe already (most names; 10x faster)
+        return name
+    return _PARTITION_SAFE.sub("_", name).strip("._") or "_"
 
 
 def table_dir(image: str, label_image: str) -> str:
@@ -171,6 +175,8 @@ def entry_problem(entry: Any) -> str | None:
     problem = _spec_problem(entry, TABLE_SPEC, "")
     if problem is None and not entry["files"]:
         return "files: an empty list (a table has at least one file)"
+    if problem is None and partition_value(entry["image"]) != entry["image"]:  # as queries see it: one name
+        return f"image: {entry['image']!r} is not a partition value (letters, digits, '.', '_', '-')"
     return problem
 
 

@@ -20,7 +20,7 @@ import measure
 import query
 from ngff.write import write_image
 from schemas import log
-from tests.conftest import intensities, nuclei_like
+from tests.conftest import intensities, nuclei_like, run_cli
 
 SHAPE = (48, 64)
 N_LABELS = 12
@@ -156,6 +156,7 @@ def test_writers_killed_at_random_moments_leave_a_consistent_store_that_a_rerun_
 
 def test_a_checkpoint_compacts_the_log_and_readers_see_the_same_state(image, tmp_path, monkeypatch):
     monkeypatch.setattr(log, "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(log, "LOG_KEPT", 5)
     store = tmp_path / "c.cellar"
     for k in range(13):
         measure.measure(str(image), "nuclei", store, image_name=f"t{k:02d}", workers=1, progress=False)
@@ -168,3 +169,66 @@ def test_a_checkpoint_compacts_the_log_and_readers_see_the_same_state(image, tmp
     assert query.open(store).count() == 13 * N_LABELS
     assert np.array_equal(query.open(store).where("image = 't07'").label_ids(),
                           query.open(store).where("image = 't00'").label_ids())
+
+
+def test_annotations_survive_the_checkpoint_that_holds_them(image, tmp_path, monkeypatch):
+    """A table annotated before a checkpoint keeps its versions after it, read from the checkpoint's text."""
+    from cellar.cli import main
+
+    monkeypatch.setattr(log, "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr(log, "LOG_KEPT", 4)
+    store = tmp_path / "c.cellar"
+    measure.measure(str(image), "nuclei", store, image_name="a", workers=1, progress=False)
+    ids = query.open(store).label_ids()
+    csv = tmp_path / "cls.csv"
+    csv.write_text("label_id,cls\n" + "".join(f"{i},t{i % 2}\n" for i in ids))
+    assert main(["annotate", str(store), "--from", str(csv), "--key", "label_id"]) == 0  # version 2
+    for k in range(7):  # checkpoints at 4 and 8, which removes commits 1..4
+        measure.measure(str(image), "nuclei", store, image_name=f"b{k}", workers=1, progress=False)
+    assert log.checkpoint_path(store, 4).exists() and not log.commit_path(store, 2).exists()
+    got = query.open(store).where("image = 'a'").select("label_id", "cls").order_by("label_id").to_arrow()
+    assert got.column("cls").to_pylist() == [f"t{i % 2}" for i in sorted(ids)]
+    assert [r["version"] for r in log.snapshot(store).annotations("a", "nuclei")] == [1]
+
+
+def _damaged_checkpoints():
+    import pyarrow as pa
+
+    def rewrite(change):
+        def apply(path: Path) -> None:
+            pq.write_table(change(pq.read_table(path)), path)
+        return apply
+
+    yield "garbage", lambda p: p.write_bytes(b"not a checkpoint" * 8)
+    yield "truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    yield "no object counts", rewrite(lambda t: t.drop_columns(["n_objects"]))
+    yield "a table twice", rewrite(lambda t: pa.concat_tables([t, t.slice(0, 1)]))
+    yield "entries: garbage", lambda p: log.entries_path(p.parent.parent, 3).write_bytes(b"garbage" * 9)
+    yield "entries: missing", lambda p: log.entries_path(p.parent.parent, 3).unlink()
+    yield "entries: not text", lambda p: pq.write_table(pa.table({"entry": pa.array(range(4))}),
+                                                        log.entries_path(p.parent.parent, 3))
+    yield "entries: a row short", lambda p: rewrite(lambda t: t.slice(1))(log.entries_path(p.parent.parent, 3))
+    yield "entries: not JSON", lambda p: pq.write_table(pa.table({"entry": ["{"] * 3}),
+                                                        log.entries_path(p.parent.parent, 3))
+
+
+@pytest.mark.parametrize("name, damage", list(_damaged_checkpoints()), ids=[n for n, _ in _damaged_checkpoints()])
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_no_write_goes_on(image, tmp_path, monkeypatch, name, damage):
+    monkeypatch.setattr(log, "CHECKPOINT_EVERY", 3)
+    store = tmp_path / "c.cellar"
+    for k in range(4):
+        measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
+    path = log.checkpoint_path(store, 3)
+    damage(path)
+    if name.startswith("entries"):
+        path = log.entries_path(store, 3)
+    before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    r = run_cli("sql", str(store), "SELECT count(*) FROM objects WHERE image = 't0' AND area > 0")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(store), "--image-name", "t9")
+    if name == "entries: not JSON":  # entries are parsed when used: a new table needs none of them
+        assert r.returncode == 0 and path.read_bytes() == before[path], r.stderr
+        assert log.snapshot(store).entry("t9", "nuclei")["n_objects"] == N_LABELS
+        return
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before

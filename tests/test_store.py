@@ -103,9 +103,14 @@ def test_a_store_holds_several_label_images_keeps_same_settings_and_refuses_othe
     # the replaced file stays for readers of the earlier state, until it is older than the retention
     assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == sorted([old_file, *entry["files"]])
     os.utime(store / entry["dir"] / old_file, (time.time() - store_write.RETAIN_S - 1,) * 2)
+    killed, recent = store / "log" / ".tmp-killed-commit", store / "log" / "columns" / ".tmp-in-progress"
+    for path in (killed, recent):  # what a writer killed while creating a commit leaves, and one at work
+        path.write_text("{}")
+    os.utime(killed, (time.time() - store_write.RETAIN_S - 1,) * 2)
     r = run_cli("vacuum", str(store))
-    assert r.returncode == 0 and "1 files no commit lists removed" in r.stderr, r.stderr
+    assert r.returncode == 0 and "2 files no commit lists removed" in r.stderr, r.stderr
     assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == entry["files"]
+    assert not killed.exists() and recent.exists()
 
 
 def test_a_failed_write_leaves_no_store_and_no_temporary_files(tmp_path, image, monkeypatch):

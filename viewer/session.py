@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 import ngff
 import query
 from query import pathviewer
+from schemas import store as layout
 from schemas.errors import QueryError, UsageError
 from viewer import tiles
 from viewer.sql import Sandbox
@@ -112,8 +113,8 @@ class Session:
     def _table(self) -> pa.Table:
         table = self.objs.cached
         if self.objs.n_tables > 1:  # the session cache holds every table of the store
-            keep = pc.and_(pc.equal(table.column("image"), self.entry["image"]),
-                           pc.equal(table.column("label_image"), self.entry["label_image"]))
+            keep = pc.and_(pc.equal(table.column("image"), layout.partition_value(self.entry["image"])),
+                           pc.equal(table.column("label_image"), layout.partition_value(self.entry["label_image"])))
             table = table.filter(keep)
         if table.num_rows == 0:
             raise QueryError(f"{self.entry['image']}/{self.entry['label_image']}: the table has no objects to show")
