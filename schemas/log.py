@@ -82,9 +82,10 @@ class Snapshot:
     """The state of a store at one version: its tables by (image, label image), in the order they were added.
 
     Table entries are dicts: image, label_image, dir, files, n_objects, columns_id, provenance, annotations.
-    Entries read from a checkpoint stay JSON text in its Arrow columns until first used (`entry`; `_entries`
-    then holds the row number), so a store of 10,000 tables opens without making or parsing them; the keys,
-    object counts and column-list ids need no parsing.
+    Entries read from a checkpoint stay in its entries file until first used (`_entries` holds their row
+    number; `entry` reads the row group and parses the one entry), so a store of 10,000 tables opens without
+    reading or parsing them; the keys, object counts, column-list ids and annotation texts come from the
+    checkpoint's table list.
     """
 
     store: Path
@@ -93,8 +94,8 @@ class Snapshot:
     _entries: dict[tuple[str, str], dict | int] = field(default_factory=dict)  # an int: the checkpoint's row
     _counts: dict[tuple[str, str], int] = field(default_factory=dict)
     _columns_ids: dict[tuple[str, str], str] = field(default_factory=dict)
-    _checkpoint: Path | None = None  # the file the entries still in text come from
-    _texts: _CheckpointTexts | None = None  # its columns `entry` and `annotations`, read when needed
+    _checkpoint: Path | None = None  # the checkpoint the entries still unparsed come from
+    _texts: _CheckpointTexts | None = None  # its entries (entries file) and annotations, as text
     _annotated: dict[tuple[str, str], None] | None = None  # indexes made on first use, dropped by `apply`
     _by_image: dict[str, list[str]] | None = None
 
