@@ -607,7 +607,7 @@ def _advance_pointer(path: Path, version: int) -> None:
     """Point `path` at `version` unless it points further already (writers race; a pointer that falls
     behind only makes readers read a few more commits)."""
     if _pointer(path) < version:
-        _replace(path, json.dumps({"version": version}).encode())
+        layout.write_json_atomic(path, {"version": version}, indent=None)
 
 
 def _compact(store: Path, keep_from: int) -> None:
@@ -655,15 +655,6 @@ def _write_new(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
-    try:
-        _write_new(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:
