@@ -11,7 +11,9 @@ until the store holds 10, 100, 1,000 and 10,000 tables (`--sizes`). At each size
 - query one image: `objs.where("image = 't00003' AND area > 20").label_ids()` after the open, same process;
 - count: `objs.count()` (every object of the store) after the open, same process.
 
-Fresh-process figures are medians of `--repeat` processes. Run: `python benchmarks/bench_many.py`.
+The store is copied at each size and the copies are probed once it is built, in turn (size after size, then
+again), so that a drift of the machine's speed shifts every size alike; fresh-process figures are medians of
+`--repeat` processes per size. Run: `python benchmarks/bench_many.py`.
 """
 
 from __future__ import annotations
@@ -44,24 +46,29 @@ print(json.dumps({"import": t1 - t0, "open": t2 - t1, "query": t3 - t2, "count":
 """
 
 
-def _probe(store: Path, repeat: int) -> dict[str, float]:
-    runs = []
+def _probe(stores: list[Path], repeat: int) -> list[dict[str, float]]:
+    """Medians of `repeat` fresh processes per store, the stores taken in turn (a drift of the machine's speed
+    then shifts every size alike)."""
+    runs: list[list[dict]] = [[] for _ in stores]
     root = Path(__file__).resolve().parents[1]
     for _ in range(repeat):
-        out = subprocess.run([sys.executable, "-c", PROBE, str(store)], capture_output=True, text=True, check=True,
-                             cwd=root)
-        runs.append(json.loads(out.stdout))
-    keys = ("import", "open", "query", "count")
-    result = {k: statistics.median(r[k] for r in runs) for k in keys}
-    result.update(ids=runs[0]["ids"], n=runs[0]["n"])
-    return result
+        for store, found in zip(stores, runs):
+            out = subprocess.run([sys.executable, "-c", PROBE, str(store)], capture_output=True, text=True,
+                                 check=True, cwd=root)
+            found.append(json.loads(out.stdout))
+    results = []
+    for found in runs:
+        result = {k: statistics.median(r[k] for r in found) for k in ("import", "open", "query", "count")}
+        result.update(ids=found[0]["ids"], n=found[0]["n"])
+        results.append(result)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10,100,1000,10000")
     parser.add_argument("--adds", type=int, default=10, help="additions timed before each size")
-    parser.add_argument("--repeat", type=int, default=5, help="fresh processes per figure")
+    parser.add_argument("--repeat", type=int, default=9, help="fresh processes per figure")
     args = parser.parse_args()
 
     import pyarrow.parquet as pq
@@ -86,7 +93,7 @@ def main() -> None:
     n_objects = table.num_rows
 
     store = work / "many.cellar"
-    rows, added, building = [], 0, 0.0
+    grown, added, building = [], 0, 0.0
     for size in sizes:
         times = []
         while added < size:
@@ -97,15 +104,21 @@ def main() -> None:
             times.append(time.perf_counter() - t)
             added += 1
         building += sum(times)
-        probe = _probe(store, args.repeat)
+        copy = work / f"s{size}.cellar"  # the store at this size, probed with the others at the end
+        shutil.copytree(store, copy)
+        grown.append((size, statistics.median(times[-args.adds:]), building, copy))
+        print(f"{size:>6} tables: add {grown[-1][1] * 1e3:.1f} ms (built in {building:.1f} s)", flush=True)
+    probes = _probe([copy for *_, copy in grown], args.repeat)
+    rows = []
+    for (size, add, built, _), probe in zip(grown, probes):
         assert probe["n"] == size * n_objects and probe["ids"] > 0, probe
-        rows.append((size, statistics.median(times[-args.adds:]), building, probe))
-        print(f"{size:>6} tables: add {rows[-1][1] * 1e3:.1f} ms (built in {building:.1f} s), open {probe['open'] * 1e3:.1f} ms, "
-              f"query one image {probe['query'] * 1e3:.1f} ms, count {probe['count'] * 1e3:.1f} ms "
-              f"(import {probe['import'] * 1e3:.0f} ms)", flush=True)
+        rows.append((size, add, built, probe))
+        print(f"{size:>6} tables: open {probe['open'] * 1e3:.1f} ms, query one image {probe['query'] * 1e3:.1f} ms, "
+              f"count {probe['count'] * 1e3:.1f} ms (import {probe['import'] * 1e3:.0f} ms)", flush=True)
     print(f"kept {work}") if os.environ.get("BENCH_KEEP") else shutil.rmtree(work)
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; tables of "
-          f"{n_objects} objects x {table.num_columns} columns; fresh process per figure, median of {args.repeat}\n")
+          f"{n_objects} objects x {table.num_columns} columns; fresh process per figure, median of {args.repeat}, "
+          "the sizes in turn\n")
     print("| tables | add a table (ms) | store built in (s) | open (ms) | query one image (ms) | count (ms) | "
           f"open + query vs {rows[0][0]:,} tables |")
     print("|---|---|---|---|---|---|---|")

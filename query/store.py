@@ -67,9 +67,11 @@ class Objects:
         self.engine = engine
         self.stores = tuple(stores)
         self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s) for s in self.stores]
-        # the tables this Objects covers, as (store index, (image, label image)): all, or those `narrow` chose
-        self._keys = keys if keys is not None else [(i, k) for i, snap in enumerate(self.snapshots) for k in snap.keys]
-        self._whole = keys is None  # every table of the snapshots: their indexes answer for it
+        # the tables this Objects covers, as (store index, (image, label image)): all (listed on first use of
+        # `_keys`: the snapshots answer for them), or those `narrow` chose
+        if keys is not None:
+            self._keys = keys
+        self._whole = keys is None
         self._narrowed: OrderedDict[tuple, Objects] = OrderedDict()  # by (images, label images), see `narrow`
         # a narrowed Objects answers with every column of the Objects it was narrowed from (name -> dtype), so
         # that pruning never changes a result: the columns its tables lack are NULL, as in the union by name
@@ -92,7 +94,7 @@ class Objects:
         self._numbered = False
         self._closed = False
         self._lazy_views: set[str] = set()  # `channels` and `columns`, made on first mention (see `sql`)
-        if cache is not False and self._keys and keys is None:
+        if cache is not False and self.n_tables and keys is None:
             found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
             if all(found):
                 self._mapped = hotcache.Mapped(found)
@@ -101,20 +103,24 @@ class Objects:
 
     # -- the tables ----------------------------------------------------------------------------------------
     @cached_property
+    def _keys(self) -> list[tuple[int, tuple[str, str]]]:
+        """Every table of the snapshots (a narrowed Objects is given its own)."""
+        return [(i, key) for i, snap in enumerate(self.snapshots) for key in snap.keys]
+
+    @cached_property
     def tables(self) -> list[tuple[Path, dict]]:
         """(store, entry) of every table this Objects covers, each entry with its `columns` (the entries are
         parsed on first use of this list: the query paths use `_groups` and the snapshots instead)."""
-        out = []
-        for i, key in self._keys:
-            snap = self.snapshots[i]
-            entry = snap.entry(*key)
-            out.append((self.stores[i], {**entry, "columns": self._specs(i, entry["columns_id"])}))
-        return out
+        if self._whole:
+            found = ((i, entry) for i, snap in enumerate(self.snapshots) for entry in snap.entries())
+        else:
+            found = ((i, self.snapshots[i].entry(*key)) for i, key in self._keys)
+        return [(self.stores[i], {**entry, "columns": self._specs(i, entry["columns_id"])}) for i, entry in found]
 
     @property
     def n_tables(self) -> int:
         """How many tables this Objects covers."""
-        return len(self._keys)
+        return sum(len(snap) for snap in self.snapshots) if self._whole else len(self._keys)
 
     def _specs(self, i: int, columns_id: str) -> list[dict]:
         """A column list of store `i` (read once per Objects; shared, not to be changed)."""
@@ -128,17 +134,20 @@ class Objects:
         """The covered tables by column list: {(store index, columns_id): [keys]}. Tables measured the same way
         share one, so a cohort has a few groups however many tables it has."""
         groups: dict[tuple[int, str], list[tuple[str, str]]] = {}
-        ids = [snap.columns_ids for snap in self.snapshots]
-        for i, key in self._keys:
-            groups.setdefault((i, ids[i][key]), []).append(key)
+        if self._whole:
+            found = ((i, key, columns_id) for i, snap in enumerate(self.snapshots)
+                     for key, columns_id in zip(snap.keys, snap.columns_id_list()))
+        else:
+            found = ((i, key, self.snapshots[i].columns_id(*key)) for i, key in self._keys)
+        for i, key, columns_id in found:
+            groups.setdefault((i, columns_id), []).append(key)
         return groups
 
     @cached_property
     def _group_ids(self) -> list[tuple[int, str]]:
         """The (store index, columns_id) of the covered tables' column lists, in order of first use."""
         if self._whole:
-            return list(dict.fromkeys((i, columns_id) for i, snap in enumerate(self.snapshots)
-                                      for columns_id in snap.columns_ids.values()))
+            return [(i, columns_id) for i, snap in enumerate(self.snapshots) for columns_id in snap.distinct_columns_ids()]
         return list(self._groups)
 
     def _annotated(self) -> list[tuple[int, tuple[str, str], list[dict]]]:
@@ -146,8 +155,9 @@ class Objects:
         if self._whole:
             keys = [(i, key) for i, snap in enumerate(self.snapshots) for key in snap.annotated]
         else:
-            keys = [(i, key) for i, key in self._keys if key in self.snapshots[i].annotated]
-        return [(i, key, self.snapshots[i].annotations(*key)) for i, key in keys]
+            keys = self._keys
+        found = ((i, key, self.snapshots[i].annotations(*key)) for i, key in keys)
+        return [(i, key, versions) for i, key, versions in found if versions]
 
     def narrow(self, images: set[str] | None = None, label_images: set[str] | None = None) -> Objects:
         """These objects restricted to the tables of these images and label images (None: any), sharing the
@@ -167,7 +177,7 @@ class Objects:
         keys = self._select(images, label_images)
         if not keys:
             keys = [(i, members[0]) for (i, _), members in self._groups.items()]
-        if len(keys) == len(self._keys):
+        if len(keys) == self.n_tables:
             return self
         narrowed = Objects(self.stores, cache=False, threads=self._threads, engine=self.engine,
                            snapshots=self.snapshots, keys=keys, shape=self.column_types)
@@ -190,8 +200,7 @@ class Objects:
         an image is named by its partition value in the log (`schemas.store.entry_problem`), a label image by
         the Hive partition value of its name. With the images given, found by the snapshots' index."""
         if images is not None and self._whole:
-            candidates = [(i, (image, label)) for i, snap in enumerate(self.snapshots) for image in sorted(images)
-                          for label in snap.label_images(image)]
+            candidates = [(i, key) for i, snap in enumerate(self.snapshots) for key in snap.keys_of(images)]
         else:
             candidates = [(i, key) for i, key in self._keys if images is None or key[0] in images]
         if label_images is None:
@@ -262,7 +271,7 @@ class Objects:
         `ranges` ((column, lo, hi), a box) let the mapped cache skip the batches whose statistics rule them out.
         """
         self._check_open()
-        if self.engine == "duckdb" or not self._keys:
+        if self.engine == "duckdb" or not self.n_tables:
             return None
         if self._mapped is not None and self._cached is None:
             return self._mapped_frame(columns, ranges)
@@ -319,7 +328,7 @@ class Objects:
         if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM."""
         if self._mapped is not None:
             return self  # the mapped files answer as fast: the operating system keeps their pages in memory
-        if self._cached is None and self._keys:
+        if self._cached is None and self.n_tables:
             # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
             # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
             # Query.to_arrow) instead of DuckDB materialising every column.
@@ -767,7 +776,7 @@ class Objects:
 
     def __repr__(self) -> str:
         stores = ", ".join(str(s) for s in self.stores)
-        return f"<cellar.Objects {stores}: {len(self._keys)} tables, {len(self)} objects>"
+        return f"<cellar.Objects {stores}: {self.n_tables} tables, {len(self)} objects>"
 
 
 _TYPES = {  # a column's dtype as the log records it (numpy's or Arrow's names) -> DuckDB's, polars' name

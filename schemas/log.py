@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +57,9 @@ LOG_KEPT = 100  # the commits a compaction keeps: readers that started up to thi
 TMP_PREFIX = layout.TMP_PREFIX
 _DIGITS = 20
 _READ_ATTEMPTS = 8  # a reader restarts when a checkpoint it was sent to is compacted away meanwhile
-CHECKPOINT_ROW_GROUP = 256  # rows: reading one table's entry decompresses this many entries
+CHECKPOINT_ROW_GROUP = 64  # rows: reading one table's entry decompresses this many entries
 CHECKPOINT_COLUMNS = ("image", "label_image", "n_objects", "columns_id", "annotations")
+DISTINCT_KEY = b"cellar.columns_ids"  # the checkpoint's metadata: its column-list ids, each once, in order
 
 
 def commit_path(store: Path, version: int) -> Path:
@@ -77,96 +78,242 @@ def columns_path(store: Path, columns_id: str) -> Path:
     return Path(store) / LOG_DIR / COLUMNS_DIR / f"{columns_id}.json"
 
 
+class _Listed:
+    """A checkpoint's table list as columns, by row: what a store of 10,000 tables costs on open is reading
+    the image and count columns, not a Python object per table. A table is found by searching the image list
+    (a C loop over references); the other columns are read and become lists on first use, checked then (a
+    writer reads them all before it commits: `check`); `index` is made only when many lookups of single tables
+    come. The file stays open: a compaction may remove its name."""
+
+    def __init__(self, path: Path, reader: Any, texts: _CheckpointTexts):
+        self.path, self.reader, self.texts = path, reader, texts
+        self.lock = threading.Lock()
+        self.index: dict[tuple[str, str], int] | None = None
+        self.images, self.counts = self._read("image", "n_objects")
+        if min(self.counts, default=0) < 0:
+            raise StoreError(f"{self.path}: damaged checkpoint (a negative object count)")
+
+    def _read(self, *names: str) -> list[list]:
+        with self.lock:
+            try:
+                table = self.reader.read(columns=list(names), use_threads=False)
+            except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                raise StoreError(f"{self.path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
+        for name, column in zip(names, table.columns):
+            if column.null_count and name != "annotations":
+                raise StoreError(f"{self.path}: damaged checkpoint (a table without its {name})")
+        return [column.to_pylist() for column in table.columns]
+
+    def check(self) -> None:
+        """Read and check every column (a writer's snapshot: its next checkpoint copies them)."""
+        for name in ("label_images", "columns_ids", "annotations"):
+            getattr(self, name)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @cached_property
+    def label_images(self) -> list[str]:
+        return self._read("label_image")[0]
+
+    @cached_property
+    def columns_ids(self) -> list[str]:
+        return self._read("columns_id")[0]
+
+    @cached_property
+    def distinct_columns_ids(self) -> list[str]:
+        """The column-list ids, each once, in order of first use: as the checkpoint's metadata lists them (a
+        few, for any number of tables), or from the column."""
+        try:
+            listed = json.loads((self.reader.schema_arrow.metadata or {})[DISTINCT_KEY])
+        except (KeyError, ValueError):
+            listed = None
+        if isinstance(listed, list) and listed and all(isinstance(v, str) for v in listed):
+            return listed
+        return list(dict.fromkeys(self.columns_ids))
+
+    @cached_property
+    def annotations(self) -> list[str | None]:
+        return self._read("annotations")[0]
+
+    @property
+    def any_annotations(self) -> bool:
+        """Whether any table has annotation versions: from the file's statistics when it has them."""
+        metadata = self.reader.metadata
+        column = self.reader.schema_arrow.get_field_index("annotations")
+        nulls = 0
+        for group in range(metadata.num_row_groups):
+            statistics = metadata.row_group(group).column(column).statistics
+            if statistics is None or not statistics.has_null_count:
+                return any(self.annotations)
+            nulls += statistics.null_count
+        return nulls < len(self)
+
+    def rows(self, image: str) -> Iterator[int]:
+        """The rows of this image's tables."""
+        start = 0
+        while True:
+            try:
+                row = self.images.index(image, start)
+            except ValueError:
+                return
+            yield row
+            start = row + 1
+
+    def row(self, key: tuple[str, str], lookups: int) -> int | None:
+        if self.index is None and lookups > _SEARCHES:
+            self.index = {k: row for row, k in enumerate(zip(self.images, self.label_images))}
+        if self.index is not None:
+            return self.index.get(key)
+        return next((row for row in self.rows(key[0]) if self.label_images[row] == key[1]), None)
+
+
+_SEARCHES = 32  # lookups of single tables in a checkpoint's list before it gets an index
+
+
 @dataclass
 class Snapshot:
     """The state of a store at one version: its tables by (image, label image), in the order they were added.
 
     Table entries are dicts: image, label_image, dir, files, n_objects, columns_id, provenance, annotations.
-    Entries read from a checkpoint stay in its entries file until first used (`_entries` holds their row
-    number; `entry` reads the row group and parses the one entry), so a store of 10,000 tables opens without
-    reading or parsing them; the keys, object counts, column-list ids and annotation texts come from the
-    checkpoint's table list.
+    The tables of the last checkpoint stay in its columns (`_base`, rows in order) until used: an entry is read
+    from the checkpoint's entries file and parsed when first asked for (`_parsed`, by row), so a store of
+    10,000 tables opens without reading or parsing them. Commits after the checkpoint add tables (`_added`, in
+    order; a replaced table moves to the end, as a new one) and take rows out of the base (`_dead`).
     """
 
     store: Path
     version: int
     marker: dict[str, Any]
-    _entries: dict[tuple[str, str], dict | int] = field(default_factory=dict)  # an int: the checkpoint's row
-    _counts: dict[tuple[str, str], int] = field(default_factory=dict)
-    _columns_ids: dict[tuple[str, str], str] = field(default_factory=dict)
-    _checkpoint: Path | None = None  # the checkpoint the entries still unparsed come from
-    _texts: _CheckpointTexts | None = None  # its entries (entries file) and annotations, as text
-    _annotated: dict[tuple[str, str], None] | None = None  # indexes made on first use, dropped by `apply`
-    _by_image: dict[str, list[str]] | None = None
+    _base: _Listed | None = None
+    _dead: set[int] = field(default_factory=set)  # base rows replaced or removed since the checkpoint
+    _parsed: dict[int, dict] = field(default_factory=dict)  # base rows' entries, parsed on first use
+    _added: dict[tuple[str, str], dict] = field(default_factory=dict)  # tables added since the checkpoint
+    _lookups: int = 0
+
+    def _row(self, key: tuple[str, str]) -> int | None:
+        """The base row of table `key` (None: not in the base, or taken out of it)."""
+        if self._base is None:
+            return None
+        self._lookups += 1
+        row = self._base.row(key, self._lookups)
+        return None if row in self._dead else row
+
+    def _live(self) -> Iterator[int]:
+        """The base rows still in the state, in order."""
+        n = len(self._base) if self._base is not None else 0
+        return iter(range(n)) if not self._dead else (row for row in range(n) if row not in self._dead)
+
+    def _base_entry(self, row: int) -> dict:
+        value = self._parsed.get(row)
+        if value is None:
+            value = _parse_entry(self._base.texts.row(row), self._base.texts.path)
+            annotations = self._base.annotations[row]
+            if annotations:
+                value["annotations"] = _parse_records(annotations, self._base.path)
+            self._parsed[row] = value
+        return value
 
     @property
     def keys(self) -> list[tuple[str, str]]:
-        return list(self._entries)
+        base = self._base
+        listed = [] if base is None else list(zip(base.images, base.label_images)) if not self._dead else \
+            [(base.images[row], base.label_images[row]) for row in self._live()]
+        return listed + list(self._added)
 
     def entry(self, image: str, label_image: str) -> dict | None:
         """The entry of table (image, label image), or None."""
         key = (image, label_image)
-        value = self._entries.get(key)
-        if isinstance(value, int):  # as a checkpoint holds it: the entry and its annotations apart
-            text, annotations = self._texts.row(value)
-            value = _parse_entry(text, self._texts.path)
-            if annotations:
-                value["annotations"] = _parse_records(annotations, self._checkpoint)
-            self._entries[key] = value
-        return value
+        if key in self._added:
+            return self._added[key]
+        row = self._row(key)
+        return None if row is None else self._base_entry(row)
 
     def entries(self) -> Iterator[dict]:
-        """Every table's entry (parsing those not parsed yet)."""
-        for image, label_image in self.keys:
-            yield self.entry(image, label_image)
+        """Every table's entry, in order (parsing those not parsed yet)."""
+        for row in self._live():
+            yield self._base_entry(row)
+        yield from self._added.values()
 
     def n_objects(self, image: str, label_image: str) -> int:
-        return self._counts[(image, label_image)]
+        key = (image, label_image)
+        if key in self._added:
+            return int(self._added[key]["n_objects"])
+        return self._base.counts[self._known(key)]
 
     def columns_id(self, image: str, label_image: str) -> str:
-        return self._columns_ids[(image, label_image)]
+        key = (image, label_image)
+        if key in self._added:
+            return self._added[key]["columns_id"]
+        return self._base.columns_ids[self._known(key)]
+
+    def _known(self, key: tuple[str, str]) -> int:
+        row = self._row(key)
+        if row is None:
+            raise KeyError(key)
+        return row
+
+    def distinct_columns_ids(self) -> list[str]:
+        """The tables' column-list ids, each once, in order of first use."""
+        if self._base is not None and not self._dead:
+            return list(dict.fromkeys([*self._base.distinct_columns_ids,
+                                       *(entry["columns_id"] for entry in self._added.values())]))
+        return list(dict.fromkeys(self.columns_id_list()))
 
     @property
-    def columns_ids(self) -> dict[tuple[str, str], str]:
-        """Every table's column-list id, by key (not to be changed)."""
-        return self._columns_ids
+    def annotated(self) -> list[tuple[str, str]]:
+        """The keys of the tables that have annotation versions, in order."""
+        out = []
+        base = self._base
+        if base is not None and (self._parsed or base.any_annotations):
+            for row in self._live():
+                parsed = self._parsed.get(row)
+                if parsed.get("annotations") if parsed is not None else base.annotations[row]:
+                    out.append((base.images[row], base.label_images[row]))
+        return out + [key for key, entry in self._added.items() if entry.get("annotations")]
 
-    @property
-    def annotated(self) -> dict[tuple[str, str], None]:
-        """The keys of the tables that have annotation versions, in the snapshot's order (not to be changed)."""
-        if self._annotated is None:
-            texts = self._texts.annotations if self._texts is not None else ()
-            self._annotated = {key: None for key, value in self._entries.items()
-                               if (texts[value] if isinstance(value, int) else value.get("annotations"))}
-        return self._annotated
+    def keys_of(self, images: set[str] | frozenset[str]) -> list[tuple[str, str]]:
+        """The keys of these images' tables, in order: a query on a few images finds their tables by searching
+        the image column, not going through every table in Python."""
+        base = self._base
+        if base is None:
+            rows = []
+        elif len(images) <= _SEARCHES:
+            rows = sorted(row for image in images for row in base.rows(image) if row not in self._dead)
+        else:
+            rows = [row for row, image in enumerate(base.images) if image in images and row not in self._dead]
+        return [(base.images[row], base.label_images[row]) for row in rows] + \
+            [key for key in self._added if key[0] in images]
 
-    def label_images(self, image: str) -> list[str]:
-        """The label images measured on `image` (an index made on first use: a query on some images then
-        finds their tables without going through all)."""
-        if self._by_image is None:
-            self._by_image = {}
-            for key in self._entries:
-                self._by_image.setdefault(key[0], []).append(key[1])
-        return self._by_image.get(image, [])
+    def columns_id_list(self) -> list[str]:
+        """Every table's column-list id, in the order of `keys`."""
+        base = self._base
+        listed = [] if base is None else list(base.columns_ids) if not self._dead else \
+            [base.columns_ids[row] for row in self._live()]
+        return listed + [entry["columns_id"] for entry in self._added.values()]
 
     def annotations(self, image: str, label_image: str) -> list[dict]:
         """The table's annotation versions (without parsing its entry)."""
         key = (image, label_image)
-        value = self._entries[key]
-        if isinstance(value, int):
-            text = self._texts.annotations[value]
-            return _parse_records(text, self._checkpoint) if text else []
-        return value.get("annotations") or []
+        if key in self._added:
+            return self._added[key].get("annotations") or []
+        row = self._known(key)
+        if row in self._parsed:
+            return self._parsed[row].get("annotations") or []
+        text = self._base.annotations[row]
+        return _parse_records(text, self._base.path) if text else []
 
     @property
     def total_objects(self) -> int:
-        return sum(self._counts.values())
+        base = self._base
+        listed = 0 if base is None else sum(base.counts) - sum(base.counts[row] for row in self._dead)
+        return listed + sum(int(entry["n_objects"]) for entry in self._added.values())
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return (len(self._base) - len(self._dead) if self._base is not None else 0) + len(self._added)
 
     def __contains__(self, key: tuple[str, str]) -> bool:
-        return key in self._entries
+        return key in self._added or self._row(key) is not None
 
     def columns(self, entry: dict) -> list[dict]:
         """The column specs of a table entry (`log/columns/<columns_id>.json`)."""
@@ -174,7 +321,6 @@ class Snapshot:
 
     def apply(self, actions: list[dict], where: Path) -> None:
         """Apply a commit's actions (see `commit`)."""
-        self._annotated = self._by_image = None
         for i, action in enumerate(actions):
             if not isinstance(action, dict) or len(action) != 1:
                 raise StoreError(f"{where}: damaged commit (actions[{i}]: expected one action, add, annotate or "
@@ -192,9 +338,7 @@ class Snapshot:
                 raise ValueError(f"entry {problem}")
             key = (value["image"], value["label_image"])
             self._forget(key)  # a replaced table moves to the end, as a new one
-            self._entries[key] = value
-            self._counts[key] = int(value["n_objects"])
-            self._columns_ids[key] = value["columns_id"]
+            self._added[key] = value
         elif kind == "annotate":
             entry = self.entry(value["image"], value["label_image"])
             if entry is None:
@@ -205,41 +349,63 @@ class Snapshot:
             entry.setdefault("annotations", []).append(value["record"])
         elif kind == "remove":
             key = (value["image"], value["label_image"])
-            if key not in self._entries:
+            if key not in self:
                 raise KeyError(f"no table image={key[0]!r} label_image={key[1]!r}")
             self._forget(key)
         else:
             raise ValueError(f"unknown action {kind!r}")
 
     def _forget(self, key: tuple[str, str]) -> None:
-        for table in (self._entries, self._counts, self._columns_ids):
-            table.pop(key, None)
+        if self._added.pop(key, None) is None:
+            row = self._row(key)
+            if row is not None:
+                self._dead.add(row)
+                self._parsed.pop(row, None)
+
+    def _stored(self) -> Iterator[tuple[tuple[str, str], int, str, str, str | None]]:
+        """(key, object count, column-list id, entry text, annotations text) of every table, in order, as a
+        checkpoint stores them: the entries not parsed as the last checkpoint had them."""
+        base = self._base
+        for row in self._live():
+            key, count, columns_id = (base.images[row], base.label_images[row]), base.counts[row], base.columns_ids[row]
+            texts = _entry_texts(self._parsed[row]) if row in self._parsed else (base.texts.row(row),
+                                                                                 base.annotations[row])
+            yield key, count, columns_id, *texts
+        for key, entry in self._added.items():
+            yield key, int(entry["n_objects"]), entry["columns_id"], *_entry_texts(entry)
+
+
+def _entry_texts(entry: dict) -> tuple[str, str | None]:
+    plain = {k: v for k, v in entry.items() if k != "annotations"}
+    annotations = entry.get("annotations")
+    return (json.dumps(plain, separators=(",", ":")),
+            json.dumps(annotations, separators=(",", ":")) if annotations else None)
 
 
 class _CheckpointTexts:
-    """A checkpoint's `entry` and `annotations` columns (JSON text), read a row group at a time when an entry is
+    """A checkpoint's entries file (a column `entry` of JSON text), read a row group at a time when an entry is
     first needed: a writer that adds a table reads none of them, a query one group per table it touches. The
     file stays open from the load on, so a compaction that removes its name meanwhile takes nothing away."""
 
-    def __init__(self, reader: Any, path: Path, annotations: list[str | None]):
-        self.reader, self.path, self.annotations = reader, path, annotations
+    def __init__(self, reader: Any, path: Path):
+        self.reader, self.path = reader, path
         metadata = reader.metadata
         self.starts = list(itertools.accumulate((metadata.row_group(g).num_rows
                                                  for g in range(metadata.num_row_groups)), initial=0))
         self.groups: dict[int, list[str | None]] = {}
         self.lock = threading.Lock()
 
-    def row(self, row: int) -> tuple[str, str | None]:
-        """(entry, annotations) of this row: the annotations column, mostly empty, is read at load."""
+    def row(self, row: int) -> str:
+        """The entry of this row, as text."""
         group = bisect.bisect_right(self.starts, row) - 1
         with self.lock:
             if group not in self.groups:
                 try:
-                    table = self.reader.read_row_group(group, columns=["entry"])
+                    table = self.reader.read_row_group(group, columns=["entry"], use_threads=False)
                 except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
                     raise StoreError(f"{self.path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
                 self.groups[group] = table.column(0).to_pylist()
-        return self.groups[group][row - self.starts[group]], self.annotations[row]
+        return self.groups[group][row - self.starts[group]]
 
 
 def _parse_records(text: str, where: Path | None) -> list[dict]:
@@ -406,32 +572,23 @@ def _load_checkpoint(store: Path, version: int, marker: dict) -> Snapshot:
     import pyarrow as pa
 
     path = checkpoint_path(store, version)
-    try:
-        table = _read_checkpoint_file(store, version, path).read(columns=list(CHECKPOINT_COLUMNS))
-    except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
-        raise StoreError(f"{path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
-    # the types from the schema, nulls from the arrays: no check per value in Python
-    types = {name: table.schema.field(name).type for name in CHECKPOINT_COLUMNS}
-    counts = table.column("n_objects").to_pylist()
+    listed = _read_checkpoint_file(store, version, path)
+    types = {name: listed.schema_arrow.field(name).type for name in CHECKPOINT_COLUMNS}
     if not (all(pa.types.is_string(types[name]) for name in ("image", "label_image", "columns_id", "annotations"))
-            and pa.types.is_integer(types["n_objects"])
-            and not any(table.column(name).null_count for name in CHECKPOINT_COLUMNS[:4])
-            and min(counts, default=0) >= 0):
-        raise StoreError(f"{path}: damaged checkpoint (a table without its key, object count or column-list id, "
-                         "or a column of another type)")
-    keys = list(zip(table.column("image").to_pylist(), table.column("label_image").to_pylist()))
-    rows = {key: row for row, key in enumerate(keys)}
-    if len(rows) != len(keys):
-        raise StoreError(f"{path}: damaged checkpoint (a table given twice)")
+            and pa.types.is_integer(types["n_objects"])):
+        raise StoreError(f"{path}: damaged checkpoint (a column of another type)")
     entries = entries_path(store, version)  # opened now: a compaction may remove its name later
     reader = _read_checkpoint_file(store, version, entries)
+    base = _Listed(path, listed, _CheckpointTexts(reader, entries))
+    # a table given twice shares its image with another: the tuples of the keys only when images repeat (a
+    # set of 10,000 tuples costs a garbage collection of the whole heap right after the engines' imports)
+    if len(set(base.images)) != len(base) and len(set(zip(base.images, base.label_images))) != len(base):
+        raise StoreError(f"{path}: damaged checkpoint (a table given twice)")
     if reader.schema_arrow.names != ["entry"] or not pa.types.is_string(reader.schema_arrow.field(0).type) \
-            or reader.metadata.num_rows != len(keys):
+            or reader.metadata.num_rows != len(base) or listed.metadata.num_rows != len(base):
         raise StoreError(f"{entries}: damaged checkpoint (expected a text column `entry` with a row for each of "
-                         f"the {len(keys)} tables {path.name} lists)")
-    return Snapshot(store, version, marker, rows, dict(zip(keys, counts)),
-                    dict(zip(keys, table.column("columns_id").to_pylist())), path,
-                    _CheckpointTexts(reader, entries, table.column("annotations").to_pylist()))
+                         f"the {len(base)} tables {path.name} lists)")
+    return Snapshot(store, version, marker, base)
 
 
 def _read_checkpoint_file(store: Path, version: int, path: Path):
@@ -526,6 +683,8 @@ def commit(store: Path, operation: str, decide: Callable[[Snapshot], list[dict] 
     the store the caller has read (brought up to date here, and changed), so the log is not read again."""
     store = Path(store)
     snap = advance(start) if start is not None else snapshot(store)
+    if snap._base is not None:
+        snap._base.check()  # a damaged checkpoint refuses the write, before anything is committed
     txn = uuid.uuid4().hex
     for attempt in range(max_attempts):
         actions = decide(snap)
@@ -565,38 +724,31 @@ def write_checkpoint(snap: Snapshot) -> None:
     import pyarrow as pa
 
     store, version = snap.store, snap.version
-    keys = snap.keys
-    texts, annotations = [], []
-    for key in keys:
-        value = snap._entries[key]
-        if isinstance(value, int):  # still as the last checkpoint had it
-            text, annotated = snap._texts.row(value)
-            texts.append(text)
-            annotations.append(annotated)
-        else:
-            plain = {k: v for k, v in value.items() if k != "annotations"}
-            texts.append(json.dumps(plain, separators=(",", ":")))
-            annotations.append(json.dumps(value["annotations"], separators=(",", ":"))
-                               if value.get("annotations") else None)
+    rows = list(snap._stored())
+    keys, counts, columns_ids, texts, annotations = (list(c) for c in zip(*rows)) if rows else ([],) * 5
     # two files: the entries (read a row group at a time, when a table is touched) before the table list
     # that names them by row (read whole on every open: one row group)
     _write_parquet(entries_path(store, version), pa.table({"entry": pa.array(texts, pa.string())}),
                    CHECKPOINT_ROW_GROUP)
-    table = pa.table({"image": [k[0] for k in keys], "label_image": [k[1] for k in keys],
-                      "n_objects": pa.array([snap._counts[k] for k in keys], pa.int64()),
-                      "columns_id": [snap._columns_ids[k] for k in keys],
-                      "annotations": pa.array(annotations, pa.string())})
-    _write_parquet(checkpoint_path(store, version), table, max(len(keys), 1))
+    table = pa.table({"image": pa.array([k[0] for k in keys], pa.string()),
+                      "label_image": pa.array([k[1] for k in keys], pa.string()),
+                      "n_objects": pa.array(counts, pa.int64()),
+                      "columns_id": pa.array(columns_ids, pa.string()),
+                      "annotations": pa.array(annotations, pa.string())},
+                     metadata={DISTINCT_KEY: json.dumps(list(dict.fromkeys(columns_ids)))})
+    # plain, uncompressed: the table list is read whole on every open, and a few hundred KiB at 10,000 tables
+    _write_parquet(checkpoint_path(store, version), table, max(len(keys), 1), compression="none",
+                   use_dictionary=["label_image", "columns_id"])
     _advance_pointer(store / LOG_DIR / LAST_CHECKPOINT, version)
     _compact(store, version - LOG_KEPT)
 
 
-def _write_parquet(final: Path, table: Any, row_group_size: int) -> None:
+def _write_parquet(final: Path, table: Any, row_group_size: int, **options: Any) -> None:
     import pyarrow.parquet as pq
 
     tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
+        pq.write_table(table, tmp, row_group_size=row_group_size, **({"compression": "zstd"} | options))
         _fsync(tmp)
         os.replace(tmp, final)  # the same state whoever writes it: replacing is harmless
     finally:

@@ -203,6 +203,10 @@ def _damaged_checkpoints():
     yield "truncated", lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
     yield "no object counts", rewrite(lambda t: t.drop_columns(["n_objects"]))
     yield "a table twice", rewrite(lambda t: pa.concat_tables([t, t.slice(0, 1)]))
+    yield "a negative object count", rewrite(lambda t: t.set_column(2, "n_objects", pa.array([5, -1, 5], pa.int64())))
+    yield "a table without its label image", rewrite(
+        lambda t: t.set_column(1, "label_image", pa.array([None, "nuclei", "nuclei"], pa.string())))
+    yield "column lists: not text", rewrite(lambda t: t.set_column(3, "columns_id", pa.array([1, 2, 3])))
     yield "entries: garbage", lambda p: log.entries_path(p.parent.parent, 3).write_bytes(b"garbage" * 9)
     yield "entries: missing", lambda p: log.entries_path(p.parent.parent, 3).unlink()
     yield "entries: not text", lambda p: pq.write_table(pa.table({"entry": pa.array(range(4))}),
