@@ -31,9 +31,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    import measure
-    from ngff.write import write_image
-    from schemas import log
+    from cellar import measure
+    from cellar.ngff.write import write_image
+    from cellar.schemas import log
 
     counts = [int(c) for c in args.channels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="cellar-bench-channels-"))

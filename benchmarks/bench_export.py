@@ -51,8 +51,8 @@ def main() -> None:
 
     import pyarrow as pa
 
-    import query
-    from query.export import BATCH_ROWS
+    from cellar import query
+    from cellar.query.export import BATCH_ROWS
 
     work = Path(tempfile.mkdtemp(prefix="cellar-xbench-"))
     try:

@@ -34,7 +34,7 @@ PROBE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import duckdb, polars, pyarrow.parquet  # the engines' imports, the same at every size: timed apart
-import query
+from cellar import query
 t1 = time.perf_counter()
 objs = query.open(sys.argv[1])
 t2 = time.perf_counter()
@@ -73,13 +73,13 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    import measure
-    from measure import store_write
-    from ngff.write import write_image
-    from schemas import log
+    from cellar import measure
+    from cellar.measure import store_write
+    from cellar.ngff.write import write_image
+    from cellar.schemas import log
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.conftest import intensities, nuclei_like
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import intensities, nuclei_like
 
     sizes = [int(s) for s in args.sizes.split(",")]
     work = Path(tempfile.mkdtemp(prefix="cellar-bench-many-"))

@@ -103,7 +103,7 @@ print(time.perf_counter() - t, df["ROI_label"].nunique())
 
 def regionprops_properties(features: str | None) -> list[str]:
     """The regionprops_table properties equivalent to cellar's selected features (pixel units)."""
-    from measure import features as registry
+    from cellar.measure import features as registry
 
     props = ["label"]
     for f in registry.select(features):
@@ -204,8 +204,8 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep data here (default: a temporary directory)")
     args = parser.parse_args()
 
-    import measure
-    from ngff.write import write_image
+    from cellar import measure
+    from cellar.ngff.write import write_image
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-bench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ PIXEL_UM = 0.25
 
 def generate(n_rows: int, n_cols: int, seed: int = 0) -> tuple[pa.Table, dict]:
     """The table in the store's spatial order, and the query parameters (thresholds at quantiles)."""
-    from schemas.store import spatial_order
+    from cellar.schemas.store import spatial_order
 
     rng = np.random.default_rng(seed)
     cy = rng.uniform(0, SLIDE_PX, n_rows)
@@ -96,7 +96,7 @@ def generate(n_rows: int, n_cols: int, seed: int = 0) -> tuple[pa.Table, dict]:
 
 
 def write_store(table: pa.Table, out: Path, row_group: int) -> Path:
-    from measure import store_write
+    from cellar.measure import store_write
 
     store_write.ROW_GROUP_SIZE = row_group
     entry = {"image": "slide", "label_image": "cells", "n_objects": table.num_rows, "channels": [],
@@ -228,7 +228,7 @@ def pytables_queries(h5: Path, p: dict) -> dict:
 
 def warm_queries(results: dict, key: str, store: Path, params: dict, counts: dict, repeat: int) -> float:
     """Time every query on one `query.open(store, cache=True)`; returns the opening time."""
-    import query
+    from cellar import query
 
     t = time.perf_counter()
     warm = query.open(store, cache=True)
@@ -288,7 +288,7 @@ def in_turns(engines: dict[str, tuple[dict, int]], names: list[str], counts: dic
 
 def cold_cellar(store: Path, params: dict, **options) -> dict:
     """The queries, each on a fresh `query.open(store, **options)`."""
-    import query
+    from cellar import query
 
     return {name: (lambda name=name: cellar_queries(query.open(store, **options), params)[name]())
             for name in _sql(params)}
@@ -315,9 +315,9 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     args = parser.parse_args()
 
-    import query
-    from measure import store_write
-    from query import hotcache
+    from cellar import query
+    from cellar.measure import store_write
+    from cellar.query import hotcache
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-qbench-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ CHANNELS = 2
 
 def write_slide(path: Path, size: int) -> int:
     """Write a size x size slide tile by tile; returns its number of objects."""
-    from ngff.write import write_image
+    from cellar.ngff.write import write_image
 
     # Metadata from the fixture writer on a small array, then level 0 replaced by full-size arrays.
     write_image(path, np.zeros((CHANNELS, 512, 512), np.uint16), "cyx", chunks=(1, 512, 512),

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CELL = 16
 CHUNK = 512
@@ -85,7 +84,7 @@ def generate(path: Path, size: int, seed: int = 0) -> Path:
     """The slide as OME-Zarr 0.5, written block by block into every pyramid level."""
     import zarr
 
-    from ngff.write import _multiscales, _set_ome
+    from cellar.ngff.write import _multiscales, _set_ome
 
     n = size // CELL
     levels = max(1, int(np.log2(size // CHUNK)) + 1)  # down to CHUNK px
@@ -154,10 +153,10 @@ def main() -> None:
     if args.size % CHUNK or args.size < CHUNK:
         parser.error(f"--size must be a multiple of {CHUNK}")
 
-    import measure
-    import query
-    from schemas import log
-    from viewer.session import Session
+    from cellar import measure
+    from cellar import query
+    from cellar.schemas import log
+    from cellar.viewer.session import Session
 
     data = args.data / f"s{args.size}"
     image, store = data / "slide.ome.zarr", data / "slide.cellar"
@@ -270,7 +269,7 @@ def browser_times(session, filters: list[str], repeat: int) -> list[tuple[str, f
     """Filter change to redrawn overlay in the page (headless Chromium), at the first view and zoomed in."""
     from playwright.sync_api import sync_playwright
 
-    from viewer.server import running
+    from cellar.viewer.server import running
 
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"]

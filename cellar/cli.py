@@ -15,7 +15,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from schemas.errors import CellarError, QueryError, UsageError
+from .schemas.errors import CellarError, QueryError, UsageError
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
 
@@ -35,13 +35,13 @@ def _timepoint(text: str) -> int | str:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cellar import demo
+    from . import demo
 
     return demo.run(Path(args.dir), workers=args.workers)
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    import measure
+    from . import measure
 
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
     # several tables: a log line each as it is committed
@@ -69,7 +69,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from measure import features as registry
+    from .measure import features as registry
 
     chosen = registry.select(args.features)
     head = ("feature", "columns", "group", "dims", "unit", "scikit-image")
@@ -101,7 +101,7 @@ def _write_atomic(output: Path, overwrite: bool, write) -> None:
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    import query
+    from . import query
 
     fmt = args.format
     if fmt is None:
@@ -143,7 +143,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import query
+    from . import query
 
     objs = query.open(args.store)
     if args.files:
@@ -165,7 +165,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  written {table.get('created')} by cellar {table.get('cellar_version')} "
               f"in {table.get('elapsed_s')} s")
     if objs.n_tables:
-        from query import hotcache
+        from .query import hotcache
 
         cache = hotcache.status(objs.stores[0])
         state = (f"{cache['bytes'] / 2**20:,.1f} MiB{', with the row-major copy' if cache['row_major'] else ''} "
@@ -178,7 +178,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_view(args: argparse.Namespace) -> int:
-    from viewer.server import serve
+    from .viewer.server import serve
 
     if not args.sql_timeout > 0:
         raise UsageError(f"--sql-timeout {args.sql_timeout:g}: expected a positive number of seconds")
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a line (for dask, Spark or polars; a glob would also read replaced tables' files)")
     p.set_defaults(func=_cmd_info)
 
-    from cellar import cli_objects
+    from . import cli_objects
 
     cli_objects.add_parsers(sub, _positive_int)
 
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "measure":
-        from measure.run import DEFAULT_HALO, DEFAULT_REGION_PIXELS
+        from .measure.run import DEFAULT_HALO, DEFAULT_REGION_PIXELS
 
         args.region_pixels = DEFAULT_REGION_PIXELS if args.region_pixels is None else args.region_pixels
         args.halo = DEFAULT_HALO if args.halo is None else args.halo

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from schemas.errors import UsageError
+from .schemas.errors import UsageError
 
 ID_FORMATS = ("text", "json", "parquet")
 
@@ -31,10 +31,10 @@ def _caption(entry: dict, by: str | None, where: str | None, matched: int | None
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    import query
-    from cellar.cli import _write_atomic
-    from ngff import labels as ngff_labels
-    from query import pathviewer
+    from . import query
+    from .cli import _write_atomic
+    from .ngff import labels as ngff_labels
+    from .query import pathviewer
 
     objs = query.open(args.store)
     q, entry = pathviewer.table_query(objs, args.image, args.labels)
@@ -71,8 +71,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_color(args: argparse.Namespace) -> int:
-    import query
-    from query import pathviewer
+    from . import query
+    from .query import pathviewer
 
     objs = query.open(args.store)
     q, entry = pathviewer.table_query(objs, args.image, args.labels)
@@ -82,7 +82,7 @@ def cmd_color(args: argparse.Namespace) -> int:
                                    vrange=tuple(args.range) if args.range else None, others=args.others)
     values = None
     if props:
-        from query.api import quote
+        from .query.api import quote
 
         data = objs.fetch(f"SELECT {', '.join(quote(c) for c in props)} FROM ({q.to_sql()}) ORDER BY label_id",
                           "fetchnumpy")
@@ -99,9 +99,9 @@ def cmd_color(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    import query
-    from cellar.cli import _write_atomic
-    from query import pathviewer
+    from . import query
+    from .cli import _write_atomic
+    from .query import pathviewer
 
     objs = query.open(args.store)
     q, entry = pathviewer.table_query(objs, args.image_name, args.labels)
@@ -119,9 +119,9 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_hist(args: argparse.Namespace) -> int:
-    import query
-    from cellar.cli import _write_atomic
-    from query import pathviewer
+    from . import query
+    from .cli import _write_atomic
+    from .query import pathviewer
 
     objs = query.open(args.store)
     info: dict = {}
@@ -134,8 +134,8 @@ def cmd_hist(args: argparse.Namespace) -> int:
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    import query
-    from query import annotate
+    from . import query
+    from .query import annotate
 
     objs = query.open(args.store)
     store, entry = objs.table(args.image, args.labels)
@@ -151,9 +151,9 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from query import hotcache
-    from schemas import log
-    from schemas import store as layout
+    from .query import hotcache
+    from .schemas import log
+    from .schemas import store as layout
 
     for store in map(Path, args.stores):
         if args.drop:
@@ -178,7 +178,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    from schemas import log
+    from .schemas import log
 
     n = log.upgrade(Path(args.store))
     print(f"{args.store}: converted to store format {log.FORMAT_VERSION} (a commit log) with {n} tables", file=sys.stderr)
@@ -186,7 +186,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
-    from measure import store_write
+    from .measure import store_write
 
     if not args.retain_hours >= 0:
         raise UsageError(f"--retain-hours {args.retain_hours:g}: expected a number of hours >= 0")
@@ -197,8 +197,8 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import query
-    from query import export, pathviewer
+    from . import query
+    from .query import export, pathviewer
 
     if args.to[0] not in export.FORMATS:
         raise UsageError(f"--to {args.to[0]}: unknown format (expected one of {', '.join(export.FORMATS)})")
@@ -314,7 +314,7 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("store")
     p.set_defaults(func=cmd_upgrade)
 
-    from query.export import FORMATS, MAX_CELLS, MAX_STRING
+    from .query.export import FORMATS, MAX_CELLS, MAX_STRING
 
     p = sub.add_parser("export", help="write objects as OMERO.tables HDF5, AnnData, CSV, Parquet or NGFF properties")
     p.add_argument("store")

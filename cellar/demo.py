@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.errors import UsageError
+from .schemas.errors import UsageError
 
 NOMINAL_PIXEL_UM = 0.5
 MARKER = ".cellar-demo"
@@ -43,8 +43,8 @@ DAB_FILTER = "intensity_mean__DAB > 2000 AND area_um2 > 25"
 
 def pathviewer_outputs(paths: "DemoPaths", objs) -> None:
     """The Python API on the demo store, then colours, an overlay and a histogram (files in the demo dir)."""
-    import ngff
-    from query import pathviewer
+    from . import ngff
+    from .query import pathviewer
 
     q = objs.where(DAB_FILTER)
     print(f"\n[4] The Python query API\n    objs.where(\"{DAB_FILTER}\").count() -> {q.count()}; "
@@ -106,7 +106,7 @@ def build(root: Path) -> DemoPaths:
     """Create (or re-create) the demo image under `root`, refusing a directory the demo did not make."""
     from skimage import data
 
-    from ngff.write import write_image
+    from .ngff.write import write_image
 
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise UsageError(f"{root}: exists and was not made by `cellar demo`; choose another --dir")
@@ -123,8 +123,8 @@ def build(root: Path) -> DemoPaths:
 
 
 def run(root: Path, workers: int | None = None) -> int:
-    import measure
-    import query
+    from . import measure
+    from . import query
 
     print(f"Building the demo image from scikit-image's immunohistochemistry sample in {root}/ ...")
     paths = build(root)

@@ -1,10 +1,10 @@
 """measure: OME-Zarr image + label image in, exact per-object features out, written as a cellar store.
 
-    import measure
+    from cellar import measure
     result = measure.measure("slide.ome.zarr", "nuclei", "slide.cellar")
 """
 
-from ngff import NgffImage, open_image
-from measure.run import MeasureResult, measure, measure_many
+from ..ngff import NgffImage, open_image
+from .run import MeasureResult, measure, measure_many
 
 __all__ = ["MeasureResult", "NgffImage", "measure", "measure_many", "open_image"]

@@ -1,5 +1,5 @@
-"""`python -m measure --write-schema --update-readme`: regenerate schemas/objects.json and the README table."""
+"""`python -m cellar.measure --write-schema --update-readme`: regenerate schemas/objects.json and the README table."""
 
-from measure.features import main
+from .features import main
 
 main()

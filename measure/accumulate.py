@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from measure import kernels
+from . import kernels
 
 
 @dataclass

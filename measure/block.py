@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from measure import kernels, shape_kernels
-from measure.accumulate import Stats, region_stats
+from . import kernels, shape_kernels
+from .accumulate import Stats, region_stats
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ Kernels: ``stats`` (the streaming pass: counts, sums, extrema, moments of intens
 ``intensity_crop`` (whole-object kernels on each object's crop), ``touching`` (face-sharing label pairs),
 ``spatial`` (centroid neighbourhoods, after the merge).
 
-Run ``python -m measure --write-schema --update-readme`` to regenerate ``schemas/objects.json`` and the
+Run ``python -m cellar.measure --write-schema --update-readme`` to regenerate ``schemas/objects.json`` and the
 README's feature table.
 """
 
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from measure.accumulate import Stats
-from schemas.errors import UsageError
+from .accumulate import Stats
+from ..schemas.errors import UsageError
 
 GROUPS = ("morphology", "intensity", "spatial", "texture")
 DEFAULT_GROUPS = ("morphology", "intensity", "spatial")
@@ -648,7 +648,7 @@ _README_MARKERS = ("<!-- features:start -->", "<!-- features:end -->")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m measure", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cellar.measure", description=__doc__.splitlines()[0])
     parser.add_argument("--write-schema", action="store_true", help=f"regenerate schemas/{SCHEMA_PATH.name}")
     parser.add_argument("--markdown", action="store_true", help="print the README feature table")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's feature table")

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-import schemas
-from measure import features as registry
-import ngff
-from measure import store_write
-from measure.accumulate import Merger
-from measure.block import BlockResult, KernelPlan, measure_block, measure_object
-from measure.shape_kernels import INTENSITY_STATS, surface_lut
-from schemas import store as layout
-from schemas.errors import InvalidImageError, StoreError, UsageError
+from .. import schemas
+from . import features as registry
+from .. import ngff
+from . import store_write
+from .accumulate import Merger
+from .block import BlockResult, KernelPlan, measure_block, measure_object
+from .shape_kernels import INTENSITY_STATS, surface_lut
+from ..schemas import store as layout
+from ..schemas.errors import InvalidImageError, StoreError, UsageError
 
 DEFAULT_REGION_PIXELS = 1 << 22  # about 4 Mpixel per region: ~50 MB of working set with 4 uint16 channels
 DEFAULT_HALO = 64  # pixels around each region: objects reaching further are measured on their own crop

@@ -22,10 +22,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import schemas
-from schemas import integrity, log
-from schemas import store as layout
-from schemas.errors import StoreError
+from .. import schemas
+from ..schemas import integrity, log
+from ..schemas import store as layout
+from ..schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
 COMPRESSION = "lz4"

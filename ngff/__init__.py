@@ -24,8 +24,8 @@ from ome_zarr_models.v04.image_label import ImageLabelAttrs as ImageLabelAttrs04
 from ome_zarr_models.v05.image import ImageAttrs as ImageAttrs05
 from ome_zarr_models.v05.image_label import ImageLabelAttrs as ImageLabelAttrs05
 
-from ngff.integrity import at, check_node, metadata_file, register_checked_blosc
-from schemas.errors import InvalidImageError
+from .integrity import at, check_node, metadata_file, register_checked_blosc
+from ..schemas.errors import InvalidImageError
 
 register_checked_blosc()  # a truncated Blosc chunk is an error, not the memory past its end
 

@@ -25,7 +25,7 @@ import zarr
 from numcodecs.blosc import Blosc
 from numcodecs.compat import ensure_contiguous_ndarray
 
-from schemas.errors import InvalidImageError
+from ..schemas.errors import InvalidImageError
 
 METADATA_FILES = (".zgroup", ".zarray", ".zattrs", "zarr.json")
 _NONE = type(None)

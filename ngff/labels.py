@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ngff import NgffImage, local_path
-from schemas.errors import InvalidImageError
-from schemas.store import write_json_atomic
+from . import NgffImage, local_path
+from ..schemas.errors import InvalidImageError
+from ..schemas.store import write_json_atomic
 
 BLOCK_PIXELS = 1 << 22  # pixels per block when copying a label image: bounded memory whatever its size
 

@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas import integrity, log
-from schemas import store as layout
-from schemas.errors import StoreError, UsageError
+from ..schemas import integrity, log
+from ..schemas import store as layout
+from ..schemas.errors import StoreError, UsageError
 
 ANNOTATIONS_DIR = "annotations"
 RESERVED = ("image", "label_image", "label_id", "version")

@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any
 import duckdb
 import numpy as np
 
-from schemas.errors import QueryError
+from ..schemas.errors import QueryError
 
 if TYPE_CHECKING:
     import pandas
     import polars
     import pyarrow
 
-    from query.store import Objects
+    from .store import Objects
 
 _AXES = ("x", "y", "z")
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -192,7 +192,7 @@ class Query:
         """Row numbers in the session cache of this query's rows, in its order: polars for plain filters
         (it scans memory fastest) and for any query on the mapped cache (it reads only the columns the query
         names), DuckDB for ordered queries on the cache in RAM (its top-N is the faster sort there)."""
-        from query.store import ROW_COLUMN
+        from .store import ROW_COLUMN
 
         polars_first = not self.order or self.objects.mapped
         frame = self._polars(needs=()) if polars_first else None
@@ -336,7 +336,7 @@ class Query:
         pruned = self._pruned()
         if pruned is not self:
             return pruned.export(fmt, output, **options)
-        from query.export import export
+        from .export import export
 
         return export(self, fmt, output, **options)
 

@@ -41,9 +41,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from schemas import integrity, log
-from schemas import store as layout
-from schemas.errors import StoreError
+from ..schemas import integrity, log
+from ..schemas import store as layout
+from ..schemas.errors import StoreError
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -295,7 +295,7 @@ class Mapped:
         """The numpy dtype of a column `_view` can give, else None."""
         known = self.__dict__.setdefault("_dtypes", {})
         if name not in known:
-            from query.api import number_dtype
+            from .api import number_dtype
 
             i = self.schema.get_field_index(name)
             dtype = number_dtype(self.schema.field(i).type) if i >= 0 else None
@@ -357,7 +357,7 @@ class Mapped:
 
     def take(self, rows: np.ndarray, names: Sequence[str] | None = None) -> pa.Table:
         """Whole rows (these columns, all for None) in the order of `rows`."""
-        from query.api import take_rows
+        from .api import take_rows
 
         names = list(self.schema.names) if names is None else list(names)
         matrix = self._rows_file
@@ -484,7 +484,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
     state or the new one. `rows=True` also writes the row-major copy of the numeric columns. `progress=True`
     shows a rich progress bar on `console` (a `rich.console.Console`; default: standard error).
     """
-    from query.store import Objects
+    from .store import Objects
 
     start = time.perf_counter()
     store = Path(store)

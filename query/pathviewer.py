@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-import ngff
-from ngff import labels as ngff_labels
-from query.api import Query, literal, quote
-from query.store import Objects
-from schemas import store as layout
-from schemas.errors import QueryError, UsageError
+from .. import ngff
+from ..ngff import labels as ngff_labels
+from .api import Query, literal, quote
+from .store import Objects
+from ..schemas import store as layout
+from ..schemas.errors import QueryError, UsageError
 
 GREY = (128, 128, 128, 255)
 HIDDEN = (0, 0, 0, 0)

@@ -36,11 +36,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from query import hotcache
-from query.api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
-from schemas import integrity, log
-from schemas import store as layout
-from schemas.errors import CellarError, QueryError, StoreError
+from . import hotcache
+from .api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
+from ..schemas import integrity, log
+from ..schemas import store as layout
+from ..schemas.errors import CellarError, QueryError, StoreError
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")

@@ -1,7 +1,7 @@
 """The contract between `measure/` and `query/`: store layout, table schemas and error types.
 
 `objects.json` is generated from the feature registry in `measure/features.py`
-(`python -m measure.features --write`); a test fails if the two disagree. A store carries a copy of it
+(`python -m cellar.measure --write-schema`); a test fails if the two disagree. A store carries a copy of it
 (`schema.json`) and, in its manifest, the concrete columns of each table.
 """
 

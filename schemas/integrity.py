@@ -15,11 +15,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from schemas import store as layout
-from schemas.errors import StoreError
+from . import store as layout
+from .errors import StoreError
 
 if TYPE_CHECKING:
-    from schemas.log import Snapshot
+    from .log import Snapshot
 
 MAGIC = b"PAR1"
 PARTITION_KEYS = ("image", "label_image")  # Hive keys: in the folder names, not in the files

@@ -42,8 +42,8 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
-from schemas import store as layout
-from schemas.errors import StoreError
+from . import store as layout
+from .errors import StoreError
 
 FORMAT = "cellar-store"
 FORMAT_VERSION = 2

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from schemas.errors import StoreError
+from .errors import StoreError
 
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"

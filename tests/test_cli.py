@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
-from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
+from cellar.ngff.write import write_image
+from helpers import intensities, nuclei_like, read_table, run_cli
 
 
 def _good(path: Path, version: str = "0.5", labels=None, **kw) -> Path:

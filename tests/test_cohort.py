@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import measure
-import query
-from query.api import partition_terms
-from schemas.errors import StoreError
-from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like
+from cellar import measure
+from cellar import query
+from cellar.query.api import partition_terms
+from cellar.schemas.errors import StoreError
+from cellar.ngff.write import write_image
+from helpers import intensities, nuclei_like
 
 KEYS = ["image", "label_image", "label_id"]
 

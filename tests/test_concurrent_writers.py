@@ -16,11 +16,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import measure
-import query
-from ngff.write import write_image
-from schemas import log
-from tests.conftest import intensities, nuclei_like, run_cli
+from cellar import measure
+from cellar import query
+from cellar.ngff.write import write_image
+from cellar.schemas import log
+from helpers import intensities, nuclei_like, run_cli
 
 SHAPE = (48, 64)
 N_LABELS = 12

@@ -30,15 +30,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import query
+from cellar import query
 from cellar.cli import main
-from ngff.integrity import METADATA_FILES
-from ngff.write import write_image
-from schemas import log
-from schemas import store as layout
-from schemas.errors import CellarError, StoreError
-from tests.conftest import intensities, nuclei_like, run_cli
-from viewer.session import Session
+from cellar.ngff.integrity import METADATA_FILES
+from cellar.ngff.write import write_image
+from cellar.schemas import log
+from cellar.schemas import store as layout
+from cellar.schemas.errors import CellarError, StoreError
+from helpers import intensities, nuclei_like, run_cli
+from cellar.viewer.session import Session
 
 GARBAGE = b"\x00not what this file should hold\xff" * 3
 PREFIX = "cellar: error: "

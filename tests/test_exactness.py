@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-import measure
-from ngff.write import write_image
-from tests.conftest import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table
+from cellar import measure
+from cellar.ngff.write import write_image
+from helpers import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table
 
 
 

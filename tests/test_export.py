@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import tables
 
-import measure
-import ngff
-import query
-from ngff.write import write_image
-from query import export as export_mod
-from schemas.errors import QueryError, UsageError
-from tests.conftest import intensities, nuclei_like, read_table, relocate_source, run_cli
+from cellar import measure
+from cellar import ngff
+from cellar import query
+from cellar.ngff.write import write_image
+from cellar.query import export as export_mod
+from cellar.schemas.errors import QueryError, UsageError
+from helpers import intensities, nuclei_like, read_table, relocate_source, run_cli
 
 OMERO_READ = Path(__file__).parent / "tools" / "omero_read.py"
 # scripts/test builds OMERO's Python 3.10 environment here, holding the lock while it builds

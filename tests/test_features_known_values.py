@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-import measure
-from measure import features as registry
-from ngff.write import write_image
-from tests.conftest import read_table
+from cellar import measure
+from cellar.measure import features as registry
+from cellar.ngff.write import write_image
+from helpers import read_table
 
 
 def _table(tmp_path, labels, image=None, scale=None, **kw):
@@ -163,7 +163,7 @@ def test_texture_of_a_constant_and_of_a_striped_object(tmp_path):
 def test_euler_lookup_tables_are_scikit_images():
     from skimage.measure._regionprops_utils import EULER_COEFS2D_8, EULER_COEFS3D_26
 
-    from measure import shape_kernels
+    from cellar.measure import shape_kernels
 
     assert shape_kernels._EULER_3D_26.tolist() == list(EULER_COEFS3D_26)
     assert shape_kernels._EULER_2D_8.tolist() == list(EULER_COEFS2D_8)

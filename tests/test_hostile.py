@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import measure
-from ngff.write import write_image
-from tests.conftest import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table, run_cli
+from cellar import measure
+from cellar.ngff.write import write_image
+from helpers import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table, run_cli
 
 # the columns of the default features of a 2D image with one channel and 1 um pixels (write_image's default)
 DEFAULT_COLUMNS = feature_columns("yx", (1.0, 1.0), ["c0"])

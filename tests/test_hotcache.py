@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import measure
-import query
-from query import hotcache
-from query.annotate import annotate
-from query.api import take_rows
-from schemas import log
-from schemas import store as layout
-from tests.conftest import run_cli, two_slides
+from cellar import measure
+from cellar import query
+from cellar.query import hotcache
+from cellar.query.annotate import annotate
+from cellar.query.api import take_rows
+from cellar.schemas import log
+from cellar.schemas import store as layout
+from helpers import run_cli, two_slides
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_several_stores_use_the_caches_only_when_every_store_has_one(store, sour
 
 @pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "columns-shared-among-threads"])
 def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text(threads, monkeypatch):
-    from query import api
+    from cellar.query import api
 
     monkeypatch.setattr(api, "PARALLEL_VALUES", 0 if threads else 10**12)
     monkeypatch.setattr(api.os, "cpu_count", lambda: 3)  # more than one thread, and a share of two columns
@@ -139,7 +139,7 @@ def test_take_rows_in_a_forked_child_after_the_parent_used_its_threads(monkeypat
     its own, not wait forever on the parent's."""
     import multiprocessing
 
-    from query import api
+    from cellar.query import api
 
     monkeypatch.setattr(api, "PARALLEL_VALUES", 0)
     table = pa.table({f"c{k}": np.arange(100.0) + k for k in range(4)})
@@ -187,7 +187,7 @@ def test_a_damaged_cache_file_is_a_one_line_store_error(store):
 
 @pytest.mark.parametrize("damage", ["truncated", "not-npy"])
 def test_a_damaged_row_major_copy_is_a_store_error_naming_it(store, damage):
-    from schemas.errors import StoreError
+    from cellar.schemas.errors import StoreError
 
     hotcache.build(store, rows=True)
     path = layout.cache_sibling(hotcache.find(store, log.snapshot(store)), "rows")
@@ -261,7 +261,7 @@ def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(stor
 
 
 def test_a_write_during_the_build_leaves_no_cache_and_says_so(store, monkeypatch):
-    from query import store as query_store
+    from cellar.query import store as query_store
 
     real = hotcache._buffer_places
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from schemas import log
+from cellar.schemas import log
 
 IMAGES = [f"i{k}" for k in range(6)]
 LABELS = ["nuclei", "cells"]

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import measure
-import query
-from schemas import log
-from ngff.write import write_image, write_plate
-from tests.conftest import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table, run_cli
+from cellar import measure
+from cellar import query
+from cellar.schemas import log
+from cellar.ngff.write import write_image, write_plate
+from helpers import assert_matches_regionprops, feature_columns, intensities, nuclei_like, read_table, run_cli
 
 
 def _plate(path: Path, version: str = "0.5") -> Path:
@@ -117,7 +117,7 @@ def test_a_killed_run_resumes_to_the_same_store(tmp_path):
 
 def test_progress_lines_when_not_on_a_terminal(monkeypatch):
     """Without a terminal, progress goes to plain log lines, at most one every 2 s; short runs print none."""
-    import measure.run as run
+    import cellar.measure.run as run
 
     clock = iter([0.0] + [0.9 * k for k in range(1, 11)])  # the start, then one reading per region
     monkeypatch.setattr(run.time, "perf_counter", lambda: next(clock))
@@ -178,7 +178,7 @@ def test_every_timepoint_as_a_table(tmp_path):
 def test_the_progress_bar_goes_to_standard_error(monkeypatch, capsys):
     """stdout carries results (`cellar sql ... --format csv > out.csv`): the bar is drawn on stderr, the stream
     whose being a terminal decided that a bar is shown."""
-    from measure import run
+    from cellar.measure import run
 
     monkeypatch.setenv("FORCE_COLOR", "1")  # rich draws as on a terminal
     with run._progress(4, True, None, "img/labels/nuclei") as tick:

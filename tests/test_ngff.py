@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import zarr
 
-from ngff import open_image
-from ngff.write import write_image
-from schemas.errors import InvalidImageError
+from cellar.ngff import open_image
+from cellar.ngff.write import write_image
+from cellar.schemas.errors import InvalidImageError
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])

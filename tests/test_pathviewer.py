@@ -13,11 +13,11 @@ import pytest
 import zarr
 from skimage.io import imread
 
-import measure
-import ngff
-import query
-from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like, read_table, relocate_source, run_cli
+from cellar import measure
+from cellar import ngff
+from cellar import query
+from cellar.ngff.write import write_image
+from helpers import intensities, nuclei_like, read_table, relocate_source, run_cli
 
 
 @pytest.fixture(scope="module", params=["0.4", "0.5"])
@@ -175,7 +175,7 @@ def test_render_outlines_the_matching_objects_in_their_colours(case, others):
     """Sampled from the PNG: every outline pixel of a matching object has the colormap's colour of its value
     over the colour bar's range (the matching objects' min and max); other objects' outlines show the image
     (its first channel, contrast-stretched) or the others' grey; inside the outlines, the image."""
-    from query import pathviewer
+    from cellar.query import pathviewer
 
     tmp, labels = case
     entry, df = read_table(tmp / "s.cellar")
@@ -205,7 +205,7 @@ def test_render_outlines_the_matching_objects_in_their_colours(case, others):
 
 
 def test_render_draws_the_filtered_objects(case):
-    from query import pathviewer
+    from cellar.query import pathviewer
 
     tmp, labels = case
     entry, df = read_table(tmp / "s.cellar")
@@ -245,7 +245,7 @@ def test_render_draws_the_filtered_objects(case):
 
 
 def test_hist_counts_every_value_and_the_matching_ones(case):
-    from query import pathviewer
+    from cellar.query import pathviewer
 
     tmp, _ = case
     _, df = read_table(tmp / "s.cellar")
@@ -328,7 +328,7 @@ def test_the_image_label_metadata_stays_valid_ngff(case):
 def test_categorical_colours_name_every_value_null_included(case, column):
     """Text and boolean columns: each category present among the matching objects gets its own colour, in
     sorted order of its name, NULL being the category "NULL"; other objects are hidden."""
-    from query import pathviewer
+    from cellar.query import pathviewer
 
     tmp, _ = case
     _, df = read_table(tmp / "s.cellar")

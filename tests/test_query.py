@@ -8,9 +8,9 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-import query
-from schemas.errors import QueryError, StoreError
-from tests.conftest import read_table, two_slides
+from cellar import query
+from cellar.schemas.errors import QueryError, StoreError
+from helpers import read_table, two_slides
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import measure
-import query
-from ngff.write import write_image
-from schemas.errors import QueryError
-from schemas.store import spatial_order
-from tests.conftest import intensities, nuclei_like, read_table
+from cellar import measure
+from cellar import query
+from cellar.ngff.write import write_image
+from cellar.schemas.errors import QueryError
+from cellar.schemas.store import spatial_order
+from helpers import intensities, nuclei_like, read_table
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def mapped_store(stores, tmp_path_factory):
     """A copy of the first store with its on-disk session cache built (`cellar cache`)."""
     import shutil
 
-    from query import hotcache
+    from cellar.query import hotcache
 
     folder = tmp_path_factory.mktemp("mapped")
     shutil.copytree(stores[0], folder / "a.cellar")
@@ -263,7 +263,7 @@ def test_plain_queries_run_on_polars_without_duckdb(stores):
     ("arae > 40", False),
 ])
 def test_which_conditions_polars_may_run(stores, condition, simple):
-    from query.api import simple_condition
+    from cellar.query.api import simple_condition
 
     objs = query.open(stores[0])
     assert simple_condition(condition, objs.column_names) is simple

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import measure
-from ngff.write import write_image
-from schemas.errors import InvalidImageError
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
+from cellar import measure
+from cellar.ngff.write import write_image
+from cellar.schemas.errors import InvalidImageError
+from helpers import intensities, nuclei_like, read_table, run_cli
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -58,7 +58,7 @@ def test_http_url_that_is_not_there_is_one_clear_error(served):
 
 
 def test_refused_connection_is_one_clear_error(monkeypatch):
-    import ngff
+    from cellar import ngff
 
     monkeypatch.setattr(ngff, "RETRY_DELAY_S", 0.01)  # refused connections are retried too (a restarting server)
     with pytest.raises(InvalidImageError, match="cannot read .*Cannot connect to host 127.0.0.1:9"):
@@ -95,7 +95,7 @@ class _Flaky(_Quiet):
 
 @pytest.fixture
 def flaky(tmp_path, monkeypatch):
-    import ngff
+    from cellar import ngff
 
     monkeypatch.setattr(ngff, "RETRY_DELAY_S", 0.01)
     _Flaky.seen, _Flaky.always, _Flaky.flaky = {}, set(), set()

@@ -11,15 +11,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import measure
-import schemas
-from measure import features as registry
-from measure import store_write
-from ngff.write import write_image
-from schemas import log
-from schemas.errors import StoreError
-from schemas.store import spatial_order
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
+from cellar import measure
+from cellar import schemas
+from cellar.measure import features as registry
+from cellar.measure import store_write
+from cellar.ngff.write import write_image
+from cellar.schemas import log
+from cellar.schemas.errors import StoreError
+from cellar.schemas.store import spatial_order
+from helpers import intensities, nuclei_like, read_table, run_cli
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def image(tmp_path) -> Path:
 
 def test_schema_json_is_generated_from_the_registry():
     committed = json.loads((Path(schemas.__file__).parent / "objects.json").read_text())
-    assert committed == registry.schema_json(), "run `python -m measure --write-schema --update-readme`"
+    assert committed == registry.schema_json(), "run `python -m cellar.measure --write-schema --update-readme`"
     assert schemas.objects_schema() == committed
 
 
@@ -155,7 +155,7 @@ def test_stray_files_of_a_crashed_write_are_invisible_and_removed_by_the_next_on
     young = store / entry["dir"] / "part-cafe.parquet"  # another writer's, being written: kept
     young.write_bytes(b"a file in the making")
     os.utime(stray, (time.time() - store_write.RETAIN_S - 1,) * 2)
-    import query
+    from cellar import query
 
     assert query.open(store).sql("SELECT count(*) FROM objects").fetchall()[0][0] == entry["n_objects"]
     measure.measure(str(image), "nuclei", store, workers=1, overwrite=True)
@@ -177,7 +177,7 @@ def test_output_that_is_not_a_store_is_never_touched(tmp_path, image):
 
 def test_readme_feature_table_is_generated_from_the_registry():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert registry.markdown_table() in readme, "run `python -m measure --write-schema --update-readme`"
+    assert registry.markdown_table() in readme, "run `python -m cellar.measure --write-schema --update-readme`"
 
 
 def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path, image):
@@ -185,7 +185,7 @@ def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path
     old = os.umask(0o022)
     try:
         measure.measure(str(image), "nuclei", store, workers=1)
-        from query import hotcache
+        from cellar.query import hotcache
 
         hotcache.build(store, rows=True)
     finally:

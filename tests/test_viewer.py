@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import measure
-import query
-from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like, read_table, run_cli
-from viewer import tiles
-from viewer.server import running
-from viewer.session import Session
+from cellar import measure
+from cellar import query
+from cellar.ngff.write import write_image
+from helpers import intensities, nuclei_like, read_table, run_cli
+from cellar.viewer import tiles
+from cellar.viewer.server import running
+from cellar.viewer.session import Session
 
 SHAPE = (300, 400)
 
@@ -110,7 +110,7 @@ def test_filter_counts_equal_the_query_api(url, case, where):
 def test_a_session_over_the_mapped_cache_shows_what_the_parquet_files_show(case, session, tmp_path):
     import shutil
 
-    from query import hotcache
+    from cellar.query import hotcache
 
     store = tmp_path / "s.cellar"
     shutil.copytree(case["store"], store)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-import measure
-import query
-from ngff.write import write_image
-from tests.conftest import intensities, nuclei_like
-from viewer import session as session_mod
-from viewer.server import running
-from viewer.session import Session
+from cellar import measure
+from cellar import query
+from cellar.ngff.write import write_image
+from helpers import intensities, nuclei_like
+from cellar.viewer import session as session_mod
+from cellar.viewer.server import running
+from cellar.viewer.session import Session
 
 CLIENTS = 16
 CHANGES = 7  # per client: 112 filter changes in all, each followed by four requests

@@ -42,10 +42,10 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from schemas.errors import CellarError, UsageError
-from viewer.session import Session, UnknownState
-from viewer.sql import Refused
-from viewer.tiles import TileNotFound
+from ..schemas.errors import CellarError, UsageError
+from .session import Session, UnknownState
+from .sql import Refused
+from .tiles import TileNotFound
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]

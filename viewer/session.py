@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-import ngff
-import query
-from query import pathviewer
-from schemas import store as layout
-from schemas.errors import QueryError, UsageError
-from viewer import tiles
-from viewer.sql import Sandbox
+from .. import ngff
+from .. import query
+from ..query import pathviewer
+from ..schemas import store as layout
+from ..schemas.errors import QueryError, UsageError
+from . import tiles
+from .sql import Sandbox
 
 COLORMAPS = ("viridis", "magma", "plasma", "inferno", "cividis", "turbo", "coolwarm", "RdBu_r", "Spectral_r",
              "gray")

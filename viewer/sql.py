@@ -29,9 +29,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from query.api import quote
-from query.store import one_line
-from schemas.errors import QueryError
+from ..query.api import quote
+from ..query.store import one_line
+from ..schemas.errors import QueryError
 
 ROW = "__row"  # the registered table's row number, by which results are mapped back to objects
 MAX_CONDITION_CHARS = 10_000

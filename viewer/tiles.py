@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import ngff
+from .. import ngff
 
 TILE = 256
 OVERLAY_TILE = 512  # fewer, larger overlay tiles: a new filter redraws the view in fewer requests
