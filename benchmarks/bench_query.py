@@ -317,7 +317,7 @@ def main() -> None:
 
     from cellar import query
     from cellar.measure import store_write
-    from cellar.query import hotcache
+    from cellar.query import cachebuild
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-qbench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def main() -> None:
     load = warm_queries(results, "cellar warm, RAM (session cache)", store, params, counts, args.repeat)
     print(f"session cache read into RAM in {load:.1f} s", flush=True)
 
-    built = hotcache.build(store)
+    built = cachebuild.build(store)
     os.sync()
     print(f"on-disk session cache (cellar cache) written in {built['seconds']:.1f} s "
           f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)
@@ -359,7 +359,7 @@ def main() -> None:
     results["cellar cold, mapped cache (no row-major copy; timed alone)"] = in_turns(
         {"cellar": (cold_cellar(store, params), args.repeat)}, names, counts)["cellar"]
 
-    built = hotcache.build(store, rows=True)
+    built = cachebuild.build(store, rows=True)
     os.sync()
     print(f"on-disk session cache with its row-major copy (cellar cache --rows) written in {built['seconds']:.1f} s "
           f"({built['bytes'] / 2**30:.2f} GiB)", flush=True)

@@ -82,7 +82,7 @@ def cmd_color(args: argparse.Namespace) -> int:
                                    vrange=tuple(args.range) if args.range else None, others=args.others)
     values = None
     if props:
-        from .query.api import quote
+        from .query.sql import quote
 
         data = objs.fetch(f"SELECT {', '.join(quote(c) for c in props)} FROM ({q.to_sql()}) ORDER BY label_id",
                           "fetchnumpy")
@@ -151,7 +151,7 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from .query import hotcache
+    from .query import cachebuild, hotcache
     from .schemas import log
     from .schemas import store as layout
 
@@ -170,7 +170,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
                      if info["fresh"] else "none" + (f" ({info['stale_files']} stale)" if info["stale_files"] else ""))
             print(f"{store}: session cache {state}", file=sys.stderr)
             continue
-        info = hotcache.build(store, rows=args.rows, progress=sys.stderr.isatty())
+        info = cachebuild.build(store, rows=args.rows, progress=sys.stderr.isatty())
         kind = " with its row-major copy" if info["row_major"] else ""
         print(f"{store}: session cache{kind} of {info['rows']:,} objects written in {info['seconds']:.1f} s "
               f"({info['bytes'] / 2**20:,.1f} MiB): {info['path']}", file=sys.stderr)

@@ -6,7 +6,6 @@
     objs.where("area_um2 > 80").within(0, 0, 500, 500).label_ids()
 """
 
-from .api import Query
-from .store import Objects, open
+from .api import Objects, Query, open
 
 __all__ = ["Objects", "Query", "open"]

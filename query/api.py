@@ -12,44 +12,27 @@ statistics skip most of a store that is sorted in space (see `schemas.store`).
 
 from __future__ import annotations
 
-import difflib
-import os
-import re
-from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+
+from collections.abc import Sequence
+from pathlib import Path
 
 import duckdb
 import numpy as np
 
 from ..schemas.errors import QueryError
+from .arrow import plain_strings
+from .export import export as write_export
+from .sql import partition_terms, polars_parses, quote, referenced, simple_condition
+from .store import ROW_COLUMN, Tables
 
 if TYPE_CHECKING:
     import pandas
     import polars
     import pyarrow
 
-    from .store import Objects
-
-_AXES = ("x", "y", "z")
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-
-
-def quote(name: str) -> str:
-    """`name` as a SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-def literal(value: str) -> str:
-    """`value` as a SQL string literal."""
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def suggest(name: str, known: list[str]) -> str:
-    """' (did you mean: a, b?)' for the closest known names, or ''."""
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    return f" (did you mean: {', '.join(close)}?)" if close else ""
 
 
 @dataclass(frozen=True)
@@ -69,7 +52,7 @@ class Query:
         if not isinstance(condition, str) or not condition.strip():
             raise QueryError("where: expected a SQL condition such as \"area > 80\"")
         query = replace(self, filters=(*self.filters, f"({condition})"))
-        if not (simple_condition(condition, self.objects.column_names) and _polars_parses(condition)):
+        if not (simple_condition(condition, self.objects.column_names) and polars_parses(condition)):
             query._pruned()._check_condition(condition)  # bound on the tables the query will read
         return query
 
@@ -185,15 +168,13 @@ class Query:
                 frame = frame.select(list(self.columns))
             table = self._collect(frame)
             if table is not None:
-                return _plain_strings(table.to_arrow())
+                return plain_strings(table.to_arrow())
         return self._run(self.to_sql(), "to_arrow_table")
 
     def _cached_rows(self) -> np.ndarray:
         """Row numbers in the session cache of this query's rows, in its order: polars for plain filters
         (it scans memory fastest) and for any query on the mapped cache (it reads only the columns the query
         names), DuckDB for ordered queries on the cache in RAM (its top-N is the faster sort there)."""
-        from .store import ROW_COLUMN
-
         polars_first = not self.order or self.objects.mapped
         frame = self._polars(needs=()) if polars_first else None
         result = self._collect(frame.select(ROW_COLUMN)) if frame is not None else None
@@ -336,9 +317,7 @@ class Query:
         pruned = self._pruned()
         if pruned is not self:
             return pruned.export(fmt, output, **options)
-        from .export import export
-
-        return export(self, fmt, output, **options)
+        return write_export(self, fmt, output, **options)
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _centroid(self, axis: str, units: str) -> str:
@@ -361,281 +340,6 @@ class Query:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
 
 
-_TOKEN = re.compile(
-    r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<str>'(?:[^']|'')*')|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
-    r"|(?P<quoted>\"[^\"]+\")|(?P<op><=|>=|<>|!=|[=<>+\-*(),]))"
-)
-_WORDS = {"and", "or", "not", "between", "in", "is", "null", "true", "false"}
-
-
-def simple_condition(condition: str, columns: list[str]) -> bool:
-    """True if `condition` uses only known column names (exact case), numbers, quoted strings, comparisons,
-    AND/OR/NOT, BETWEEN, IN (...), IS [NOT] NULL, + - * and parentheses: SQL that DuckDB and polars read
-    alike. Division, functions, casts and anything else make it False."""
-    known = set(columns)
-    pos, prev = 0, None
-    text = condition.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            return False
-        kind, value = m.lastgroup, m.group(m.lastgroup)
-        if kind == "name" and value.lower() not in _WORDS and value not in known:
-            return False
-        if kind == "quoted" and value[1:-1] not in known:
-            return False
-        if kind == "op" and value == "(" and prev is not None and prev[0] in ("name", "quoted") \
-                and prev[1].lower() != "in" and prev[1].lower() not in ("and", "or", "not"):
-            return False  # a function call
-        prev, pos = (kind, value), m.end()
-    return True
-
-
-_PARTITION_KEYS = ("image", "label_image")
-
-
-def partition_terms(filters: Sequence[str]) -> tuple[set[str] | None, set[str] | None, bool]:
-    """(images, label images, only) the filters allow: from their top-level AND terms of the form
-    `image = 'a'`, `'a' = image` or `image IN ('a', 'b')` (and the same for `label_image`); None where they do
-    not restrict it. `only`: every term is such a term (the filters select whole tables)."""
-    allowed: dict[str, set[str] | None] = {k: None for k in _PARTITION_KEYS}
-    only = True
-    for condition in filters:
-        for term in _conjuncts(condition):
-            found = _partition_term(term)
-            if found is None:
-                only = False
-                continue
-            key, values = found
-            allowed[key] = values if allowed[key] is None else allowed[key] & values
-    return allowed["image"], allowed["label_image"], only
-
-
-def _tokens(condition: str) -> list[tuple[str, str]]:
-    """The condition as (kind, text) tokens: those of `_TOKEN`, any other character a token of its own."""
-    out, pos, text = [], 0, condition.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-            out.append(("other", text[pos]))
-            pos += 1
-            continue
-        out.append((m.lastgroup, m.group(m.lastgroup)))
-        pos = m.end()
-    return out
-
-
-def _conjuncts(condition: str | list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    """The condition's AND terms as tokens: split at the top level, and again inside a term that is all in
-    parentheses. A condition with an OR at its top level is one term (AND binds tighter: `a OR b AND c` is
-    `a OR (b AND c)`)."""
-    tokens = _tokens(condition) if isinstance(condition, str) else condition
-    while len(tokens) >= 2 and tokens[0] == ("op", "(") and tokens[-1] == ("op", ")") and _encloses(tokens):
-        tokens = tokens[1:-1]
-    if _top_level_or(tokens):
-        return [tokens]
-    terms, current, depth, between = [], [], 0, False
-    for kind, value in tokens:
-        word = value.lower() if kind == "name" else None
-        depth += (value == "(") - (value == ")") if kind == "op" else 0
-        if depth == 0 and word == "between":
-            between = True
-        elif depth == 0 and word == "and":
-            if between:  # BETWEEN a AND b: this AND is the range's
-                between = False
-            else:
-                terms.append(current)
-                current = []
-                continue
-        current.append((kind, value))
-    terms.append(current)
-    if len(terms) == 1:
-        return terms
-    return [part for term in terms for part in _conjuncts(term)]
-
-
-def _top_level_or(tokens: list[tuple[str, str]]) -> bool:
-    """Whether an OR, or a CASE (whose WHEN may hold an AND), stands at the top level of the tokens."""
-    depth = 0
-    for kind, value in tokens:
-        if kind == "op":
-            depth += (value == "(") - (value == ")")
-        elif depth == 0 and kind == "name" and value.lower() in ("or", "case"):
-            return True
-    return False
-
-
-def _encloses(tokens: list[tuple[str, str]]) -> bool:
-    """Whether the first token's parenthesis closes at the last token."""
-    depth = 0
-    for i, (kind, value) in enumerate(tokens):
-        if kind == "op":
-            depth += (value == "(") - (value == ")")
-            if depth == 0 and i < len(tokens) - 1:
-                return False
-    return True
-
-
-def _partition_term(term: list[tuple[str, str]]) -> tuple[str, set[str]] | None:
-    """(key, values) of `image = 'a'`, `'a' = image` or `image IN ('a', ...)`, else None."""
-    def key(token: tuple[str, str]) -> str | None:
-        kind, value = token
-        name = value[1:-1] if kind == "quoted" else value if kind == "name" else None
-        return name if name in _PARTITION_KEYS else None
-
-    def text(token: tuple[str, str]) -> str | None:
-        return token[1][1:-1].replace("''", "'") if token[0] == "str" else None
-
-    if len(term) == 3 and term[1] == ("op", "="):
-        for a, b in ((term[0], term[2]), (term[2], term[0])):
-            if key(a) and text(b) is not None:
-                return key(a), {text(b)}
-    if len(term) >= 5 and key(term[0]) and term[1][0] == "name" and term[1][1].lower() == "in" \
-            and term[2] == ("op", "(") and term[-1] == ("op", ")"):
-        items = term[3:-1]
-        values = [text(t) for t in items[0::2]]
-        if all(v is not None for v in values) and all(t == ("op", ",") for t in items[1::2]):
-            return key(term[0]), set(values)
-    return None
-
-
-def referenced(condition: str, columns: list[str]) -> list[str]:
-    """The known column names a `simple_condition` uses."""
-    known, out, pos = set(columns), [], 0
-    text = condition.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            break
-        value = m.group(m.lastgroup)
-        if m.lastgroup == "quoted":
-            value = value[1:-1]
-        if m.lastgroup in ("name", "quoted") and value in known:
-            out.append(value)
-        pos = m.end()
-    return out
-
-
-def _polars_parses(condition: str) -> bool:
-    import polars as pl
-
-    try:
-        pl.sql_expr(condition)
-    except Exception:
-        return False
-    return True
-
-
-def _plain_strings(table: pyarrow.Table) -> pyarrow.Table:
-    """polars hands strings over as large or view strings; DuckDB and the store use plain ones."""
-    import pyarrow as pa
-
-    fields = [pa.field(f.name, pa.string(), f.nullable, f.metadata)
-              if pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type) else f for f in table.schema]
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
-
-
-def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:
-    """`table.take(rows)` for a few rows of a large, possibly chunked (memory-mapped) table.
-
-    On chunked columns pyarrow's take concatenates the chunks first (a copy of the column per call), and
-    taking chunk by chunk costs tens of microseconds per array (a 5M x 200 table has 7,800), so fixed-width
-    columns without nulls are gathered with numpy straight from each chunk's buffer, touching only the pages
-    that hold the rows; other columns take per chunk with pyarrow.
-
-    Scattered rows of a large table cost one memory access per value (5,000 rows x 200 columns: a million),
-    and a core waits for each; the columns are shared among threads (pyarrow's take and numpy's gather run
-    without the GIL), which at 5M x 200 in RAM took 15.5 ms where one thread took 25.4 ms.
-    """
-    import pyarrow as pa
-
-    rows = np.asarray(rows, dtype=np.int64)
-    if table.num_columns == 0 or len(rows) == 0:
-        return table.take(pa.array(rows))
-    if all(c.num_chunks == 1 for c in table.columns):  # one chunk per column (the cache in RAM): pyarrow's take
-        index = pa.array(rows)
-        columns = _by_column(lambda column: column.take(index), table.columns, len(rows))
-        return pa.Table.from_arrays(columns, schema=table.schema)
-    plans: dict[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]] = {}
-    for column in table.columns:
-        lengths = tuple(len(c) for c in column.chunks)
-        if lengths not in plans:  # which rows each chunk holds (columns of one table share their chunking)
-            starts = np.cumsum((0,) + lengths)
-            which = np.searchsorted(starts, rows, side="right") - 1
-            order = np.argsort(which, kind="stable")
-            cuts = np.searchsorted(which[order], np.arange(len(lengths) + 1))
-            plans[lengths] = [(k, order[cuts[k]:cuts[k + 1]], rows[order[cuts[k]:cuts[k + 1]]] - starts[k])
-                              for k in range(len(lengths)) if cuts[k + 1] > cuts[k]]
-    columns = _by_column(lambda column: _take_column(column, plans[tuple(len(c) for c in column.chunks)], len(rows)),
-                         table.columns, len(rows))
-    return pa.Table.from_arrays(columns, schema=table.schema)
-
-
-# Smaller takes stay on the calling thread: the threads contend for the GIL between columns (200 columns of 2M
-# float64, medians of 41: 200,000 values took 6.5 ms on one thread and 8.1 on two; 400,000, 11.0 and 9.9 ms).
-PARALLEL_VALUES = 300_000
-_POOL = None
-
-
-def _by_column(take, columns: list, n_rows: int) -> list:
-    """[take(column) for column in columns], the columns shared among the cores' threads when there are
-    enough values to gather."""
-    global _POOL
-    workers = min(os.cpu_count() or 1, len(columns))
-    if workers < 2 or n_rows * len(columns) < PARALLEL_VALUES:
-        return [take(c) for c in columns]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="cellar-take")
-    shares = [columns[i::workers] for i in range(workers)]
-    done = list(_POOL.map(lambda share: [take(c) for c in share], shares))
-    out = [None] * len(columns)
-    for i, taken in enumerate(done):
-        out[i::workers] = taken
-    return out
-
-
-def _forget_pool() -> None:
-    global _POOL
-    _POOL = None  # a forked child has none of the parent's threads: it starts its own pool
-
-
-os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int):
-    import pyarrow as pa
-
-    kind = column.type
-    dtype = number_dtype(kind) if column.null_count == 0 else None
-    if dtype is not None:
-        out = np.empty(n, dtype)
-        for k, where, offsets in plan:
-            chunk = column.chunk(k)
-            values = chunk_values(chunk, dtype)
-            out[where] = values[offsets]
-        return pa.array(out, type=kind)
-    pieces = [column.chunk(k).take(pa.array(offsets)) for k, _, offsets in plan]
-    where = np.concatenate([w for _, w, _ in plan])
-    taken = pa.concat_arrays(pieces) if len(pieces) > 1 else pieces[0]
-    return taken.take(pa.array(np.argsort(where, kind="stable")))  # back to the rows' order
-
-
-def number_dtype(kind) -> np.dtype | None:
-    """The numpy dtype of an Arrow integer or float type (whose values numpy can view in place), else None."""
-    import pyarrow as pa
-
-    if kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-        return np.dtype(kind.to_pandas_dtype())
-    return None
-
-
-def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
-    """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
-    return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
-
-
 def _number(value: Any, what: str) -> float:
     try:
         out = float(value)
@@ -646,4 +350,73 @@ def _number(value: Any, what: str) -> float:
     return out
 
 
-_MISSING_COLUMN = re.compile(r'Referenced column "([^"]+)" not found')
+class Objects(Tables):
+    """The objects of one or more cellar stores (`query.open`): the stores' views (`Tables`: `sql`, `fetch`,
+    counts, columns) and the lazy API, each method of which starts a `Query` over every object.
+
+    Example::
+
+        objs = query.open("slide.cellar")
+        objs.where("area_um2 > 80").within(100, 100, 600, 400).label_ids()
+    """
+
+    def query(self) -> Query:
+        """A `Query` over every object (the same as starting with `where`, `select`, ...)."""
+        return Query(self)
+
+    def where(self, condition: str) -> Query:
+        return Query(self).where(condition)
+
+    def select(self, *columns: str) -> Query:
+        return Query(self).select(*columns)
+
+    def within(self, *args, **kwargs) -> Query:
+        return Query(self).within(*args, **kwargs)
+
+    def near(self, *args, **kwargs) -> Query:
+        return Query(self).near(*args, **kwargs)
+
+    def order_by(self, *columns: str, descending: bool = False) -> Query:
+        return Query(self).order_by(*columns, descending=descending)
+
+    def limit(self, n: int) -> Query:
+        return Query(self).limit(n)
+
+    def count(self) -> int:
+        return Query(self).count()
+
+    def label_ids(self) -> np.ndarray:
+        return Query(self).label_ids()
+
+    def describe(self, column: str) -> dict[str, Any]:
+        return Query(self).describe(column)
+
+    def to_arrow(self) -> pyarrow.Table:
+        return Query(self).to_arrow()
+
+    def to_polars(self):
+        return Query(self).to_polars()
+
+    def to_pandas(self):
+        return Query(self).to_pandas()
+
+    def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
+        return Query(self).export(fmt, output, **options)
+
+
+def open(stores: str | Path | Sequence[str | Path], *, cache: bool | None = None,  # noqa: A001 - as duckdb/polars
+         threads: int | None = None, engine: str = "auto") -> Objects:
+    """Open one store, or several as one table (`image`/`label_image` columns tell them apart).
+
+    `cache`: None (default) answers from the stores' on-disk session caches when every store has a fresh one
+    (`cellar cache`), else from the Parquet files; False always reads the Parquet files; True holds the
+    objects as one Arrow table for repeated queries (the mapped cache, or the store read into RAM; see
+    `Objects.cache`). `threads` caps
+    DuckDB's threads (default: one per core); `engine="duckdb"` runs every query in DuckDB (by default plain
+    queries on the files run on polars' Parquet scan; see `Query._polars`).
+    """
+    if isinstance(stores, (str, Path)):
+        stores = [stores]
+    if not stores:
+        raise QueryError("query.open needs at least one store")
+    return Objects([Path(s) for s in stores], cache=cache, threads=threads, engine=engine)

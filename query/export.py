@@ -39,8 +39,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from ..ngff import labels as ngff_labels
 from ..schemas import store as layout
 from ..schemas.errors import UsageError
+from . import pathviewer
+from .sql import quote
 
 if TYPE_CHECKING:
     from .api import Query
@@ -144,7 +147,6 @@ def _omero(q: Query, path: Path, image_id: int | None, roi_column: str | None, m
     text = [c for c, t in schema.items() if t.startswith("VARCHAR")]
     widths = {}
     if text:
-        from .api import quote
 
         row = q.objects.fetch(f"SELECT {', '.join(f'max(strlen({quote(c)}))' for c in text)} FROM ({q.to_sql()})")[0]
         for c, w in zip(text, row):
@@ -310,7 +312,6 @@ def _anndata(q: Query, path: Path) -> dict:
 
 # -- NGFF label properties -----------------------------------------------------------------------------------------
 def _ngff_properties(q: Query, max_cells: int, image_url: str | None) -> dict:
-    from . import pathviewer
 
     _, entry = q.objects.table(None, None) if len(q.objects.tables) == 1 else (None, None)
     if entry is None:
@@ -328,7 +329,6 @@ def _ngff_properties(q: Query, max_cells: int, image_url: str | None) -> dict:
             item[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         props.append(item)
     image = pathviewer.source_image(entry, image_url)
-    from ..ngff import labels as ngff_labels
 
     target = ngff_labels.set_image_label(image, entry["label_image"], properties=props)
     return {"rows": len(props), "columns": len(cols), "renamed": {}, "target": str(target)}

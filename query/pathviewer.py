@@ -13,15 +13,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .. import ngff
 from ..ngff import labels as ngff_labels
-from .api import Query, literal, quote
-from .store import Objects
 from ..schemas import store as layout
 from ..schemas.errors import QueryError, UsageError
+from .sql import literal, quote
+
+if TYPE_CHECKING:
+    from .api import Objects, Query
 
 GREY = (128, 128, 128, 255)
 HIDDEN = (0, 0, 0, 0)

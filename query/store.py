@@ -1,16 +1,17 @@
-"""Open one or more cellar stores as DuckDB views, with the lazy query API (`query.api.Query`) on top.
+"""One or more cellar stores as DuckDB views (`Tables`); the lazy query API (`query.api`: `Objects`, `Query`)
+is built on it.
 
 Views:
 - `objects`: one row per object, all stores and tables as one table, with `image` and `label_image` columns
   (Hive partition keys); tables with different channels are unioned by column name.
 - `channels`: the per-channel columns in long form, one row per (object, channel):
-  `image, label_image, label_id, channel, intensity_sum, intensity_mean, ...` (made by `Objects.sql` when a
+  `image, label_image, label_id, channel, intensity_sum, intensity_mean, ...` (made by `Tables.sql` when a
   statement first names it).
 - `columns`: every column's name, dtype, unit and description, per image and label image.
 
 A store of many tables (a cohort) opens without reading its tables' entries or files: the state comes from
 its log's last checkpoint (`schemas.log`), and a query whose filters name images or label images
-(`image = 's03'`, `label_image IN (...)`) runs on those tables alone (`Objects.narrow`), before any file is
+(`image = 's03'`, `label_image IN (...)`) runs on those tables alone (`Tables.narrow`), before any file is
 opened; counting comes from the log's object counts.
 
 By default the views read the Parquet files (cold: only the row groups and columns a query needs), or, when
@@ -30,14 +31,15 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from . import hotcache
-from .api import _MISSING_COLUMN, Query, chunk_values, literal, number_dtype, quote, suggest, take_rows
+from .arrow import chunk_values, number_dtype, take_rows
+from .sql import MISSING_COLUMN, literal, quote, suggest
 from ..schemas import integrity, log
 from ..schemas import store as layout
 from ..schemas.errors import CellarError, QueryError, StoreError
@@ -50,8 +52,9 @@ ROW_COLUMN = "__row"
 NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
 
 
-class Objects:
-    """A set of cellar stores opened for querying; `sql()` returns lazy DuckDB relations.
+class Tables:
+    """A set of cellar stores opened for querying; `sql()` returns lazy DuckDB relations. `query.api.Objects`
+    adds the lazy Python API (`where`, `select`, ...), and is what `query.open` returns.
 
     Example::
 
@@ -72,7 +75,7 @@ class Objects:
         if keys is not None:
             self._keys = keys
         self._whole = keys is None
-        self._narrowed: OrderedDict[tuple, Objects] = OrderedDict()  # by (images, label images), see `narrow`
+        self._narrowed: OrderedDict[tuple, Self] = OrderedDict()  # by (images, label images), see `narrow`
         # a narrowed Objects answers with every column of the Objects it was narrowed from (name -> dtype), so
         # that pruning never changes a result: the columns its tables lack are NULL, as in the union by name
         self._shape = shape
@@ -159,7 +162,7 @@ class Objects:
         found = ((i, key, self.snapshots[i].annotations(*key)) for i, key in keys)
         return [(i, key, versions) for i, key, versions in found if versions]
 
-    def narrow(self, images: set[str] | None = None, label_images: set[str] | None = None) -> Objects:
+    def narrow(self, images: set[str] | None = None, label_images: set[str] | None = None) -> Self:
         """These objects restricted to the tables of these images and label images (None: any), sharing the
         stores' state: partition pruning before any file is opened. With the session cache, or when every
         table matches, this Objects itself. No match gives the first table of each column list (a query's own
@@ -179,7 +182,7 @@ class Objects:
             keys = [(i, members[0]) for (i, _), members in self._groups.items()]
         if len(keys) == self.n_tables:
             return self
-        narrowed = Objects(self.stores, cache=False, threads=self._threads, engine=self.engine,
+        narrowed = type(self)(self.stores, cache=False, threads=self._threads, engine=self.engine,
                            snapshots=self.snapshots, keys=keys, shape=self.column_types)
         with self._lock:  # a query that still holds an evicted one keeps it alive until it is done
             narrowed = self._narrowed.setdefault(wanted, narrowed)
@@ -323,7 +326,7 @@ class Objects:
             return _lazy_frame(boxed)
         return pl.from_arrow(mapped.columns(names), rechunk=False).lazy().with_row_index(ROW_COLUMN)
 
-    def cache(self) -> Objects:
+    def cache(self) -> Self:
         """Hold the objects as one Arrow table and answer from there from now on: the store's on-disk cache
         if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM."""
         if self._mapped is not None:
@@ -381,7 +384,7 @@ class Objects:
         if self._closed:
             raise QueryError(f"{', '.join(map(str, self.stores))}: closed; open the store again to query it")
 
-    def __enter__(self) -> Objects:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -654,50 +657,6 @@ class Objects:
                 self._create_columns_view()
             self._lazy_views.add(name)
 
-    # -- the lazy API: each starts a `Query` over all objects ------------------------------------------
-    def query(self) -> Query:
-        """A `Query` over every object (the same as starting with `where`, `select`, ...)."""
-        return Query(self)
-
-    def where(self, condition: str) -> Query:
-        return Query(self).where(condition)
-
-    def select(self, *columns: str) -> Query:
-        return Query(self).select(*columns)
-
-    def within(self, *args, **kwargs) -> Query:
-        return Query(self).within(*args, **kwargs)
-
-    def near(self, *args, **kwargs) -> Query:
-        return Query(self).near(*args, **kwargs)
-
-    def order_by(self, *columns: str, descending: bool = False) -> Query:
-        return Query(self).order_by(*columns, descending=descending)
-
-    def limit(self, n: int) -> Query:
-        return Query(self).limit(n)
-
-    def count(self) -> int:
-        return Query(self).count()
-
-    def label_ids(self) -> np.ndarray:
-        return Query(self).label_ids()
-
-    def describe(self, column: str) -> dict[str, Any]:
-        return Query(self).describe(column)
-
-    def to_arrow(self) -> pa.Table:
-        return Query(self).to_arrow()
-
-    def to_polars(self):
-        return Query(self).to_polars()
-
-    def to_pandas(self):
-        return Query(self).to_pandas()
-
-    def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
-        return Query(self).export(fmt, output, **options)
-
     def table(self, image: str | None = None, label_image: str | None = None) -> tuple[Path, dict]:
         """(store, entry with its `columns`) of the one table matching `image` and `label_image` (either may
         be omitted when it leaves a single table)."""
@@ -765,7 +724,7 @@ class Objects:
     def explain(self, exc: Exception) -> str:
         """DuckDB's error on one line; an unknown column gets the closest known names."""
         text = one_line(exc)
-        missing = _MISSING_COLUMN.search(text)
+        missing = MISSING_COLUMN.search(text)
         if missing:
             name = missing.group(1)
             return f"unknown column {name!r}{suggest(name, self.column_names)}"
@@ -929,21 +888,3 @@ def one_line(exc: Exception) -> str:
         if ln:
             keep.append(ln)
     return " ".join(keep) or type(exc).__name__
-
-
-def open(stores: str | Path | Sequence[str | Path], *, cache: bool | None = None,  # noqa: A001 - as duckdb/polars
-         threads: int | None = None, engine: str = "auto") -> Objects:
-    """Open one store, or several as one table (`image`/`label_image` columns tell them apart).
-
-    `cache`: None (default) answers from the stores' on-disk session caches when every store has a fresh one
-    (`cellar cache`), else from the Parquet files; False always reads the Parquet files; True holds the
-    objects as one Arrow table for repeated queries (the mapped cache, or the store read into RAM; see
-    `Objects.cache`). `threads` caps
-    DuckDB's threads (default: one per core); `engine="duckdb"` runs every query in DuckDB (by default plain
-    queries on the files run on polars' Parquet scan; see `Query._polars`).
-    """
-    if isinstance(stores, (str, Path)):
-        stores = [stores]
-    if not stores:
-        raise QueryError("query.open needs at least one store")
-    return Objects([Path(s) for s in stores], cache=cache, threads=threads, engine=engine)

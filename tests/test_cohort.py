@@ -10,7 +10,7 @@ import pytest
 
 from cellar import measure
 from cellar import query
-from cellar.query.api import partition_terms
+from cellar.query.sql import partition_terms
 from cellar.schemas.errors import StoreError
 from cellar.ngff.write import write_image
 from helpers import intensities, nuclei_like

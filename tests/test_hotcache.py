@@ -13,9 +13,9 @@ import pytest
 
 from cellar import measure
 from cellar import query
-from cellar.query import hotcache
+from cellar.query import cachebuild, hotcache
 from cellar.query.annotate import annotate
-from cellar.query.api import take_rows
+from cellar.query.arrow import take_rows
 from cellar.schemas import log
 from cellar.schemas import store as layout
 from helpers import run_cli, two_slides
@@ -42,7 +42,7 @@ def _sorted(table: pa.Table) -> pa.Table:
 def test_a_built_cache_is_mapped_and_answers_like_the_parquet_files(store):
     parquet = query.open(store)
     assert not parquet.mapped
-    info = hotcache.build(store)
+    info = cachebuild.build(store)
     cache_files = [p for p in (store / layout.CACHE_DIR).rglob("*") if p.is_file()]
     assert info["rows"] == len(parquet) and info["bytes"] == sum(p.stat().st_size for p in cache_files)
     mapped = query.open(store)
@@ -65,7 +65,7 @@ def test_the_build_shows_progress_with_rich(store, monkeypatch):
     monkeypatch.setattr(hotcache, "BATCH_ROWS", 16)  # several batches, so the bar advances in steps
     shown = io.StringIO()
     console = Console(file=shown, force_terminal=True, width=120, color_system=None)
-    info = hotcache.build(store, progress=True, console=console)
+    info = cachebuild.build(store, progress=True, console=console)
     n = sum(pq.read_metadata(f).num_rows for f in (store / "objects").rglob("*.parquet"))
     assert info["rows"] == n and hotcache.find(store, log.snapshot(store))
     frames = shown.getvalue()
@@ -73,7 +73,7 @@ def test_the_build_shows_progress_with_rich(store, monkeypatch):
 
 
 def test_annotating_makes_the_cache_stale_and_removes_it(store):
-    hotcache.build(store)
+    cachebuild.build(store)
     old = hotcache.find(store, log.snapshot(store))
     ids = query.open(store).label_ids()[:5]
     annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()), "cls": ["t"] * 5}),
@@ -81,13 +81,13 @@ def test_annotating_makes_the_cache_stale_and_removes_it(store):
     assert not old.exists()  # the writer removed the previous state's cache
     objs = query.open(store)
     assert not objs.mapped and objs.where("cls = 't'").count() == 5  # the Parquet files, annotation joined
-    hotcache.build(store)
+    cachebuild.build(store)
     mapped = query.open(store)
     assert mapped.mapped and mapped.where("cls = 't'").count() == 5  # the cache holds the joined annotation
 
 
 def test_remeasuring_makes_the_cache_stale(store, sources):
-    hotcache.build(store)
+    cachebuild.build(store)
     measure.measure(str(sources[2]), "nuclei", store, workers=1)  # a second table: a new version of the store
     objs = query.open(store)
     assert not objs.mapped and len(objs.tables) == 2
@@ -97,9 +97,9 @@ def test_remeasuring_makes_the_cache_stale(store, sources):
 def test_several_stores_use_the_caches_only_when_every_store_has_one(store, sources, tmp_path):
     other = tmp_path / "b.cellar"
     shutil.copytree(sources[0] / "b.cellar", other)
-    hotcache.build(store)
+    cachebuild.build(store)
     assert not query.open([store, other]).mapped
-    hotcache.build(other)
+    cachebuild.build(other)
     both = query.open([store, other])
     assert len(both.mapped) == 2
     parquet = query.open([store, other], cache=False)
@@ -110,7 +110,7 @@ def test_several_stores_use_the_caches_only_when_every_store_has_one(store, sour
 
 @pytest.mark.parametrize("threads", [False, True], ids=["one-thread", "columns-shared-among-threads"])
 def test_take_rows_equals_pyarrow_take_on_chunked_columns_with_nulls_and_text(threads, monkeypatch):
-    from cellar.query import api
+    from cellar.query import arrow as api
 
     monkeypatch.setattr(api, "PARALLEL_VALUES", 0 if threads else 10**12)
     monkeypatch.setattr(api.os, "cpu_count", lambda: 3)  # more than one thread, and a share of two columns
@@ -139,7 +139,7 @@ def test_take_rows_in_a_forked_child_after_the_parent_used_its_threads(monkeypat
     its own, not wait forever on the parent's."""
     import multiprocessing
 
-    from cellar.query import api
+    from cellar.query import arrow as api
 
     monkeypatch.setattr(api, "PARALLEL_VALUES", 0)
     table = pa.table({f"c{k}": np.arange(100.0) + k for k in range(4)})
@@ -178,7 +178,7 @@ def test_cli_cache_of_a_missing_store_is_one_line(tmp_path):
 
 
 def test_a_damaged_cache_file_is_a_one_line_store_error(store):
-    hotcache.build(store)
+    cachebuild.build(store)
     path = hotcache.find(store, log.snapshot(store))
     path.write_bytes(b"not arrow")
     done = run_cli("sql", str(store), "SELECT count(*) FROM objects")
@@ -189,7 +189,7 @@ def test_a_damaged_cache_file_is_a_one_line_store_error(store):
 def test_a_damaged_row_major_copy_is_a_store_error_naming_it(store, damage):
     from cellar.schemas.errors import StoreError
 
-    hotcache.build(store, rows=True)
+    cachebuild.build(store, rows=True)
     path = layout.cache_sibling(hotcache.find(store, log.snapshot(store)), "rows")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a numpy file")
@@ -202,7 +202,7 @@ def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
     scores = pa.table({"label_id": pa.array(ids[::3], pa.uint64()), "score": np.linspace(0, 1, len(ids[::3])),
                        "cls": ["x"] * len(ids[::3])})
     annotate(store, "a", "nuclei", scores, source="test", known_ids=ids, measured=[])  # numeric column with nulls
-    hotcache.build(store, rows=True)
+    cachebuild.build(store, rows=True)
     mapped, parquet = query.open(store), query.open(store, cache=False)
     assert mapped._mapped._rows_file is not None and "score" in mapped._mapped._rows_file.dtype.names
     for q in ("area > 30", "score > 0.3 OR intensity_mean__CD8 > 200", f"label_id = {ids[0]}"):
@@ -221,7 +221,7 @@ def test_boxes_skip_blocks_by_their_centroid_ranges_and_find_every_object(store,
     monkeypatch.setattr(hotcache, "BLOCK_ROWS", 5)  # each with blocks of its own (the last one shorter)
     parquet = query.open(store, cache=False)
     if where == "mapped":
-        hotcache.build(store)
+        cachebuild.build(store)
         mapped = query.open(store)
         ranges = mapped._mapped.batch_ranges
         assert len(ranges["batches"]) > 3 and len(ranges["starts"]) > 2 * len(ranges["batches"])
@@ -251,7 +251,7 @@ def test_boxes_skip_blocks_by_their_centroid_ranges_and_find_every_object(store,
 
 def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(store, monkeypatch):
     monkeypatch.setattr(hotcache, "BATCH_ROWS", 9)
-    hotcache.build(store)
+    cachebuild.build(store)
     mapped = query.open(store)._mapped
     recorded = mapped._places[0]
     assert {"label_id", "area", "centroid_x", "image"} <= set(recorded)  # numbers and text alike
@@ -261,9 +261,9 @@ def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(stor
 
 
 def test_a_write_during_the_build_leaves_no_cache_and_says_so(store, monkeypatch):
-    from cellar.query import store as query_store
+    from cellar import query as query_store
 
-    real = hotcache._buffer_places
+    real = cachebuild._buffer_places
 
     def meanwhile(path):  # another process annotates the store while the cache is being written
         ids = query_store.Objects([store], cache=False).label_ids()[:2]
@@ -271,9 +271,9 @@ def test_a_write_during_the_build_leaves_no_cache_and_says_so(store, monkeypatch
                  source="other", known_ids=ids, measured=[])
         return real(path)
 
-    monkeypatch.setattr(hotcache, "_buffer_places", meanwhile)
+    monkeypatch.setattr(cachebuild, "_buffer_places", meanwhile)
     with pytest.raises(hotcache.StoreError, match="changed while its cache was written"):
-        hotcache.build(store)
+        cachebuild.build(store)
     assert not (store / layout.CACHE_DIR).exists() or not any((store / layout.CACHE_DIR).iterdir())
     assert not query.open(store).mapped
 
@@ -284,7 +284,7 @@ def test_boxes_with_text_columns_take_the_arrow_path_and_agree(store, monkeypatc
     annotate(store, "a", "nuclei", pa.table({"label_id": pa.array(ids, pa.uint64()),
                                              "cls": ["t" if i % 3 else "s" for i in range(len(ids))]}),
              source="test", known_ids=ids, measured=[])
-    hotcache.build(store)
+    cachebuild.build(store)
     mapped, parquet = query.open(store), query.open(store, cache=False)
     assert mapped._mapped._view("cls", 0) is None and mapped._mapped._view("label_id", 0) is not None
     for box in ((0, 0, 60, 50), (30, 20, 110, 90), (200, 200, 300, 300)):

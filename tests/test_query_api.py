@@ -39,13 +39,13 @@ def mapped_store(stores, tmp_path_factory):
     """A copy of the first store with its on-disk session cache built (`cellar cache`)."""
     import shutil
 
-    from cellar.query import hotcache
+    from cellar.query import cachebuild
 
     folder = tmp_path_factory.mktemp("mapped")
     shutil.copytree(stores[0], folder / "a.cellar")
     shutil.copytree(stores[0], folder / "rows" / "a.cellar")
-    hotcache.build(folder / "a.cellar")
-    hotcache.build(folder / "rows" / "a.cellar", rows=True)
+    cachebuild.build(folder / "a.cellar")
+    cachebuild.build(folder / "rows" / "a.cellar", rows=True)
     return folder
 
 
@@ -263,7 +263,7 @@ def test_plain_queries_run_on_polars_without_duckdb(stores):
     ("arae > 40", False),
 ])
 def test_which_conditions_polars_may_run(stores, condition, simple):
-    from cellar.query.api import simple_condition
+    from cellar.query.sql import simple_condition
 
     objs = query.open(stores[0])
     assert simple_condition(condition, objs.column_names) is simple

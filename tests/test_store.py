@@ -185,9 +185,9 @@ def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path
     old = os.umask(0o022)
     try:
         measure.measure(str(image), "nuclei", store, workers=1)
-        from cellar.query import hotcache
+        from cellar.query import cachebuild
 
-        hotcache.build(store, rows=True)
+        cachebuild.build(store, rows=True)
     finally:
         os.umask(old)
     files = [p for p in store.rglob("*") if p.is_file()]

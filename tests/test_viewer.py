@@ -110,11 +110,11 @@ def test_filter_counts_equal_the_query_api(url, case, where):
 def test_a_session_over_the_mapped_cache_shows_what_the_parquet_files_show(case, session, tmp_path):
     import shutil
 
-    from cellar.query import hotcache
+    from cellar.query import cachebuild
 
     store = tmp_path / "s.cellar"
     shutil.copytree(case["store"], store)
-    hotcache.build(store, rows=True)
+    cachebuild.build(store, rows=True)
     mapped = Session(None, store)
     assert mapped.objs.mapped
     df = case["df"]

@@ -29,7 +29,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..query.api import quote
+from ..query.sql import quote
 from ..query.store import one_line
 from ..schemas.errors import QueryError
 
