@@ -75,7 +75,8 @@ class DemoPaths:
 def segment_nuclei(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(stains as a (3, Y, X) uint16 array, nuclei label image) of an H-DAB RGB image."""
     from scipy import ndimage as ndi
-    from skimage import color, exposure, feature, filters, measure, morphology, segmentation
+    from skimage import color, exposure, feature, filters, morphology, segmentation
+    from skimage.measure import label
 
     hed = color.rgb2hed(rgb)
 
@@ -94,7 +95,7 @@ def segment_nuclei(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mask = ndi.binary_opening(mask, morphology.disk(2))
     mask = morphology.remove_small_objects(ndi.binary_fill_holes(mask), max_size=40)
     dist = ndi.distance_transform_edt(mask)
-    peaks = feature.peak_local_max(filters.gaussian(dist, 1), min_distance=7, labels=measure.label(mask),
+    peaks = feature.peak_local_max(filters.gaussian(dist, 1), min_distance=7, labels=label(mask),
                                    exclude_border=False)
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
@@ -123,8 +124,7 @@ def build(root: Path) -> DemoPaths:
 
 
 def run(root: Path, workers: int | None = None) -> int:
-    from . import measure
-    from . import query
+    from . import measure, query
 
     print(f"Building the demo image from scikit-image's immunohistochemistry sample in {root}/ ...")
     paths = build(root)
