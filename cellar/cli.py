@@ -12,9 +12,9 @@ import json
 import os
 import shutil
 import sys
-import uuid
 from pathlib import Path
 
+from .schemas.atomic import atomic_write
 from .schemas.errors import CellarError, QueryError, UsageError
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
@@ -83,21 +83,6 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_atomic(output: Path, overwrite: bool, write) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file to `output`; nothing is left on failure."""
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: directory {output.parent} does not exist")
-    tmp = str(output.parent / f".tmp-{uuid.uuid4().hex[:16]}{output.suffix}")  # created by `write`: umask modes
-    try:
-        write(tmp)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -119,13 +104,16 @@ def _cmd_sql(args: argparse.Namespace) -> int:
             if fmt == "table":
                 raise UsageError("--output needs --format csv, json or parquet")
             if fmt == "csv":
-                _write_atomic(output, args.overwrite, lambda p: rel.write_csv(p, header=True))
+                with atomic_write(output, overwrite=args.overwrite) as tmp:
+                    rel.write_csv(str(tmp), header=True)
             elif fmt == "parquet":
-                _write_atomic(output, args.overwrite, lambda p: rel.write_parquet(p, compression="zstd"))
+                with atomic_write(output, overwrite=args.overwrite) as tmp:
+                    rel.write_parquet(str(tmp), compression="zstd")
             else:
                 rel.to_view("cellar_result")
-                _write_atomic(output, args.overwrite, lambda p: objs.con.execute(
-                    "COPY cellar_result TO " + "'" + p.replace("'", "''") + "' (FORMAT json, ARRAY true)"))
+                with atomic_write(output, overwrite=args.overwrite) as tmp:
+                    quoted = "'" + str(tmp).replace("'", "''") + "'"
+                    objs.con.execute(f"COPY cellar_result TO {quoted} (FORMAT json, ARRAY true)")
             print(f"wrote {output}", file=sys.stderr)
         elif fmt == "csv":
             import pyarrow.csv

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+from .schemas.atomic import atomic_write
 from .schemas.errors import UsageError
 
 ID_FORMATS = ("text", "json", "parquet")
@@ -32,7 +33,6 @@ def _caption(entry: dict, by: str | None, where: str | None, matched: int | None
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from . import query
-    from .cli import _write_atomic
     from .ngff import labels as ngff_labels
     from .query import pathviewer
 
@@ -61,9 +61,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
             import pyarrow.parquet as pq
 
             table = pa.table({"label_id": pa.array(ids, pa.uint64())})
-            _write_atomic(out, args.overwrite, lambda p: pq.write_table(table, p))
+            with atomic_write(out, overwrite=args.overwrite) as tmp:
+                pq.write_table(table, tmp)
         else:
-            _write_atomic(out, args.overwrite, lambda p: Path(p).write_text(text))
+            with atomic_write(out, overwrite=args.overwrite) as tmp:
+                tmp.write_text(text)
         print(f"wrote {len(ids):,} label ids to {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
@@ -100,7 +102,6 @@ def cmd_color(args: argparse.Namespace) -> int:
 
 def cmd_render(args: argparse.Namespace) -> int:
     from . import query
-    from .cli import _write_atomic
     from .query import pathviewer
 
     objs = query.open(args.store)
@@ -109,10 +110,9 @@ def cmd_render(args: argparse.Namespace) -> int:
                                    vrange=tuple(args.range) if args.range else None, others=args.others)
     image = pathviewer.source_image(entry, args.image)
     caption = _caption(entry, args.by, args.where, int(coloring.matched.sum()), len(coloring.ids))
-    info: dict = {}
-    _write_atomic(Path(args.out), args.overwrite, lambda p: info.update(pathviewer.render(
-        image, entry["label_image"], coloring, Path(p), level=args.level, region=args.region, channel=args.channel,
-        style=args.style, z=args.z, caption=caption)))
+    with atomic_write(Path(args.out), overwrite=args.overwrite) as tmp:
+        info = pathviewer.render(image, entry["label_image"], coloring, tmp, level=args.level, region=args.region,
+                                 channel=args.channel, style=args.style, z=args.z, caption=caption)
     print(f"wrote {args.out}: level {info['level']}, {info['shape'][1]} x {info['shape'][0]} px, "
           f"{info['objects_in_view']:,} objects in view; {caption}", file=sys.stderr)
     return 0
@@ -120,14 +120,13 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_hist(args: argparse.Namespace) -> int:
     from . import query
-    from .cli import _write_atomic
     from .query import pathviewer
 
     objs = query.open(args.store)
-    info: dict = {}
     caption = f"{args.column}" + (f"; filter: {args.where}" if args.where else "")
-    _write_atomic(Path(args.out), args.overwrite, lambda p: info.update(pathviewer.histogram(
-        objs, args.column, Path(p), where=args.where, bins=args.bins, log=args.log, caption=caption)))
+    with atomic_write(Path(args.out), overwrite=args.overwrite) as tmp:
+        info = pathviewer.histogram(objs, args.column, tmp, where=args.where, bins=args.bins, log=args.log,
+                                    caption=caption)
     matched = f", {info['matched']:,} match" if args.where else ""
     print(f"wrote {args.out}: {info['values']:,} values in {info['bins']} bins{matched}", file=sys.stderr)
     return 0

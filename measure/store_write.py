@@ -11,7 +11,6 @@ next write of that table (or `cellar vacuum`) removes once it is older than RETA
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 import uuid
@@ -25,6 +24,7 @@ import pyarrow.parquet as pq
 from .. import schemas
 from ..schemas import integrity, log
 from ..schemas import store as layout
+from ..schemas.atomic import atomic_write
 from ..schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
@@ -143,10 +143,9 @@ def _add(state: log.Snapshot, entry: dict, overwrite: bool) -> list[dict] | None
 
 
 def _write_parquet(final: Path, table: pa.Table | Iterable[pa.Table]) -> None:
-    """Write the table's row groups under a temporary name, then rename it to `final`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{layout.TMP_PREFIX}{final.name}")
-    try:
+    """Write the table's row groups to `final` atomically (`schemas.atomic`: the data are on disk before a
+    commit can name them)."""
+    with atomic_write(final, parents=True) as tmp:
         # LZ4, no dictionary encoding, 128k-row groups, chosen by measurement (benchmarks/bench_query.py and
         # the README): measurement columns are mostly distinct floats, where dictionaries cost time and space
         # (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
@@ -163,11 +162,6 @@ def _write_parquet(final: Path, table: pa.Table | Iterable[pa.Table]) -> None:
                 writer.close()
         if writer is None:
             raise ValueError("bug: write_table was given no table")
-        with open(tmp, "rb") as fh:  # the data are on disk before a commit can name them
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def remove_unlisted(store: Path, snap: log.Snapshot, key: tuple[str, str], retain_s: float = RETAIN_S) -> int:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from itertools import product
 from pathlib import Path
@@ -21,6 +18,7 @@ import numpy as np
 import zarr
 
 from . import NgffImage, local_path
+from ..schemas.atomic import atomic_write
 from ..schemas.errors import InvalidImageError
 from ..schemas.store import write_json_atomic
 
@@ -114,47 +112,36 @@ def write_mask(image: NgffImage, label: str, name: str, keep: np.ndarray, overwr
     if (target.exists() or name in (image.label_names or ())) and not overwrite:
         raise InvalidImageError(f"{target}: label image exists; pass --overwrite to replace it")
     keep = np.unique(np.asarray(keep, np.uint64))
-    tmp_dir = labels_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     source_group = zarr.open_group(str(labels_dir / label), mode="r")
     try:
-        group = zarr.open_group(str(tmp_dir), mode="w", zarr_format=image.zarr_format)
-        attrs = dict(source_group.attrs)
-        ome = attrs.get("ome", {}) if image.zarr_format == 3 else attrs
-        ome = json.loads(json.dumps(ome))  # a deep copy of plain JSON
-        for ms in ome.get("multiscales", []):
-            ms["name"] = name
-        meta = {"source": {"image": "../../"}, "colors": []}
-        if image.version == "0.4":
-            meta["version"] = "0.4"
-        ome["image-label"] = meta
-        group.attrs.update({"ome": ome} if image.zarr_format == 3 else ome)
-        for level in src.multiscale.levels:
-            sub = level.path.split("/")[-1]
-            data = source_group[sub]
-            out = group.create_array(sub, shape=data.shape, chunks=data.chunks, dtype=data.dtype,
-                                     fill_value=0)
-            for box in _blocks(data.shape, data.chunks):
-                block = np.asarray(data[box])
-                if keep.size:
-                    pos = np.minimum(np.searchsorted(keep, block.astype(np.uint64, copy=False)), keep.size - 1)
-                    block = np.where(keep[pos] == block.astype(np.uint64, copy=False), block, 0).astype(block.dtype)
-                else:
-                    block = np.zeros_like(block)
-                if block.any():  # all-zero chunks stay unwritten: the fill value
-                    out[box] = block
-        if target.exists():
-            old = labels_dir / f".tmp-old-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(tmp_dir, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp_dir, target)
+        with atomic_write(target, overwrite=overwrite) as tmp_dir:  # a directory: swapped in whole
+            group = zarr.open_group(str(tmp_dir), mode="w", zarr_format=image.zarr_format)
+            attrs = dict(source_group.attrs)
+            ome = attrs.get("ome", {}) if image.zarr_format == 3 else attrs
+            ome = json.loads(json.dumps(ome))  # a deep copy of plain JSON
+            for ms in ome.get("multiscales", []):
+                ms["name"] = name
+            meta = {"source": {"image": "../../"}, "colors": []}
+            if image.version == "0.4":
+                meta["version"] = "0.4"
+            ome["image-label"] = meta
+            group.attrs.update({"ome": ome} if image.zarr_format == 3 else ome)
+            for level in src.multiscale.levels:
+                sub = level.path.split("/")[-1]
+                data = source_group[sub]
+                out = group.create_array(sub, shape=data.shape, chunks=data.chunks, dtype=data.dtype,
+                                         fill_value=0)
+                for box in _blocks(data.shape, data.chunks):
+                    block = np.asarray(data[box])
+                    if keep.size:
+                        pos = np.minimum(np.searchsorted(keep, block.astype(np.uint64, copy=False)), keep.size - 1)
+                        block = np.where(keep[pos] == block.astype(np.uint64, copy=False), block, 0).astype(block.dtype)
+                    else:
+                        block = np.zeros_like(block)
+                    if block.any():  # all-zero chunks stay unwritten: the fill value
+                        out[box] = block
     except OSError as exc:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
         raise InvalidImageError(f"{target}: cannot write ({exc.strerror or exc})") from None
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
     def listed(attrs: dict) -> None:
         names = list(attrs.get("labels") or [])

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from ..schemas import integrity, log
 from ..schemas import store as layout
+from ..schemas.atomic import atomic_write
 from ..schemas.errors import StoreError, UsageError
 
 ANNOTATIONS_DIR = "annotations"
@@ -93,14 +94,8 @@ def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, sourc
     measured_files = entry["files"]
     name = f"part-{uuid.uuid4().hex[:12]}.parquet"
     where = {"dir": annotation_dir(image, label_image, _next_version(entry))}
-    (store / where["dir"]).mkdir(parents=True, exist_ok=True)
-    tmp = store / where["dir"] / f"{layout.TMP_PREFIX}{name}"
-    try:
+    with atomic_write(store / where["dir"] / name, parents=True) as tmp:
         pq.write_table(rows, tmp, compression="zstd")
-        os.replace(tmp, store / where["dir"] / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     record = {
         "dir": where["dir"], "files": [name], "source": source, "rows": rows.num_rows, "dropped_unknown": n_unknown,
         "columns": [{"name": c, "dtype": str(rows.schema.field(c).type)} for c in names], "created": layout.now(),

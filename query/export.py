@@ -18,20 +18,16 @@ exception, being an in-memory format).
 - `ngff-properties`: columns written into the label image's `image-label.properties`, at most `max_cells`
   values (it is JSON).
 
-Every file is written under a temporary name beside OUTPUT and renamed into place, so a failure midway
-(disk full, permissions) leaves no partial file at OUTPUT.
+Every file is written under a temporary name beside OUTPUT and renamed into place (`schemas.atomic`), so a
+failure midway (disk full, permissions) leaves no partial file at OUTPUT.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +37,7 @@ import pyarrow as pa
 
 from ..ngff import labels as ngff_labels
 from ..schemas import store as layout
+from ..schemas.atomic import atomic_write
 from ..schemas.errors import UsageError
 from . import pathviewer
 from .sql import quote
@@ -54,25 +51,6 @@ MAX_STRING = 1024  # bytes per text value in an OMERO StringColumn
 MAX_CELLS = 1_000_000  # objects x columns written into NGFF JSON metadata
 OMERO_TITLE = "OMERO HDF Measurement Storage"
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def _atomic(output: Path, overwrite: bool, write: Callable[[Path], Any], directory: bool = False) -> Any:
-    """`write(tmp)` to a temporary name beside `output`, then rename it into place."""
-    if output.exists() and not overwrite:
-        raise UsageError(f"{output}: exists; pass --overwrite to replace it")
-    if not output.parent.is_dir():
-        raise UsageError(f"{output}: directory {output.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=output.parent)) / output.name
-    try:
-        result = write(tmp)
-        if output.is_dir() and not output.is_symlink():
-            shutil.rmtree(output)
-        os.replace(tmp, output)
-        return result
-    except OSError as exc:
-        raise UsageError(f"{output}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
 def _provenance(q: Query) -> dict[str, str]:
@@ -121,9 +99,13 @@ def export(q: Query, fmt: str, output: str | Path, *, overwrite: bool = False, i
         except ImportError:
             raise UsageError("the anndata export needs the anndata package: pip install 'cellar[anndata]'") from None
     try:
-        return _atomic(output, overwrite, writer)
+        with atomic_write(output, overwrite=overwrite) as tmp:  # a file, or a directory (AnnData's .zarr)
+            summary = writer(tmp)
     except duckdb.Error as exc:  # met while the rows stream in: a Parquet file whose data do not decode
         raise q.objects.error(exc) from None
+    except OSError as exc:
+        raise UsageError(f"{output}: cannot write ({exc.strerror or exc})") from None
+    return summary
 
 
 # -- OMERO.tables ---------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from . import store as layout
+from .atomic import atomic_write, fsync_dir, temp_path
 from .errors import StoreError
 
 FORMAT = "cellar-store"
@@ -746,13 +747,8 @@ def write_checkpoint(snap: Snapshot) -> None:
 def _write_parquet(final: Path, table: Any, row_group_size: int, **options: Any) -> None:
     import pyarrow.parquet as pq
 
-    tmp = final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}.parquet")
-    try:
+    with atomic_write(final) as tmp:  # the same state whoever writes it: replacing is harmless
         pq.write_table(table, tmp, row_group_size=row_group_size, **({"compression": "zstd"} | options))
-        _fsync(tmp)
-        os.replace(tmp, final)  # the same state whoever writes it: replacing is harmless
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _advance_pointer(path: Path, version: int) -> None:
@@ -782,8 +778,10 @@ def _create_if_absent(path: Path, data: bytes) -> bool:
 
     The bytes go to a temporary file first and are hard-linked to `path`: readers never see a partial file,
     and link(2) fails if the name exists (atomically, locally and on NFS). On NFS a retransmitted LINK whose
-    first attempt succeeded answers "exists": the file then holds these very bytes, and counts as ours."""
-    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}")
+    first attempt succeeded answers "exists": the file then holds these very bytes, and counts as ours. (Not
+    `atomic_write(overwrite=False)`: without hard links it falls back to a check and a rename, and a commit
+    must never replace another's.)"""
+    tmp = temp_path(path)
     try:
         _write_new(tmp, data)
         try:
@@ -796,7 +794,7 @@ def _create_if_absent(path: Path, data: bytes) -> bool:
         except OSError as exc:
             raise StoreError(f"{path.parent}: cannot create a commit ({exc.strerror or exc}); the store's file "
                              "system must support hard links (local disks and NFS do)") from None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -807,19 +805,6 @@ def _write_new(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

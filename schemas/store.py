@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import re
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import TMP_PREFIX, atomic_write
 from .errors import StoreError
 
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"
-TMP_PREFIX = ".tmp-"
 CACHE_DIR = "cache"
 _CACHE_KINDS = {"objects": ".arrow", "rows": ".npy", "stats": ".json", "places": ".npy", "ranges": ".npy"}
 
@@ -256,19 +254,12 @@ def _kind(value: Any) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
-    """Write JSON to a temporary file beside `path`, fsync it, then rename it over `path`. The file gets the
-    permissions of any new file (the umask's), so a store shared with a group stays readable by it."""
-    tmp = path.parent / f"{TMP_PREFIX}{uuid.uuid4().hex[:16]}.json"
-    try:
-        with open(tmp, "x") as fh:
-            json.dump(obj, fh, indent=indent, sort_keys=False, separators=None if indent else (",", ":"))
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to `path` atomically (`atomic.atomic_write`: a temporary file beside it, fsync, rename over
+    it). The file gets the permissions of any new file (the umask's), so a store shared with a group stays
+    readable by it."""
+    with atomic_write(path) as tmp, open(tmp, "x") as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=False, separators=None if indent else (",", ":"))
+        fh.write("\n")
 
 
 def cache_path(store: Path, version: int, kind: str = "objects") -> Path:
