@@ -34,6 +34,25 @@ def _timepoint(text: str) -> int | str:
     return "all" if text == "all" else _positive_int(text)
 
 
+class _HelpFromRegistry(argparse.Action):
+    """-h/--help of `cellar measure`: fills in the help of `--features` (`self.features`, set once that option is
+    declared) from the feature registry, then prints the help. The registry is read here rather than when the
+    parser is built: importing it loads the compiled kernels, about a second that no other command should wait for."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+        self.features: argparse.Action | None = None
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace, values, option_string=None) -> None:
+        from .measure import features as registry
+
+        if self.features is not None:
+            self.features.help = (f"groups ({', '.join(registry.GROUPS)}), feature names, or 'all' (default: "
+                                  f"{','.join(registry.DEFAULT_GROUPS)}; see `cellar features`)")
+        parser.print_help()
+        parser.exit()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from . import demo
 
@@ -186,14 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("measure", help="measure every object of a label image into a store")
+    p = sub.add_parser("measure", help="measure every object of a label image into a store", add_help=False)
+    measure_help = p.add_argument("-h", "--help", action=_HelpFromRegistry, help="show this help message and exit")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="OME-Zarr images or HCS plates: local paths or URLs (file://, http(s)://, s3://)")
     p.add_argument("--labels", required=True, help="label image name under the image's labels/ group")
     p.add_argument("--out", required=True, help="store directory (created, or added to if it is a store)")
     p.add_argument("--channels", help="comma-separated channel names or indices to measure (default: all)")
-    p.add_argument("--features", help="groups (morphology, intensity, spatial), feature names, or 'all' "
-                   "(default: morphology,intensity,spatial; see `cellar features`)")
+    measure_help.features = p.add_argument("--features", help="feature groups, feature names, or 'all' (see `cellar "
+                                           "features`)")  # this text until --help lists the groups
     p.add_argument("--radius", type=float, default=None,
                    help="radius of neighbors_within_radius (default: 20 um, or 50 px without units)")
     p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")

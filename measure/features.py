@@ -14,7 +14,9 @@ axis has a length unit (and, for perimeters, when the pixels are square, as regi
 
 Kernels: ``stats`` (the streaming pass: counts, sums, extrema, moments of intensity), ``shape`` and
 ``intensity_crop`` (whole-object kernels on each object's crop), ``touching`` (face-sharing label pairs),
-``spatial`` (centroid neighbourhoods, after the merge).
+``spatial`` (centroid neighbourhoods, after the merge). The whole-object kernels' columns are read by the names
+`shape_kernels` declares them under (`MORPH_2D`, `MORPH_3D`, `INTENSITY`, `TEXTURE`), which also give the
+quantiles and the texture features.
 
 Run ``python -m cellar.measure --write-schema --update-readme`` to regenerate ``schemas/objects.json`` and the
 README's feature table.
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .accumulate import Stats
+from .shape_kernels import QUANTILES, TEXTURE_MEANINGS
 from ..schemas.errors import UsageError
 
 GROUPS = ("morphology", "intensity", "spatial", "texture")
@@ -485,7 +488,7 @@ FEATURES: tuple[Feature, ...] = (
     *(
         Feature(f"intensity_q{q:02d}__{{channel}}", "intensity", _Q.format(q=f"{q / 100:.2f}"), "float64", "a.u.",
                 _per_channel(f"q{q:02d}"), kernel="intensity_crop", per_channel=True)
-        for q in (5, 25, 75, 95)
+        for q in QUANTILES
     ),
     Feature("intensity_mad__{channel}", "intensity",
             "Median absolute deviation from the median of channel {channel} (scipy.stats.median_abs_deviation, "
@@ -521,15 +524,10 @@ _TEXTURE_DOC = (
     "distance 1, angles 0, 45, 90, 135 degrees, symmetric (skimage.feature.graycomatrix); "
     "skimage.feature.graycoprops averaged over the angles. NaN if a pixel of the object is NaN or infinite."
 )
-_TEXTURE = {
-    "contrast": "Haralick contrast", "dissimilarity": "Haralick dissimilarity", "homogeneity": "Haralick homogeneity",
-    "energy": "Haralick energy (sqrt of ASM)", "correlation": "Haralick correlation (1 where a level variance is 0)",
-    "ASM": "Angular second moment", "entropy": "Entropy (natural log)",
-}
 FEATURES = FEATURES + tuple(
     Feature(f"texture_{name.lower()}__{{channel}}", "texture", f"{doc} {_TEXTURE_DOC}", "float64", "dimensionless",
             _per_channel(f"texture_{name}"), kernel="texture", dims=(2,), per_channel=True)
-    for name, doc in _TEXTURE.items()
+    for name, doc in TEXTURE_MEANINGS.items()
 )
 
 # Columns every table has besides the features: the Hive partition keys.

@@ -7,6 +7,10 @@ every label, whole-object features for the objects the block owns and saw entire
 are merged as they arrive (at most two regions per worker in flight, so memory is bounded by the regions,
 not the image); objects no block saw whole are then measured on crops of their own; features are finished
 once and written to the store atomically.
+
+`measure` is these stages in turn, each a function of its own that takes and returns its state explicitly:
+`target_table` (what to measure, checked) and `kept_table` (whether the store's copy stays), `plan_measurement`
+(a `MeasurePlan`), `reduce_blocks` (`ReducedBlocks`), `finish_objects` (`FinishedObjects`), `commit_table`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass
 from itertools import islice, product
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,11 +36,14 @@ from .. import schemas
 from . import features as registry
 from .. import ngff
 from . import store_write
-from .accumulate import Merger
+from .accumulate import Merger, Stats
 from .block import BlockResult, KernelPlan, measure_block, measure_object
 from .shape_kernels import INTENSITY_STATS, surface_lut
 from ..schemas import store as layout
 from ..schemas.errors import InvalidImageError, StoreError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 DEFAULT_REGION_PIXELS = 1 << 22  # about 4 Mpixel per region: ~50 MB of working set with 4 uint16 channels
 DEFAULT_HALO = 64  # pixels around each region: objects reaching further are measured on their own crop
@@ -191,14 +199,11 @@ def _init_worker(plan: ReadPlan) -> None:
     _READER = RegionReader(plan)
 
 
-def _worker_block(region: tuple[slice, ...]) -> BlockResult:
+def _in_worker(task: Callable[[RegionReader, Any], Any], item: Any) -> Any:
+    """`task(reader, item)` in a pool worker, with the reader its initializer opened (`RegionReader.block` or
+    `RegionReader.object`)."""
     assert _READER is not None
-    return _READER.block(region)
-
-
-def _worker_object(item: tuple) -> tuple[int, np.ndarray]:
-    assert _READER is not None
-    return _READER.object(item)
+    return task(_READER, item)
 
 
 def _compile_kernels(plan: ReadPlan) -> None:
@@ -223,8 +228,9 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-class _Executor:
-    """Runs reader tasks in worker processes (or in this one), at most two per worker in flight."""
+class Executor:
+    """Runs reader tasks (`RegionReader.block`, `RegionReader.object`) in worker processes, in this one, or on
+    dask.distributed, at most two per worker in flight. The workers start on first use and stop on exit."""
 
     def __init__(self, plan: ReadPlan, workers: int, scheduler: str | None = None):
         self.plan, self.workers, self.scheduler = plan, workers, scheduler
@@ -233,7 +239,7 @@ class _Executor:
         self._client = None
         self._cluster = None
 
-    def __enter__(self) -> _Executor:
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -273,16 +279,17 @@ class _Executor:
                 raise UsageError(f"--scheduler {self.scheduler}: cannot connect ({ngff.error_text(exc)})") from None
         return self._client
 
-    def map(self, func: Callable, local: Callable[[RegionReader], Callable], items: list) -> Iterator:
-        """Results of `func(item)` in a worker (or `local(reader)(item)` here), in completion order."""
+    def map(self, task: Callable[[RegionReader, Any], Any], items: list) -> Iterator:
+        """Results of `task(reader, item)` for every item, with a reader of the plan in each worker, in completion
+        order."""
         if self.scheduler is not None and items:
-            yield from self._map_dask(func, items)
+            yield from self._map_dask(task, items)
             return
         if self.workers <= 1 or len(items) <= 1:
             if self._reader is None:
                 self._reader = RegionReader(self.plan)
             for item in items:
-                yield local(self._reader)(item)
+                yield task(self._reader, item)
             return
         if self._pool is None:
             _compile_kernels(self.plan)  # once here, inherited by the forked workers
@@ -295,7 +302,7 @@ class _Executor:
         todo = iter(items)
         running: set[Future] = set()
         for item in todo:
-            running.add(self._pool.submit(func, item))
+            running.add(self._pool.submit(_in_worker, task, item))
             if len(running) >= 2 * self.workers:
                 break
         while running:
@@ -304,26 +311,24 @@ class _Executor:
                 yield fut.result()
                 item = next(todo, None)
                 if item is not None:
-                    running.add(self._pool.submit(func, item))
+                    running.add(self._pool.submit(_in_worker, task, item))
 
-
-    def _map_dask(self, func: Callable, items: list) -> Iterator:
-        """`func(item)` as dask tasks, at most two per worker thread in flight. Each task carries the small
+    def _map_dask(self, task: Callable[[RegionReader, Any], Any], items: list) -> Iterator:
+        """`task(reader, item)` as dask tasks, at most two per worker thread in flight. Each task carries the small
         ReadPlan; the workers open the image from its URL themselves and keep a reader per plan."""
         from distributed import as_completed
 
         client = self._dask()
         slots = 2 * max(1, sum(client.nthreads().values()))
         todo = iter(items)
-        first = [client.submit(_dask_task, self.plan, func.__name__, item, pure=False)
-                 for item in islice(todo, slots)]
+        first = [client.submit(_dask_task, self.plan, task, item, pure=False) for item in islice(todo, slots)]
         queue = as_completed(first)
         for fut in queue:
             yield fut.result()
             fut.release()
             item = next(todo, None)
             if item is not None:
-                queue.add(client.submit(_dask_task, self.plan, func.__name__, item, pure=False))
+                queue.add(client.submit(_dask_task, self.plan, task, item, pure=False))
 
 
 _DASK_READERS: dict[ReadPlan, RegionReader] = {}
@@ -335,12 +340,12 @@ def _forget_dask_readers() -> None:
     ngff.close_remote()
 
 
-def _dask_task(plan: ReadPlan, kind: str, item):
-    """A region (`_worker_block`) or an object (`_worker_object`) on a dask worker."""
+def _dask_task(plan: ReadPlan, task: Callable[[RegionReader, Any], Any], item: Any) -> Any:
+    """`task(reader, item)` on a dask worker, with the worker's reader of `plan`."""
     reader = _DASK_READERS.get(plan)
     if reader is None:
         reader = _DASK_READERS[plan] = RegionReader(plan)
-    return reader.block(item) if kind == "_worker_block" else reader.object(item)
+    return task(reader, item)
 
 
 def _resolve_channels(image: ngff.NgffImage, channels: list[str] | None) -> tuple[int, ...]:
@@ -432,7 +437,51 @@ def measure(
     Example: ``measure("slide.ome.zarr", "nuclei", "slide.cellar", channels=["DAPI", "CD8"])``
     """
     t0 = time.perf_counter()
-    out = Path(out)
+    target = target_table(image_url, labels, out, channels=channels, features=features, radius=radius,
+                          texture_levels=texture_levels, level=level, timepoint=timepoint, image_name=image_name,
+                          overwrite=overwrite, context=context, log=log)
+    kept = kept_table(target)
+    if kept is not None:
+        return MeasureResult(target.out, target.name, labels, kept, 0, time.perf_counter() - t0, skipped=True)
+    plan = plan_measurement(target, workers=workers, region_pixels=region_pixels, halo=halo, scheduler=scheduler,
+                            log=log)
+    with Executor(plan.read, plan.workers, plan.scheduler) as ex:
+        # one expression: the blocks' pairs and rows are let go once the objects are finished
+        objects = finish_objects(plan, reduce_blocks(plan, ex, progress=progress, log=log), ex)
+    commit_table(plan, objects, t0)
+    return MeasureResult(target.out, target.name, labels, len(objects), len(plan.regions), time.perf_counter() - t0)
+
+
+# --- the stages of `measure` --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableTarget:
+    """The table a run is asked for, checked against the image: what to measure and where it goes."""
+
+    image: ngff.NgffImage
+    label: ngff.LabelImage
+    out: Path
+    name: str  # the image's name in the store (its Hive partition value)
+    labels: str  # the label image's name
+    level: int
+    timepoint: int
+    channels: tuple[int, ...]  # indices of the channels to read; none when no selected feature reads intensities
+    features: tuple[registry.Feature, ...]
+    radius: float | None
+    texture_levels: int
+    context: dict[str, str | int]  # constant columns
+    settings: dict  # what a table in the store must have been measured with to be kept
+    overwrite: bool
+
+
+def target_table(image_url: str, labels: str, out: str | Path, *, channels: list[str] | None = None,
+                 features: str | None = None, radius: float | None = None, texture_levels: int = 16, level: int = 0,
+                 timepoint: int = 0, image_name: str | None = None, overwrite: bool = False,
+                 context: dict[str, str | int] | None = None,
+                 log: Callable[[str], None] | None = None) -> TableTarget:
+    """Stage 1a: the table `measure` is asked for (arguments as there), with the image, its label image, the
+    channels and the features checked (UsageError, InvalidImageError) and its settings."""
     selected = registry.select(features)
     image = ngff.open_image(image_url)
     label = image.label(labels)
@@ -450,96 +499,188 @@ def measure(
         "channels": [image.channel_names[i] for i in chan_idx], "features": [f.name for f in selected],
         "radius": radius, "texture_levels": texture_levels, "context": dict(context or {}),
     }
-    existing = store_write.existing_entry(out, name, labels)
-    if existing is not None and not overwrite:
-        if existing.get("settings") == settings:
-            store_write.check_files(out, existing)  # kept only if its files are intact
-            return MeasureResult(out, name, labels, int(existing["n_objects"]), 0, time.perf_counter() - t0,
-                                 skipped=True)
-        raise StoreError(f"{out}: already holds image={name} label_image={labels}, measured with other settings; "
-                         "pass --overwrite to replace it")
-    store_write.check_output(out, name, labels, overwrite)
+    return TableTarget(image=image, label=label, out=Path(out), name=name, labels=labels, level=level,
+                       timepoint=timepoint, channels=chan_idx, features=selected, radius=radius,
+                       texture_levels=texture_levels, context=dict(context or {}), settings=settings,
+                       overwrite=overwrite)
 
-    im, lb = image.multiscale, label.multiscale
-    suffixes = layout.unique_identifiers([image.channel_names[i] for i in chan_idx])
+
+def kept_table(target: TableTarget) -> int | None:
+    """Stage 1b: the number of objects of the table the store already holds for `target` with the same settings
+    and intact files, which then stays; None when the table is to be measured. A StoreError if the store holds
+    it with other settings (unless `target.overwrite`) or cannot take a table."""
+    existing = store_write.existing_entry(target.out, target.name, target.labels)
+    if existing is not None and not target.overwrite:
+        if existing.get("settings") == target.settings:
+            store_write.check_files(target.out, existing)  # kept only if its files are intact
+            return int(existing["n_objects"])
+        raise StoreError(f"{target.out}: already holds image={target.name} label_image={target.labels}, measured "
+                         "with other settings; pass --overwrite to replace it")
+    store_write.check_output(target.out, target.name, target.labels, target.overwrite)
+    return None
+
+
+@dataclass(frozen=True)
+class MeasurePlan:
+    """Everything decided before a pixel is read."""
+
+    target: TableTarget
+    geo: registry.Geometry
+    read: ReadPlan  # what each worker reads, and the kernels it runs
+    regions: list[tuple[slice, ...]]  # tiling the level, in whole chunks
+    workers: int
+    scheduler: str | None
+    columns: list[dict]  # the table's column specs: partition keys, features, context
+
+    @property
+    def what(self) -> str:
+        return f"{self.target.name}/labels/{self.target.labels}"
+
+
+def plan_measurement(target: TableTarget, *, workers: int | None = None, region_pixels: int = DEFAULT_REGION_PIXELS,
+                     halo: int = DEFAULT_HALO, scheduler: str | None = None,
+                     log: Callable[[str], None] | None = None) -> MeasurePlan:
+    """Stage 1c: the geometry and columns of the table, the kernels to run, and the regions to read (arguments as
+    for `measure`)."""
+    im, lb, level = target.image.multiscale, target.label.multiscale, target.level
+    suffixes = layout.unique_identifiers([target.image.channel_names[i] for i in target.channels])
     spacing_um = im.spacing_um(level)
     if im.unknown_units and log is not None:
-        log(f"{image.url}: unit {', '.join(sorted(repr(u) for u in set(im.unknown_units)))} is not a length unit (NGFF names "
-            "them as UDUNITS-2 does: micrometer, nanometer, ...); measuring in pixels only")
+        log(f"{target.image.url}: unit {', '.join(sorted(repr(u) for u in set(im.unknown_units)))} is not a length "
+            "unit (NGFF names them as UDUNITS-2 does: micrometer, nanometer, ...); measuring in pixels only")
     geo = registry.Geometry(
         axes=im.spatial_names, spacing_um=spacing_um, origin_um=im.origin_um(level), channels=tuple(suffixes),
-        radius=radius if radius is not None else (registry.DEFAULT_RADIUS_UM if spacing_um else registry.DEFAULT_RADIUS_PX),
+        radius=target.radius if target.radius is not None else (
+            registry.DEFAULT_RADIUS_UM if spacing_um else registry.DEFAULT_RADIUS_PX),
     )
-    needed = registry.kernels_needed(selected, geo)
-    if not 2 <= texture_levels <= 256:
-        raise UsageError(f"--texture-levels {texture_levels}: expected 2 to 256")
-    luts: dict = {}
-    if geo.ndim == 3 and "shape" in needed:
-        luts = {"surface_lut": tuple(surface_lut((1.0, 1.0, 1.0))),
-                "surface_lut_um": tuple(surface_lut(tuple(geo.spacing.tolist())))}
-    kplan = KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
-                       touching="touching" in needed, texture="texture" in needed, texture_levels=texture_levels,
-                       spacing=tuple(geo.spacing[-2:].tolist()), **luts)
+    kplan = _kernel_plan(target, geo)
     shape = lb.spatial_shape(level)
-    plan = ReadPlan(
-        url=image.url,
+    read = ReadPlan(
+        url=target.image.url,
         label_path=lb.levels[level].path,
         label_roles=tuple(a.role for a in lb.axes),
         label_dtype=lb.levels[level].dtype,
         image_path=im.levels[level].path,
         image_roles=tuple(a.role for a in im.axes),
         image_dtype=im.levels[level].dtype,
-        timepoint=timepoint,
-        channels=chan_idx,
+        timepoint=target.timepoint,
+        channels=target.channels,
         shape=shape,
         halo=max(1, halo) if kplan.halo_needed else 0,
         kernels=kplan,
     )
-    regions = plan_regions(shape, lb.spatial_chunks(level), region_pixels)
-    workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
-    merger = Merger(0 if kplan.intensity_crop else len(chan_idx))
-    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    pairs = []
-    with _Executor(plan, workers, scheduler) as ex:
-        with _progress(len(regions), progress, log, f"{name}/labels/{labels}") as tick:
-            for block in ex.map(_worker_block, lambda r: r.block, regions):
-                merger.add(block.stats)
-                if kplan.crop:
-                    blocks.append((block.crop_ids, block.crop, block.crop_counts))
-                pairs.append(block.pairs)
-                tick(len(block.crop_ids) if kplan.crop else len(block.stats))  # objects (seen whole, or seen)
-        stats = merger.result()
-        results = registry.Results(stats)
-        whole = None
-        if kplan.crop:
-            whole = _whole_object_rows(ex, stats, blocks, geo.ndim, kplan.crop_columns(len(chan_idx)))
-        if kplan.touching:
-            pairs = np.concatenate(pairs)
-            results.touching = _touching_counts(stats.ids, pairs)
-        del pairs
-    registry.prepare(results, geo, selected)  # neighbour queries, over all objects at once
+    return MeasurePlan(target=target, geo=geo, read=read,
+                       regions=plan_regions(shape, lb.spatial_chunks(level), region_pixels),
+                       workers=max(1, workers if workers is not None else (os.cpu_count() or 1)),
+                       scheduler=scheduler, columns=_column_specs(target, geo))
 
-    columns = registry.columns(geo, selected)
-    column_specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in columns)]
-    for key, value in (context or {}).items():  # constant columns, for example a plate's well and field
-        column_specs.append(registry.CONTEXT_COLUMNS.get(key) or {
+
+def _kernel_plan(target: TableTarget, geo: registry.Geometry) -> KernelPlan:
+    """The kernels the selected features need on this image, with what they need to know."""
+    needed = registry.kernels_needed(target.features, geo)
+    if not 2 <= target.texture_levels <= 256:
+        raise UsageError(f"--texture-levels {target.texture_levels}: expected 2 to 256")
+    luts: dict = {}
+    if geo.ndim == 3 and "shape" in needed:
+        luts = {"surface_lut": tuple(surface_lut((1.0, 1.0, 1.0))),
+                "surface_lut_um": tuple(surface_lut(tuple(geo.spacing.tolist())))}
+    return KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
+                      touching="touching" in needed, texture="texture" in needed,
+                      texture_levels=target.texture_levels, spacing=tuple(geo.spacing[-2:].tolist()), **luts)
+
+
+def _column_specs(target: TableTarget, geo: registry.Geometry) -> list[dict]:
+    """The table's column specs, in table order: partition keys, features, then the constant context columns."""
+    specs = [*registry.PARTITION_COLUMNS, *(c.to_json() for c in registry.columns(geo, target.features))]
+    for key, value in target.context.items():  # constant columns, for example a plate's well and field
+        specs.append(registry.CONTEXT_COLUMNS.get(key) or {
             "name": key, "dtype": "string" if isinstance(value, str) else "int64", "unit": "",
             "description": f"{key} of the measured image"})
+    return specs
+
+
+@dataclass
+class ReducedBlocks:
+    """What the blocks of a plan leave, merged."""
+
+    stats: Stats  # every object's streaming statistics, merged across blocks (sorted by label id)
+    crops: list[tuple[np.ndarray, np.ndarray, np.ndarray]]  # per block with whole-object kernels: (ids, rows, pixels
+    #   the block saw of each) of the objects it owns and saw whole (`measure.block`)
+    pairs: np.ndarray  # (p, 2) uint64: touching label pairs (with the touching kernel)
+
+
+def reduce_blocks(plan: MeasurePlan, ex: Executor, *, progress: bool | None = None,
+                  log: Callable[[str], None] | None = None) -> ReducedBlocks:
+    """Stage 2: every region of the plan read and reduced by a worker of `ex`, the results merged as they arrive.
+    `progress` and `log` as for `measure`."""
+    kplan = plan.read.kernels
+    merger = Merger(0 if kplan.intensity_crop else len(plan.read.channels))
+    crops: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    pairs = []
+    with _progress(len(plan.regions), progress, log, plan.what) as tick:
+        for block in ex.map(RegionReader.block, plan.regions):
+            merger.add(block.stats)
+            if kplan.crop:
+                crops.append((block.crop_ids, block.crop, block.crop_counts))
+            pairs.append(block.pairs)
+            tick(len(block.crop_ids) if kplan.crop else len(block.stats))  # objects (seen whole, or seen)
+    return ReducedBlocks(merger.result(), crops, np.concatenate(pairs) if pairs else np.empty((0, 2), np.uint64))
+
+
+@dataclass
+class FinishedObjects:
+    """Every object's inputs to its features, over all objects at once: what the table's rows are finished from."""
+
+    results: registry.Results  # merged statistics, touching counts, neighbour queries
+    whole: _WholeRows | None  # whole-object kernel rows, when a selected feature needs them
+
+    def __len__(self) -> int:
+        return len(self.results.stats)
+
+
+def finish_objects(plan: MeasurePlan, reduced: ReducedBlocks, ex: Executor) -> FinishedObjects:
+    """Stage 3: what needs all of an object or all objects: the whole-object rows (measuring on crops of their own,
+    through `ex`, the objects no block saw whole), the touching counts and the neighbour queries."""
+    kplan, stats = plan.read.kernels, reduced.stats
+    results = registry.Results(stats)
+    whole = None
+    if kplan.crop:
+        whole = _whole_object_rows(ex, stats, reduced.crops, plan.geo.ndim,
+                                   kplan.crop_columns(len(plan.read.channels)))
+    if kplan.touching:
+        results.touching = _touching_counts(stats.ids, reduced.pairs)
+    registry.prepare(results, plan.geo, plan.target.features)  # neighbour queries, over all objects at once
+    return FinishedObjects(results, whole)
+
+
+def commit_table(plan: MeasurePlan, objects: FinishedObjects, t0: float) -> None:
+    """Stage 4: the features finished a row group at a time, written, and the table committed to the store with its
+    provenance (`table_entry`), whose `elapsed_s` counts from `t0` (the run's start) to the last row group written."""
+    entry = table_entry(plan, len(objects))
+    tables = row_groups(plan, objects, provenance=dict(entry))
+    store_write.write_table(plan.target.out, entry, _record_elapsed(tables, entry, t0),
+                            overwrite=plan.target.overwrite)
+
+
+def table_entry(plan: MeasurePlan, n_objects: int) -> dict:
+    """The table's entry in the store's log, which its Parquet file also carries as provenance."""
+    target, geo = plan.target, plan.geo
+    im, lb, level = target.image.multiscale, target.label.multiscale, target.level
     level_meta = im.levels[level]
-    entry = {
-        "image": name,
-        "label_image": labels,
-        "n_objects": len(stats),
+    return {
+        "image": target.name,
+        "label_image": target.labels,
+        "n_objects": n_objects,
         "cellar_version": schemas.cellar_version(),
         "source": {
-            "url": _absolute(image.url),
-            "ngff_version": image.version,
-            "zarr_format": image.zarr_format,
+            "url": _absolute(target.image.url),
+            "ngff_version": target.image.version,
+            "zarr_format": target.image.zarr_format,
             "image_path": level_meta.path,
             "label_path": lb.levels[level].path,
         },
         "level": level,
-        "timepoint": timepoint if im.index("time") is not None else None,
+        "timepoint": target.timepoint if im.index("time") is not None else None,
         "axes": list(im.spatial_names),
         "shape": list(im.spatial_shape(level)),
         "pixel_size": [level_meta.scale[i] for i in im.spatial],
@@ -547,42 +688,48 @@ def measure(
         "translation": [level_meta.translation[i] for i in im.spatial],
         "spacing_um": list(geo.spacing_um) if geo.spacing_um else None,
         "channels": [
-            {"index": i, "name": image.channel_names[i], "column": s} for i, s in zip(chan_idx, suffixes)
+            {"index": i, "name": target.image.channel_names[i], "column": s}
+            for i, s in zip(target.channels, geo.channels)
         ],
-        "features": [f.name for f in selected if not f.key],
-        "radius": geo.radius if "spatial" in needed else None,
-        "texture_levels": texture_levels if kplan.texture else None,
-        "halo": plan.halo,
-        "settings": settings,
-        "context": dict(context or {}),
-        "columns": column_specs,
-        "regions": len(regions),
-        "workers": workers,
+        "features": [f.name for f in target.features if not f.key],
+        "radius": geo.radius if "spatial" in registry.kernels_needed(target.features, geo) else None,
+        "texture_levels": target.texture_levels if plan.read.kernels.texture else None,
+        "halo": plan.read.halo,
+        "settings": target.settings,
+        "context": dict(target.context),
+        "columns": plan.columns,
+        "regions": len(plan.regions),
+        "workers": plan.workers,
     }
-    specs = column_specs[len(registry.PARTITION_COLUMNS):]
-    provenance = dict(entry)
 
-    def row_groups() -> Iterator:
-        """The table a row group at a time, rows in the store's spatial order (`schemas.store.spatial_order`
-        of the centroids): only one row group's columns are ever built, besides the whole-object rows."""
-        n = len(stats)
-        order = layout.spatial_order(stats.coord_sum[:, 1] / np.maximum(stats.count, 1),
-                                     stats.coord_sum[:, 2] / np.maximum(stats.count, 1))
-        for start in range(0, n, store_write.ROW_GROUP_SIZE) if n else [0]:
-            sel = order[start:start + store_write.ROW_GROUP_SIZE]
-            part, crop = stats.take(sel), {}
-            if whole is not None:
-                crop = whole.columns(sel)
-                if kplan.intensity_crop:
-                    part = _crop_intensity_stats(part, crop, len(chan_idx))
-            values = registry.compute_columns(results.rows(sel, part, crop), geo, selected)
-            for key, value in (context or {}).items():
-                values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
-            yield store_write.arrow_table(values, specs, provenance)
-        entry["elapsed_s"] = round(time.perf_counter() - t0, 3)  # before the manifest is written
 
-    store_write.write_table(out, entry, row_groups(), overwrite=overwrite)
-    return MeasureResult(out, name, labels, len(stats), len(regions), time.perf_counter() - t0)
+def row_groups(plan: MeasurePlan, objects: FinishedObjects, provenance: dict) -> Iterator[pa.Table]:
+    """The table a row group at a time, rows in the store's spatial order (`schemas.store.spatial_order` of the
+    centroids): only one row group's columns are ever built, besides the whole-object rows."""
+    stats, target = objects.results.stats, plan.target
+    specs = plan.columns[len(registry.PARTITION_COLUMNS):]
+    n = len(stats)
+    order = layout.spatial_order(stats.coord_sum[:, 1] / np.maximum(stats.count, 1),
+                                 stats.coord_sum[:, 2] / np.maximum(stats.count, 1))
+    for start in range(0, n, store_write.ROW_GROUP_SIZE) if n else [0]:
+        sel = order[start:start + store_write.ROW_GROUP_SIZE]
+        part, crop = stats.take(sel), {}
+        if objects.whole is not None:
+            crop = objects.whole.columns(sel)
+            if plan.read.kernels.intensity_crop:
+                part = _crop_intensity_stats(part, crop, len(target.channels))
+        values = registry.compute_columns(objects.results.rows(sel, part, crop), plan.geo, target.features)
+        for key, value in target.context.items():
+            values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
+        yield store_write.arrow_table(values, specs, provenance)
+
+
+def _record_elapsed(tables: Iterator[pa.Table], entry: dict, t0: float) -> Iterator[pa.Table]:
+    """`tables`, and then, once the writer has taken the last, the run's elapsed time in `entry`: the one moment
+    between the last row group written and the commit of `entry` (`store_write.write_table` commits the entry
+    it was given after taking every table)."""
+    yield from tables
+    entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
 
 
 def measure_many(images: list[str], labels: str, out: str | Path, *, image_name: str | None = None,
@@ -681,17 +828,16 @@ class _WholeRows:
         return {name: out[j] for j, name in enumerate(self.names)}
 
 
-def _whole_object_rows(ex: _Executor, stats, blocks: list, ndim: int, names: list[str]) -> _WholeRows:
+def _whole_object_rows(ex: Executor, stats: Stats, crops: list, ndim: int, names: list[str]) -> _WholeRows:
     """Whole-object rows of every object: those from blocks that saw all of their object (their pixel count
-    is the merged count; `blocks` is emptied as they are taken), and for every other object a row measured
-    on a crop of its own."""
+    is the merged count; `crops` as in `ReducedBlocks`), and for every other object a row measured on a crop of
+    its own."""
     whole = _WholeRows(stats, names)
-    while blocks:
-        ids, rows, counts = blocks.pop()
+    for ids, rows, counts in crops:
         whole.add(ids, rows.reshape(len(ids), len(names)), counts)
     at = whole.missing()
     items = [(int(stats.ids[r]), tuple(stats.bbox_min[r, 3 - ndim:]), tuple(stats.bbox_max[r, 3 - ndim:])) for r in at]
-    own = list(ex.map(_worker_object, lambda r: r.object, items))
+    own = list(ex.map(RegionReader.object, items))
     if own:
         whole.add(np.array([i for i, _ in own], np.uint64), np.array([v for _, v in own]).reshape(len(own), len(names)))
     if len(whole.missing()):

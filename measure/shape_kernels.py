@@ -51,20 +51,67 @@ _EULER_3D_26 = np.array([
     0, -1, -1, 0, -1, 0, 2, 1, -1, 2, 0, 1, 0, 1, 1, 0,
 ], np.int64)
 
-# Columns of `morphology_2d`'s output.
-MORPH_2D = (
-    "perimeter", "perimeter_crofton", "euler_number", "area_convex", "feret_diameter_max",
-    "feret_diameter_max_um", "mu20", "mu11", "mu02", "mu30", "mu21", "mu12", "mu03",
-)
-# Columns of `morphology_3d`'s output.
+# --- the kernels' output columns, named once ---------------------------------------------------------------
+# Each whole-object kernel fills one row per object; the tuples below name its columns in order, and the kernel
+# writes each value at the slot its name is given here (the `_`-prefixed integers: numba compiles module-level
+# integers in as constants, so a slot costs nothing at run time). The columns reach the registry
+# (`features.py`) under the same names (`block.KernelPlan.crop_columns`), so a name is the whole contract.
+
+MORPH_2D = ("perimeter", "perimeter_crofton", "euler_number", "area_convex", "feret_diameter_max",
+            "feret_diameter_max_um", "mu20", "mu11", "mu02", "mu30", "mu21", "mu12", "mu03")  # `morphology_2d`
+_M2_PERIMETER = MORPH_2D.index("perimeter")
+_M2_CROFTON = MORPH_2D.index("perimeter_crofton")
+_M2_EULER = MORPH_2D.index("euler_number")
+_M2_AREA_CONVEX = MORPH_2D.index("area_convex")
+_M2_FERET = MORPH_2D.index("feret_diameter_max")
+_M2_FERET_UM = MORPH_2D.index("feret_diameter_max_um")
+_M2_MU20, _M2_MU11, _M2_MU02 = MORPH_2D.index("mu20"), MORPH_2D.index("mu11"), MORPH_2D.index("mu02")
+_M2_MU30, _M2_MU21 = MORPH_2D.index("mu30"), MORPH_2D.index("mu21")
+_M2_MU12, _M2_MU03 = MORPH_2D.index("mu12"), MORPH_2D.index("mu03")
+
 MORPH_3D = ("euler_number", "mu200", "mu020", "mu002", "mu110", "mu101", "mu011", "surface_area", "surface_area_um",
-            "area_convex")
-# Columns of `intensity_crop`'s output.
-INTENSITY = ("median", "q05", "q25", "q75", "q95", "mad", "skewness", "kurtosis", "boundary_mean", "sum", "min", "max",
-             "m2", "wsum_z", "wsum_y", "wsum_x")
+            "area_convex")  # `morphology_3d`
+_M3_EULER = MORPH_3D.index("euler_number")
+_M3_MU200, _M3_MU020, _M3_MU002 = MORPH_3D.index("mu200"), MORPH_3D.index("mu020"), MORPH_3D.index("mu002")
+_M3_MU110, _M3_MU101, _M3_MU011 = MORPH_3D.index("mu110"), MORPH_3D.index("mu101"), MORPH_3D.index("mu011")
+_M3_SURFACE = MORPH_3D.index("surface_area")
+_M3_SURFACE_UM = MORPH_3D.index("surface_area_um")
+_M3_AREA_CONVEX = MORPH_3D.index("area_convex")
+
+QUANTILES = (5, 25, 75, 95)  # percent: `intensity_crop`'s columns q05, q25, q75, q95
+INTENSITY = ("median", *(f"q{q:02d}" for q in QUANTILES), "mad", "skewness", "kurtosis", "boundary_mean", "sum", "min",
+             "max", "m2", "wsum_z", "wsum_y", "wsum_x")  # `intensity_crop`, per channel
+_I_MEDIAN = INTENSITY.index("median")
+_I_QUANTILES = tuple(INTENSITY.index(f"q{q:02d}") for q in QUANTILES)
+_QUANTILE_FRACTIONS = tuple(q / 100 for q in QUANTILES)
+_I_MAD = INTENSITY.index("mad")
+_I_ORDER_STATS = (_I_MEDIAN, *_I_QUANTILES, _I_MAD)  # NaN together when a pixel is NaN
+_I_SKEWNESS = INTENSITY.index("skewness")
+_I_KURTOSIS = INTENSITY.index("kurtosis")
+_I_BOUNDARY_MEAN = INTENSITY.index("boundary_mean")
+_I_SUM = INTENSITY.index("sum")
+_I_MIN = INTENSITY.index("min")
+_I_MAX = INTENSITY.index("max")
+_I_M2 = INTENSITY.index("m2")
+_I_WSUM_Z, _I_WSUM_Y, _I_WSUM_X = INTENSITY.index("wsum_z"), INTENSITY.index("wsum_y"), INTENSITY.index("wsum_x")
 # The streaming statistics (`accumulate.Stats`) that `intensity_crop` also computes, as (Stats field, columns).
 INTENSITY_STATS = (("isum", ("sum",)), ("imin", ("min",)), ("imax", ("max",)), ("m2", ("m2",)),
                    ("wcoord", ("wsum_z", "wsum_y", "wsum_x")))
+
+# `texture_crop`'s columns per channel, with what each is (the start of the texture features' descriptions).
+TEXTURE_MEANINGS = {
+    "contrast": "Haralick contrast", "dissimilarity": "Haralick dissimilarity", "homogeneity": "Haralick homogeneity",
+    "energy": "Haralick energy (sqrt of ASM)", "correlation": "Haralick correlation (1 where a level variance is 0)",
+    "ASM": "Angular second moment", "entropy": "Entropy (natural log)",
+}
+TEXTURE = tuple(TEXTURE_MEANINGS)
+_T_CONTRAST = TEXTURE.index("contrast")
+_T_DISSIMILARITY = TEXTURE.index("dissimilarity")
+_T_HOMOGENEITY = TEXTURE.index("homogeneity")
+_T_ENERGY = TEXTURE.index("energy")
+_T_CORRELATION = TEXTURE.index("correlation")
+_T_ASM = TEXTURE.index("ASM")
+_T_ENTROPY = TEXTURE.index("entropy")
 
 
 @njit(cache=True, nogil=True)
@@ -327,11 +374,11 @@ def morphology_2d(idx, sel, bmin, bmax, sy, sx):
         k = sel[j]
         mp = _padded_mask_2d(idx, k, bmin[k, 1], bmax[k, 1], bmin[k, 2], bmax[k, 2])
         m = mp[2:-2, 2:-2]
-        out[j, 0] = perimeter_padded(mp)
-        out[j, 1], out[j, 2] = crofton_and_euler(mp)
+        out[j, _M2_PERIMETER] = perimeter_padded(mp)
+        out[j, _M2_CROFTON], out[j, _M2_EULER] = crofton_and_euler(mp)
         conv, area_convex = convex_image_2d(m)
-        out[j, 3] = area_convex
-        out[j, 4], out[j, 5] = feret_2d(conv, sy, sx)
+        out[j, _M2_AREA_CONVEX] = area_convex
+        out[j, _M2_FERET], out[j, _M2_FERET_UM] = feret_2d(conv, sy, sx)
         # central moments in crop coordinates, about the crop centroid (regionprops' moments_central)
         h, w = m.shape
         n = 0.0
@@ -360,8 +407,8 @@ def morphology_2d(idx, sel, bmin, bmax, sy, sx):
                     m21 += dy2 * dx
                     m12 += dy * dx2
                     m03 += dx2 * dx
-        out[j, 6], out[j, 7], out[j, 8] = m20, m11, m02
-        out[j, 9], out[j, 10], out[j, 11], out[j, 12] = m30, m21, m12, m03
+        out[j, _M2_MU20], out[j, _M2_MU11], out[j, _M2_MU02] = m20, m11, m02
+        out[j, _M2_MU30], out[j, _M2_MU21], out[j, _M2_MU12], out[j, _M2_MU03] = m30, m21, m12, m03
     return out
 
 
@@ -594,10 +641,10 @@ def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
     for j in range(sel.shape[0]):
         k = sel[j]
         m = _mask(idx, k, bmin[k, 0], bmax[k, 0], bmin[k, 1], bmax[k, 1], bmin[k, 2], bmax[k, 2])
-        out[j, 0] = euler_3d(m)
-        out[j, 7] = surface_area(m, lut)
-        out[j, 8] = surface_area(m, lut_um)
-        out[j, 9] = convex_volume_3d(m)
+        out[j, _M3_EULER] = euler_3d(m)
+        out[j, _M3_SURFACE] = surface_area(m, lut)
+        out[j, _M3_SURFACE_UM] = surface_area(m, lut_um)
+        out[j, _M3_AREA_CONVEX] = convex_volume_3d(m)
         d, h, w = m.shape
         n = 0.0
         c0 = 0.0
@@ -626,7 +673,8 @@ def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
                         s[3] += a * b
                         s[4] += a * c
                         s[5] += b * c
-        out[j, 1:7] = s
+        out[j, _M3_MU200], out[j, _M3_MU020], out[j, _M3_MU002] = s[0], s[1], s[2]
+        out[j, _M3_MU110], out[j, _M3_MU101], out[j, _M3_MU011] = s[3], s[4], s[5]
     return out
 
 
@@ -791,13 +839,13 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
                 m3 += d2 * d
                 m4 += d2 * d2
             o = c * ni
-            out[j, o + 9] = total
-            out[j, o + 10] = lo
-            out[j, o + 11] = hi
-            out[j, o + 12] = m2
-            out[j, o + 13] = wz
-            out[j, o + 14] = wy
-            out[j, o + 15] = wx
+            out[j, o + _I_SUM] = total
+            out[j, o + _I_MIN] = lo
+            out[j, o + _I_MAX] = hi
+            out[j, o + _I_M2] = m2
+            out[j, o + _I_WSUM_Z] = wz
+            out[j, o + _I_WSUM_Y] = wy
+            out[j, o + _I_WSUM_X] = wx
             m2 /= n
             m3 /= n
             m4 /= n
@@ -806,27 +854,24 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
             else:
                 v.sort()
             if v[n - 1] != v[n - 1]:  # a NaN pixel (sorted last): the order statistics are NaN, as in numpy
-                for q in range(6):
-                    out[j, o + q] = np.nan
+                for slot in _I_ORDER_STATS:
+                    out[j, o + slot] = np.nan
             else:
                 med = _quantile_sorted(v, 0.5)
-                out[j, o] = med
-                out[j, o + 1] = _quantile_sorted(v, 0.05)
-                out[j, o + 2] = _quantile_sorted(v, 0.25)
-                out[j, o + 3] = _quantile_sorted(v, 0.75)
-                out[j, o + 4] = _quantile_sorted(v, 0.95)
-                out[j, o + 5] = _mad_sorted(v, med)
+                out[j, o + _I_MEDIAN] = med
+                for i in range(len(QUANTILES)):
+                    out[j, o + _I_QUANTILES[i]] = _quantile_sorted(v, _QUANTILE_FRACTIONS[i])
+                out[j, o + _I_MAD] = _mad_sorted(v, med)
             if m2 > 0:
-                out[j, o + 6] = m3 / m2**1.5
-                out[j, o + 7] = m4 / (m2 * m2) - 3.0
+                out[j, o + _I_SKEWNESS] = m3 / m2**1.5
+                out[j, o + _I_KURTOSIS] = m4 / (m2 * m2) - 3.0
             else:
-                out[j, o + 6] = np.nan
-                out[j, o + 7] = np.nan
-            out[j, o + 8] = bsum / bn
+                out[j, o + _I_SKEWNESS] = np.nan
+                out[j, o + _I_KURTOSIS] = np.nan
+            out[j, o + _I_BOUNDARY_MEAN] = bsum / bn
     return out
 
 
-TEXTURE = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM", "entropy")
 _GLCM_OFFSETS = ((0, 1), (1, 1), (1, 0), (1, -1))  # skimage's (round(sin a), round(cos a)) for a = 0, pi/4, pi/2, 3pi/4
 
 
@@ -875,13 +920,13 @@ def _graycoprops_mean(glcm, levels):
         si = math.sqrt(si)
         sj = math.sqrt(sj)
         corr = 1.0 if (si < 1e-15 or sj < 1e-15) else cov / (si * sj)
-        res[0] += contrast
-        res[1] += dissim
-        res[2] += homog
-        res[3] += math.sqrt(asm)
-        res[4] += corr
-        res[5] += asm
-        res[6] += ent
+        res[_T_CONTRAST] += contrast
+        res[_T_DISSIMILARITY] += dissim
+        res[_T_HOMOGENEITY] += homog
+        res[_T_ENERGY] += math.sqrt(asm)
+        res[_T_CORRELATION] += corr
+        res[_T_ASM] += asm
+        res[_T_ENTROPY] += ent
     return res / n_angles
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import zarr
 
+from cellar.measure import features as registry
 from cellar.ngff.write import write_image
 from helpers import intensities, nuclei_like, read_table, run_cli
 
@@ -85,6 +88,26 @@ def test_info_describes_the_store(measured):
     assert proc.returncode == 0, proc.stderr
     assert "image=img label_image=nuclei: 15 objects" in proc.stdout
     assert str(image.resolve()) in proc.stdout and "DAPI, CD8" in proc.stdout and "micrometer^2" in proc.stdout
+
+
+def test_measure_help_lists_every_feature_group_of_the_registry():
+    proc = run_cli("measure", "--help")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())  # as one line, whatever argparse's wrapping
+    options = text[text.index("-h, --help"):]  # not the usage line
+    features = options[options.index("--features FEATURES"):options.index("--radius RADIUS")]
+    assert f"groups ({', '.join(registry.GROUPS)})" in features and "texture" in features
+    assert f"(default: {','.join(registry.DEFAULT_GROUPS)};" in features
+
+
+def test_building_the_parser_does_not_load_the_registry():
+    """Only `cellar measure --help` reads the registry: importing it loads the compiled kernels (about a second),
+    which `cellar sql` and the other commands do not need."""
+    code = ("import sys; from cellar.cli import build_parser; "
+            "build_parser().parse_args(['measure', 'img', '--labels', 'n', '--out', 'o', '--features', 'all']); "
+            "print(sorted(m for m in ('numba', 'cellar.measure') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
 def test_demo_runs_with_no_arguments(tmp_path):
