@@ -24,8 +24,9 @@ import numpy as np
 from ..schemas.errors import QueryError
 from .arrow import plain_strings
 from .export import export as write_export
-from .sql import partition_terms, polars_parses, quote, referenced, simple_condition
-from .store import ROW_COLUMN, Tables
+from .backends import ROW_COLUMN
+from .sql import partition_terms, polars_parses, quote, reads_alike, referenced
+from .store import Tables
 
 if TYPE_CHECKING:
     import pandas
@@ -52,7 +53,7 @@ class Query:
         if not isinstance(condition, str) or not condition.strip():
             raise QueryError("where: expected a SQL condition such as \"area > 80\"")
         query = replace(self, filters=(*self.filters, f"({condition})"))
-        if not (simple_condition(condition, self.objects.column_names) and polars_parses(condition)):
+        if not _polars_reads(condition, self.objects.column_types):
             query._pruned()._check_condition(condition)  # bound on the tables the query will read
         return query
 
@@ -166,9 +167,7 @@ class Query:
         if frame is not None:
             if self.columns:
                 frame = frame.select(list(self.columns))
-            table = self._collect(frame)
-            if table is not None:
-                return plain_strings(table.to_arrow())
+            return plain_strings(self._collect(frame).to_arrow())
         return self._run(self.to_sql(), "to_arrow_table")
 
     def _cached_rows(self) -> np.ndarray:
@@ -177,9 +176,9 @@ class Query:
         names), DuckDB for ordered queries on the cache in RAM (its top-N is the faster sort there)."""
         polars_first = not self.order or self.objects.mapped
         frame = self._polars(needs=()) if polars_first else None
-        result = self._collect(frame.select(ROW_COLUMN)) if frame is not None else None
-        if result is not None:
-            return result.get_column(ROW_COLUMN).to_numpy().astype(np.int64, copy=False)
+        if frame is not None:
+            rows = self._collect(frame.select(ROW_COLUMN)).get_column(ROW_COLUMN)
+            return rows.to_numpy().astype(np.int64, copy=False)
         rows = self._run(replace(self, columns=None).to_sql(ROW_COLUMN, self.objects.numbered_view()), "fetchnumpy")[ROW_COLUMN]
         return np.asarray(rows, np.int64)
 
@@ -204,40 +203,44 @@ class Query:
         if frame is not None:
             import polars as pl
 
-            result = self._collect(frame.select(pl.len()))
-            if result is not None:
-                return int(result.item())
+            return int(self._collect(frame.select(pl.len())).item())
         inner = replace(self, columns=None, order=()).to_sql("1")
         return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
 
     def _polars(self, ordered: bool = True, needs: tuple[str, ...] | None = None):
-        """This query as a polars LazyFrame over the Parquet files, or None where DuckDB answers instead.
+        """This query as a polars LazyFrame, or None where DuckDB answers it instead.
 
         `needs`: the columns the caller will take from the result (None: all); with the filter and order
         columns, the only ones the mapped session cache has to materialise.
 
-        polars scans Parquet faster than DuckDB (it decodes the other columns only for rows that pass the
-        filter), so plain queries on the files run there: filters in the subset of SQL that both read the
-        same way (`simple_condition`), order, limit, projection. The session cache, annotation joins and
-        anything else go to DuckDB. Both engines answer every query test (tests/test_query_api.py).
+        The rule, decided on the query before anything runs: polars runs it when
+        - the engine is "auto" (`engine="duckdb"` runs every query in DuckDB),
+        - every filter is a condition polars reads as DuckDB does (`sql.reads_alike`: column names, numbers,
+          quoted strings; comparisons, BETWEEN and IN of like kinds; IS [NOT] NULL; AND/OR/NOT; + - * with a
+          floating-point operand) and that its SQL parser takes (`sql.polars_parses`), and
+        - the backend has a polars frame (`Tables.polars_frame`): the session cache (in RAM or mapped), or the
+          Parquet files of tables without annotations (DuckDB joins those).
+        Order, limit and projection run on either. Anything else runs in DuckDB: functions, casts, division,
+        integer arithmetic, text compared with numbers, annotation joins, `sql()`, `describe`. polars scans
+        Parquet faster than DuckDB (it decodes the other columns only for rows that pass the filter), and
+        memory fastest. A query polars runs is not run again in DuckDB: an error while running is reported
+        (`_collect`). Every query test runs on every backend and both engines (tests/test_query_api.py).
         """
-        names = self.objects.column_names
-        if not all(simple_condition(f, names) for f in self.filters):
+        objects = self.objects
+        if objects.engine == "duckdb" or not all(_polars_reads(f, objects.column_types) for f in self.filters):
             return None
+        names = objects.column_names
         columns = None
         if needs is not None:
             columns = [*needs, *(c for c, _ in self.order), *(n for f in self.filters for n in referenced(f, names))]
             columns = [c for c in dict.fromkeys(columns) if c in names]
-        frame = self.objects.polars_frame(columns, self.ranges)
+        frame = objects.polars_frame(columns, self.ranges)
         if frame is None:
             return None
         import polars as pl
 
         for f in self.filters:
-            try:
-                frame = frame.filter(pl.sql_expr(f))
-            except Exception:  # polars' SQL parser could not take it: DuckDB will
-                return None
+            frame = frame.filter(pl.sql_expr(f))  # it parses: `polars_parses`
         if ordered and self.order:
             cols, desc = zip(*self.order)
             frame = frame.sort(list(cols), descending=list(desc), nulls_last=True, maintain_order=True)
@@ -245,13 +248,17 @@ class Query:
             frame = frame.head(self.limit_rows)
         return frame
 
-    @staticmethod
-    def _collect(frame):
-        """The collected polars frame, or None if polars fails (DuckDB then runs the query and reports)."""
+    def _collect(self, frame) -> polars.DataFrame:
+        """Run the polars frame. An error polars meets while running it is not run again in DuckDB: a ComputeError
+        (data that do not decode, a value polars cannot compute) or an OSError (a file gone) is a cellar error
+        (`Tables.polars_error`: a StoreError naming the file, else a one-line QueryError); any other error is
+        a bug (of polars, or of the rule in `_polars`) and surfaces as it is."""
+        import polars as pl
+
         try:
             return frame.collect()
-        except Exception:
-            return None
+        except (pl.exceptions.ComputeError, OSError) as exc:
+            raise self.objects.polars_error(exc) from None
 
     def _run(self, sql: str, how: str = "fetchall"):
         """Run a statement and materialise it (`how`: a relation method); errors found while running it (a
@@ -277,9 +284,8 @@ class Query:
                 "one: add .where(\"image = '...' AND label_image = '...'\")"
             )
         frame = self._polars(needs=("label_id",)) if self.objects.n_tables == 1 else None
-        result = self._collect(frame.select("label_id")) if frame is not None else None
-        if result is not None:
-            ids = result.get_column("label_id").to_numpy()
+        if frame is not None:
+            ids = self._collect(frame.select("label_id")).get_column("label_id").to_numpy()
         else:
             ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
         ids = np.asarray(ids, dtype=np.uint64)
@@ -338,6 +344,11 @@ class Query:
             self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition}")
         except duckdb.Error as exc:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
+
+
+def _polars_reads(condition: str, types: dict[str, str]) -> bool:
+    """Whether polars may run this filter (see `Query._polars`): it reads it as DuckDB does, and parses it."""
+    return reads_alike(condition, types) and polars_parses(condition)
 
 
 def _number(value: Any, what: str) -> float:

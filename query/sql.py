@@ -1,4 +1,5 @@
-"""SQL text: quoting, the conditions DuckDB and polars read alike, and the partition terms a filter holds.
+"""SQL text: quoting, the conditions DuckDB and polars read alike (`reads_alike`), and the partition terms a
+filter holds.
 
 The bottom of the query package: plain text in, plain text or sets out (`polars` only to ask whether it parses
 a condition).
@@ -7,6 +8,7 @@ a condition).
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Sequence
 
@@ -31,30 +33,186 @@ _TOKEN = re.compile(
     r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)|(?P<str>'(?:[^']|'')*')|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
     r"|(?P<quoted>\"[^\"]+\")|(?P<op><=|>=|<>|!=|[=<>+\-*(),]))"
 )
-_WORDS = {"and", "or", "not", "between", "in", "is", "null", "true", "false"}
+_KINDS = {  # a column's dtype as the log records it (numpy's or Arrow's names) -> its kind in `reads_alike`
+    **{f"{u}int{b}": "int" for u in ("", "u") for b in (8, 16, 32, 64)},
+    **{t: "float" for t in ("float32", "float64", "float", "double")},
+    **{t: "str" for t in ("string", "large_string", "string_view")},
+    "bool": "bool",
+}
+_NUMBERS = {"int", "float"}
+_KEYWORDS = {"and", "or", "not", "between", "in", "is", "null", "true", "false"}
 
 
-def simple_condition(condition: str, columns: list[str]) -> bool:
-    """True if `condition` uses only known column names (exact case), numbers, quoted strings, comparisons,
-    AND/OR/NOT, BETWEEN, IN (...), IS [NOT] NULL, + - * and parentheses: SQL that DuckDB and polars read
-    alike. Division, functions, casts and anything else make it False."""
-    known = set(columns)
-    pos, prev = 0, None
-    text = condition.rstrip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if m is None or m.end() == pos:
-            return False
-        kind, value = m.lastgroup, m.group(m.lastgroup)
-        if kind == "name" and value.lower() not in _WORDS and value not in known:
-            return False
-        if kind == "quoted" and value[1:-1] not in known:
-            return False
-        if kind == "op" and value == "(" and prev is not None and prev[0] in ("name", "quoted") \
-                and prev[1].lower() != "in" and prev[1].lower() not in ("and", "or", "not"):
-            return False  # a function call
-        prev, pos = (kind, value), m.end()
-    return True
+def reads_alike(condition: str, types: dict[str, str]) -> bool:
+    """True if polars reads `condition` as DuckDB does, answering the same rows (decided on the text, before
+    anything runs): known column names (exact case; `types`: name -> dtype), numbers, quoted strings,
+    comparisons, BETWEEN and IN (...) of like kinds (numbers with numbers, text with text, booleans with
+    booleans), IS [NOT] NULL, AND/OR/NOT of conditions, boolean columns, parentheses, and + - * where an
+    operand is a floating-point column or number. Else False, and DuckDB runs it: division and integer
+    arithmetic (their types and overflow differ), functions, casts, text compared with numbers (DuckDB casts,
+    polars refuses), names in another case (DuckDB folds case, polars does not), anything else."""
+    tokens = _tokens(condition)
+    if any(kind == "other" for kind, _ in tokens):
+        return False
+    reader = _Reader(tokens, {name: _KINDS.get(dtype) for name, dtype in types.items()})
+    try:
+        kind = reader.condition()
+    except _Unlike:
+        return False
+    return kind == "bool" and reader.at_end()
+
+
+class _Unlike(Exception):
+    """The condition leaves `reads_alike`'s subset (raised and caught inside `reads_alike`)."""
+
+
+class _Reader:
+    """A recursive-descent reader of `reads_alike`'s subset of SQL, giving each expression's kind: "bool",
+    "int" (an integer column or number), "float" (a floating-point one), "str"; anything outside the subset
+    raises _Unlike."""
+
+    def __init__(self, tokens: list[tuple[str, str]], kinds: dict[str, str | None]):
+        self.tokens, self.kinds, self.pos = tokens, kinds, 0
+
+    def at_end(self) -> bool:
+        return self.pos == len(self.tokens)
+
+    def _peek(self) -> tuple[str, str]:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else ("end", "")
+
+    def _word(self, *words: str) -> bool:
+        """Take the next token if it is one of these keywords."""
+        kind, value = self._peek()
+        if kind == "name" and value.lower() in words:
+            self.pos += 1
+            return True
+        return False
+
+    def _op(self, *ops: str) -> str | None:
+        kind, value = self._peek()
+        if kind == "op" and value in ops:
+            self.pos += 1
+            return value
+        return None
+
+    def condition(self) -> str:  # OR binds loosest, then AND, then NOT, then a predicate
+        kind = self._conjunction()
+        while self._word("or"):
+            kind = _both_bool(kind, self._conjunction())
+        return kind
+
+    def _conjunction(self) -> str:
+        kind = self._negation()
+        while self._word("and"):
+            kind = _both_bool(kind, self._negation())
+        return kind
+
+    def _negation(self) -> str:
+        if self._word("not"):
+            return _both_bool(self._negation(), "bool")
+        return self._predicate()
+
+    def _predicate(self) -> str:
+        left = self._sum()
+        if self._word("is"):
+            self._word("not")
+            if not self._word("null"):
+                raise _Unlike
+            return "bool"
+        negated = self._word("not")
+        if self._word("between"):
+            low = self._sum()
+            if not self._word("and"):
+                raise _Unlike
+            return _comparable(left, low, self._sum())
+        if self._word("in"):
+            if not self._op("("):
+                raise _Unlike
+            items = [self._literal()]
+            while self._op(","):
+                items.append(self._literal())
+            if not self._op(")"):
+                raise _Unlike
+            return _comparable(left, *items)
+        if negated:
+            raise _Unlike
+        if self._op("=", "<>", "!=", "<", "<=", ">", ">="):
+            return _comparable(left, self._sum())
+        return left
+
+    def _sum(self) -> str:
+        kind = self._product()
+        while self._op("+", "-"):
+            kind = _arithmetic(kind, self._product())
+        return kind
+
+    def _product(self) -> str:
+        kind = self._signed()
+        while self._op("*"):
+            kind = _arithmetic(kind, self._signed())
+        return kind
+
+    def _signed(self) -> str:
+        """An atom, or a minus before a number or a floating-point atom (an integer column's overflow differs)."""
+        if self._op("-"):
+            if self._peek()[0] == "num":
+                return self._atom()
+            if self._signed() != "float":
+                raise _Unlike
+            return "float"
+        return self._atom()
+
+    def _atom(self) -> str:
+        kind, value = self._peek()
+        self.pos += 1
+        if kind == "num":
+            if any(c in value for c in ".eE"):
+                return "float"
+            if int(value) >= 2 ** 63:
+                raise _Unlike  # past 64 bits the engines type it differently
+            return "int"
+        if kind == "str":
+            return "str"
+        if kind == "op" and value == "(":
+            inner = self.condition()
+            if not self._op(")"):
+                raise _Unlike
+            return inner
+        if kind == "name" and value.lower() in ("true", "false"):
+            return "bool"
+        name = value[1:-1] if kind == "quoted" else value if kind == "name" else None
+        if name is None or kind == "name" and value.lower() in _KEYWORDS or self.kinds.get(name) is None:
+            raise _Unlike  # an operator or keyword out of place, an unknown name, a column of another type
+        return self.kinds[name]
+
+    def _literal(self) -> str:
+        """A number (with its sign) or a quoted string: an item of IN (...)."""
+        negative = self._op("-")
+        kind = self._peek()[0]
+        if kind == "num" or kind == "str" and not negative:
+            return self._atom()
+        raise _Unlike
+
+
+
+def _both_bool(*kinds: str) -> str:
+    if any(k != "bool" for k in kinds):
+        raise _Unlike
+    return "bool"
+
+
+def _comparable(*kinds: str) -> str:
+    """A comparison's kind: "bool" if its operands are all numbers, all text or all booleans."""
+    if not (all(k in _NUMBERS for k in kinds) or len(set(kinds)) == 1 and kinds[0] in ("str", "bool")):
+        raise _Unlike
+    return "bool"
+
+
+def _arithmetic(left: str, right: str) -> str:
+    """+ - * of two numbers, one of them floating-point (integer arithmetic overflows differently)."""
+    if left not in _NUMBERS or right not in _NUMBERS or "float" not in (left, right):
+        raise _Unlike
+    return "float"
 
 
 _PARTITION_KEYS = ("image", "label_image")
@@ -168,7 +326,7 @@ def _partition_term(term: list[tuple[str, str]]) -> tuple[str, set[str]] | None:
 
 
 def referenced(condition: str, columns: list[str]) -> list[str]:
-    """The known column names a `simple_condition` uses."""
+    """The known column names a condition uses (of one that `reads_alike`: it stops at anything else)."""
     known, out, pos = set(columns), [], 0
     text = condition.rstrip()
     while pos < len(text):
@@ -184,12 +342,14 @@ def referenced(condition: str, columns: list[str]) -> list[str]:
     return out
 
 
+@functools.lru_cache(maxsize=4096)
 def polars_parses(condition: str) -> bool:
+    """Whether polars' SQL parser takes the condition (`reads_alike` decides what it means)."""
     import polars as pl
 
     try:
         pl.sql_expr(condition)
-    except Exception:
+    except (pl.exceptions.SQLInterfaceError, pl.exceptions.SQLSyntaxError):  # what it raises for SQL it does not take
         return False
     return True
 

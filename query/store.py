@@ -14,11 +14,12 @@ its log's last checkpoint (`schemas.log`), and a query whose filters name images
 (`image = 's03'`, `label_image IN (...)`) runs on those tables alone (`Tables.narrow`), before any file is
 opened; counting comes from the log's object counts.
 
-By default the views read the Parquet files (cold: only the row groups and columns a query needs), or, when
-the store has a fresh on-disk session cache (`cellar cache`, see `query.hotcache`), its memory-mapped Arrow
-file. With `cache=True` the objects are held as one Arrow table (the mapped cache file, or else the store read
-once into RAM) and DuckDB and polars scan it in place (no copy): the session cache for viewers and notebooks
-that filter the same store again and again.
+Where the objects are read from is the `Tables`' backend (`query.backends`): by default the Parquet files
+(`ParquetFiles`, cold: only the row groups and columns a query needs), or, when the store has a fresh on-disk
+session cache (`cellar cache`, see `query.hotcache`), its memory-mapped Arrow file (`MappedCache`). With
+`cache=True` the objects are held as one Arrow table (the mapped cache file, or else the store read once into
+RAM: `InRam`) and DuckDB and polars scan it in place (no copy): the session cache for viewers and notebooks
+that filter the same store again and again. A narrowed `Tables` always reads the Parquet files.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from . import hotcache
-from .arrow import chunk_values, number_dtype, take_rows
+from .backends import Backend, InRam, MappedCache, ParquetFiles
 from .sql import MISSING_COLUMN, literal, quote, suggest
 from ..schemas import integrity, log
 from ..schemas import store as layout
@@ -47,8 +48,7 @@ from ..schemas.errors import CellarError, QueryError, StoreError
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
 _LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns")}
-CACHED_VIEW = "objects_cached"  # the session cache, with ROW_COLUMN
-ROW_COLUMN = "__row"
+CACHED_VIEW = "objects_cached"  # the session cache, with its row numbers (`backends.ROW_COLUMN`)
 NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
 
 
@@ -91,16 +91,13 @@ class Tables:
         self._registered: dict[str, pa.Table] = {}
         self._registrations = 0  # bumped on every change of `_registered`
         self._lock = threading.RLock()
-        self._cached: pa.Table | None = None  # the session cache in RAM
-        self._mapped: hotcache.Mapped | None = None  # or on disk (query.hotcache)
-        self._cached_bounds: dict[str, Any] | None = None  # the RAM cache's centroid ranges per block
-        self._numbered = False
         self._closed = False
         self._lazy_views: set[str] = set()  # `channels` and `columns`, made on first mention (see `sql`)
+        self._backend: Backend = ParquetFiles(self._parquet_frame)  # see `backend`
         if cache is not False and self.n_tables and keys is None:
             found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
             if all(found):
-                self._mapped = hotcache.Mapped(found)
+                self._backend = MappedCache(hotcache.Mapped(found))
         if cache:
             self.cache()
 
@@ -215,20 +212,24 @@ class Tables:
         return [(i, key) for i, key in candidates if seen[key[1]] in label_images]
 
     @property
+    def backend(self) -> Backend:
+        """Where the objects are read from (`query.backends`): the Parquet files (`ParquetFiles`), the session
+        cache in RAM (`InRam`) or the memory-mapped on-disk cache (`MappedCache`)."""
+        return self._backend
+
+    @property
     def cached(self) -> pa.Table | None:
         """The session cache as one Arrow table (None without one): in RAM, or over the mapped files."""
-        if self._cached is None and self._mapped is not None:
-            return self._mapped.table
-        return self._cached
+        return self._backend.table
 
     @property
     def is_cached(self) -> bool:
-        return self._cached is not None or self._mapped is not None
+        return self._backend.session_cache
 
     @property
     def mapped(self) -> list[Path]:
         """The on-disk session cache files in use (empty if none)."""
-        return self._mapped.paths if self._mapped is not None else []
+        return self._backend.paths
 
     @property
     def con(self) -> duckdb.DuckDBPyConnection:
@@ -266,96 +267,48 @@ class Tables:
             self._registrations += 1
 
     def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = ()):
-        """A polars LazyFrame of the objects without DuckDB: over the session cache (zero-copy, with its
-        row-number column ROW_COLUMN) or over the tables' Parquet files; None with engine="duckdb" and for
-        annotated files (DuckDB joins those).
+        """A polars LazyFrame of the objects without DuckDB, from the backend (`backends.Backend.frame`): over the
+        session cache (zero-copy, with its row-number column ROW_COLUMN) or over the tables' Parquet files;
+        None for annotated files (DuckDB joins those) and without tables.
 
         `columns` (None: all) are the columns the query will touch: the mapped cache materialises only those.
-        `ranges` ((column, lo, hi), a box) let the mapped cache skip the batches whose statistics rule them out.
+        `ranges` ((column, lo, hi), a box) let a session cache skip the blocks whose statistics rule them out.
         """
         self._check_open()
-        if self.engine == "duckdb" or not self.n_tables:
-            return None
-        if self._mapped is not None and self._cached is None:
-            return self._mapped_frame(columns, ranges)
-        if self._cached is not None:
-            boxed = self._cached_box(columns, ranges) if ranges and columns is not None else None
-            return _lazy_frame(boxed) if boxed is not None else self._cached_frame.lazy()
-        if self._annotated():
-            return None
-        if "_frame" not in self.__dict__:
-            import polars as pl
+        return self._backend.frame(columns, ranges)
 
-            frames = [_scan(store, table, name).with_columns(
-                image=pl.lit(layout.partition_value(table["image"])),
-                label_image=pl.lit(layout.partition_value(table["label_image"])))
-                for store, table in self.tables for name in table["files"]]
-            frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
-            shape = self._reshaped()
-            if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
-                have = set(frame.collect_schema().names())
-                frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
-                                      for n, t in shape.items()])
-            self._frame = frame
-        return self._frame
-
-    def _cached_box(self, columns: Sequence[str], ranges: Sequence[tuple[str, float, float]]) -> pa.Table | None:
-        """The rows of the cache in RAM inside the box (these columns, with ROW_COLUMN), reading only the
-        blocks whose centroid ranges meet it, as `hotcache.Mapped.in_ranges` does on the mapped files; None
-        where a column is not a plain number column."""
-        bounds = self._cached_bounds
-        if bounds is None or not all(c in bounds for c, _, _ in ranges):
+    def _parquet_frame(self):
+        """polars' scan of the covered tables' Parquet files (their footers read now, see `_scan`), with the
+        partition keys as columns, for the `ParquetFiles` backend; None without tables or with annotations."""
+        if not self.n_tables or self._annotated():
             return None
-        names = list(dict.fromkeys(columns))
-        arrays = {}
-        for name in {*names, *(c for c, _, _ in ranges)}:
-            arrays[name] = _plain_numbers(self._cached.column(name))
-            if arrays[name] is None:
-                return None
-        fields = [self._cached.schema.field(n) for n in names]
-        return hotcache.rows_in_blocks(hotcache.meeting_blocks(bounds, ranges), ranges, fields,
-                                       lambda name, start, n: arrays[name][start:start + n], ROW_COLUMN)
-
-    def _mapped_frame(self, columns: Sequence[str] | None, ranges: Sequence[tuple[str, float, float]]):
         import polars as pl
 
-        mapped = self._mapped
-        names = list(mapped.schema.names) if columns is None else list(dict.fromkeys(columns))
-        boxed = mapped.in_ranges(ranges, names, ROW_COLUMN) if ranges else None
-        if boxed is not None:
-            return _lazy_frame(boxed)
-        return pl.from_arrow(mapped.columns(names), rechunk=False).lazy().with_row_index(ROW_COLUMN)
+        frames = [_scan(store, table, name).with_columns(
+            image=pl.lit(layout.partition_value(table["image"])),
+            label_image=pl.lit(layout.partition_value(table["label_image"])))
+            for store, table in self.tables for name in table["files"]]
+        frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+        shape = self._reshaped()
+        if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
+            have = set(frame.collect_schema().names())
+            frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
+                                  for n, t in shape.items()])
+        return frame
 
     def cache(self) -> Self:
         """Hold the objects as one Arrow table and answer from there from now on: the store's on-disk cache
-        if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM."""
-        if self._mapped is not None:
-            return self  # the mapped files answer as fast: the operating system keeps their pages in memory
-        if self._cached is None and self.n_tables:
-            # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined. A hidden
-            # row number lets a query find its rows on a few columns, then take whole rows from Arrow (see
-            # Query.to_arrow) instead of DuckDB materialising every column.
-            try:
-                table = self.con.sql("SELECT * FROM objects").to_arrow_table()
-            except duckdb.Error as exc:  # a Parquet file whose data do not decode
-                raise self.error(exc) from None
-            # One chunk per column (DuckDB hands over one per row group): taking rows from chunked columns
-            # concatenates them on every call. Column by column, so the copy costs one column of memory. The
-            # copies come from the system allocator: it returns a freed column's pages to the operating system,
-            # where pyarrow's default pool (mimalloc) keeps gigabytes resident after the cache is gone.
-            pool = pa.system_memory_pool()
-            for i in range(table.num_columns):
-                if table.column(i).num_chunks > 1:
-                    whole = pa.concat_arrays(table.column(i).chunks, memory_pool=pool)
-                    table = table.set_column(i, table.field(i), pa.chunked_array([whole]))
-            self._cached = table
-            centroids = {n: _plain_numbers(table.column(n)) for n in hotcache.RANGE_COLUMNS if n in table.column_names}
-            self._cached_bounds = hotcache.block_bounds({n: v for n, v in centroids.items() if v is not None})
-            import polars as pl
-
-            rows = pa.array(np.arange(table.num_rows, dtype=np.int64))
-            self._cached_frame = pl.from_arrow(table.append_column(ROW_COLUMN, rows))  # the same memory
-            self._register_cached()
+        if it is fresh (mapped, see `query.hotcache`), else the store read once into RAM (`backends.InRam`)."""
+        if self.is_cached or not self.n_tables:  # mapped files answer as fast: their pages stay in memory
+            return self
+        # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined.
+        try:
+            table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+        except duckdb.Error as exc:  # a Parquet file whose data do not decode
+            raise self.error(exc) from None
+        self._backend.close()
+        self._backend = InRam(table)
+        self._register_cached()
         return self
 
     def close(self) -> None:
@@ -374,9 +327,8 @@ class Tables:
             self._connections, self._base, self._registered = [], None, {}
             self._local = threading.local()
             self._lazy_views = set()
-        self._cached = self._mapped = self._cached_bounds = None
-        for name in ("_cached_frame", "_frame", "schema"):
-            self.__dict__.pop(name, None)
+        self._backend.close()
+        self.__dict__.pop("schema", None)
         self._closed = True
         pa.default_memory_pool().release_unused()
 
@@ -392,14 +344,11 @@ class Tables:
 
     def take(self, rows: np.ndarray, columns: Sequence[str] | None = None) -> pa.Table:
         """Whole rows of the session cache (these columns, all for None), in the order of `rows`."""
-        if self._cached is None and self._mapped is not None:
-            return self._mapped.take(rows, columns)
-        table = self._cached.select(list(columns)) if columns else self._cached
-        return take_rows(table, rows)
+        self._check_open()
+        return self._backend.take(rows, columns)
 
     def _register_cached(self) -> None:
         """Point the `objects` view at the session cache (DuckDB scans the Arrow memory in place)."""
-        self._numbered = False
         # Registered under the view's own name (a temporary view, found before this Objects' schema): a view
         # over a registered name binds the 200-column Arrow scan once more (3.5 ms at 5M x 200).
         self._register("objects", self.cached)
@@ -407,11 +356,10 @@ class Tables:
 
     def numbered_view(self) -> str:
         """The session cache with its row numbers (ROW_COLUMN) as a DuckDB view, registered on first use."""
+        self._check_open()
         with self._lock:
-            if not self._numbered:
-                rows = pa.array(np.arange(self.cached.num_rows, dtype=np.int64))
-                self._register(CACHED_VIEW, self.cached.append_column(ROW_COLUMN, rows))  # the same memory
-                self._numbered = True
+            if CACHED_VIEW not in self._registered:
+                self._register(CACHED_VIEW, self._backend.numbered())
         return CACHED_VIEW
 
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
@@ -466,6 +414,21 @@ class Tables:
             if damaged is not None:
                 return damaged
         return QueryError(self.explain(exc))
+
+    def polars_error(self, exc: Exception) -> CellarError:
+        """An error polars met while running a query (`Query._collect`: a ComputeError, an OSError) as a cellar
+        error: a StoreError naming the Parquet file that is gone or whose data do not decode, else a QueryError
+        with polars' message on one line. polars' decoder does not say which file it failed on: as for DuckDB's
+        errors that do not, the files are read to find it (`_undecodable`, only on an error's path)."""
+        text = _polars_line(exc)
+        if not self.is_cached:  # the query read the Parquet files
+            for store, rel, _ in self._parquet_files():
+                if rel in text:  # a file gone since the store was opened
+                    return StoreError(f"{store}: {rel}: cannot read ({text})")
+            damaged = self._undecodable(text)
+            if damaged is not None:
+                return damaged
+        return QueryError(text)
 
     def _undecodable(self, text: str) -> StoreError | None:
         """The error naming the first Parquet file whose data DuckDB cannot decode, for an error that does not
@@ -760,21 +723,6 @@ def _polars_type(dtype: str):
     return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
 
 
-def _plain_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
-    """A one-chunk integer or float column without nulls as a numpy view, else None."""
-    dtype = number_dtype(column.type)
-    if column.num_chunks != 1 or column.null_count or dtype is None:
-        return None
-    return chunk_values(column.chunk(0), dtype)
-
-
-def _lazy_frame(table: pa.Table):
-    """A polars LazyFrame over an Arrow table, zero-copy."""
-    import polars as pl
-
-    return pl.from_arrow(table, rechunk=False).lazy()
-
-
 def _scan(store: Path, table: dict, name: str):
     """A polars scan of one of the table's files, its footer read now: a footer that does not parse, or
     columns other than the manifest lists, are a StoreError naming the file."""
@@ -876,6 +824,11 @@ class _Schema:
                         _DATABASE.execute(f"DROP SCHEMA IF EXISTS {self.name} CASCADE")
                     except duckdb.Error:  # at interpreter exit the database may be gone already
                         pass
+
+
+def _polars_line(exc: Exception) -> str:
+    """polars' message on one line: its first paragraph (the rest draws the plan or the expression)."""
+    return " ".join(str(exc).split("\n\n")[0].split()) or type(exc).__name__
 
 
 def one_line(exc: Exception) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 from cellar import measure
 from cellar import query
-from cellar.query import cachebuild, hotcache
+from cellar.query import backends, cachebuild, hotcache
 from cellar.query.annotate import annotate
 from cellar.query.arrow import take_rows
 from cellar.schemas import log
@@ -204,7 +204,7 @@ def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
     annotate(store, "a", "nuclei", scores, source="test", known_ids=ids, measured=[])  # numeric column with nulls
     cachebuild.build(store, rows=True)
     mapped, parquet = query.open(store), query.open(store, cache=False)
-    assert mapped._mapped._rows_file is not None and "score" in mapped._mapped._rows_file.dtype.names
+    assert mapped.backend.mapped._rows_file is not None and "score" in mapped.backend.mapped._rows_file.dtype.names
     for q in ("area > 30", "score > 0.3 OR intensity_mean__CD8 > 200", f"label_id = {ids[0]}"):
         a = mapped.where(q).order_by("intensity_mean__DAPI", descending=True).to_arrow()
         b = parquet.where(q).order_by("intensity_mean__DAPI", descending=True).to_arrow()
@@ -212,7 +212,7 @@ def test_whole_rows_from_the_row_major_copy_equal_the_parquet_rows(store):
         assert a.num_rows == b.num_rows > 0, (q, a.num_rows, b.num_rows)
         assert a.equals(b.cast(a.schema)), q
     rows = np.array([5, 0, 5, len(ids) - 1])  # repeated and unsorted rows keep their order
-    assert mapped.take(rows).equals(mapped._mapped.columns().take(pa.array(rows)))
+    assert mapped.take(rows).equals(mapped.backend.mapped.columns().take(pa.array(rows)))
 
 
 @pytest.mark.parametrize("where", ["mapped", "ram"])
@@ -223,14 +223,15 @@ def test_boxes_skip_blocks_by_their_centroid_ranges_and_find_every_object(store,
     if where == "mapped":
         cachebuild.build(store)
         mapped = query.open(store)
-        ranges = mapped._mapped.batch_ranges
+        ranges = mapped.backend.mapped.batch_ranges
         assert len(ranges["batches"]) > 3 and len(ranges["starts"]) > 2 * len(ranges["batches"])
     else:  # the cache in RAM keeps the same ranges per block of its one chunk
         mapped = query.open(store, cache=True)
-        ranges = mapped._cached_bounds
-        assert mapped._cached is not None and len(ranges["starts"]) > 6 and "centroid_x_um" in ranges
+        assert isinstance(mapped.backend, backends.InRam)
+        ranges = mapped.backend._bounds
+        assert len(ranges["starts"]) > 6 and "centroid_x_um" in ranges
         q = mapped.within(10, 10, 40, 40, units="px")
-        assert q.objects._cached_box(["label_id"], q.ranges).num_rows == q.count()  # the blocks answer
+        assert q.objects.backend._box(["label_id"], q.ranges).num_rows == q.count()  # the blocks answer
         xs = mapped.cached.column("centroid_x").to_numpy()
         assert np.array_equal(ranges["centroid_x"][0], [xs[i:i + 5].min() for i in range(0, len(xs), 5)])
     rng = np.random.default_rng(3)
@@ -252,7 +253,7 @@ def test_boxes_skip_blocks_by_their_centroid_ranges_and_find_every_object(store,
 def test_columns_rebuilt_from_recorded_buffer_places_equal_the_arrow_reader(store, monkeypatch):
     monkeypatch.setattr(hotcache, "BATCH_ROWS", 9)
     cachebuild.build(store)
-    mapped = query.open(store)._mapped
+    mapped = query.open(store).backend.mapped
     recorded = mapped._places[0]
     assert {"label_id", "area", "centroid_x", "image"} <= set(recorded)  # numbers and text alike
     for name in recorded:
@@ -286,7 +287,7 @@ def test_boxes_with_text_columns_take_the_arrow_path_and_agree(store, monkeypatc
              source="test", known_ids=ids, measured=[])
     cachebuild.build(store)
     mapped, parquet = query.open(store), query.open(store, cache=False)
-    assert mapped._mapped._view("cls", 0) is None and mapped._mapped._view("label_id", 0) is not None
+    assert mapped.backend.mapped._view("cls", 0) is None and mapped.backend.mapped._view("label_id", 0) is not None
     for box in ((0, 0, 60, 50), (30, 20, 110, 90), (200, 200, 300, 300)):
         a = mapped.within(*box, units="px").where("cls = 't'")
         b = parquet.within(*box, units="px").where("cls = 't'")
