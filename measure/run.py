@@ -658,8 +658,8 @@ def commit_table(plan: MeasurePlan, objects: FinishedObjects, t0: float) -> None
     provenance (`table_entry`), whose `elapsed_s` counts from `t0` (the run's start) to the last row group written."""
     entry = table_entry(plan, len(objects))
     tables = row_groups(plan, objects, provenance=dict(entry))
-    store_write.write_table(plan.target.out, entry, _record_elapsed(tables, entry, t0),
-                            overwrite=plan.target.overwrite)
+    store_write.write_table(plan.target.out, entry, tables, overwrite=plan.target.overwrite,
+                            written=lambda done: done.update(elapsed_s=round(time.perf_counter() - t0, 3)))
 
 
 def table_entry(plan: MeasurePlan, n_objects: int) -> dict:
@@ -722,14 +722,6 @@ def row_groups(plan: MeasurePlan, objects: FinishedObjects, provenance: dict) ->
         for key, value in target.context.items():
             values[key] = np.full(len(sel), value, dtype=object if isinstance(value, str) else np.int64)
         yield store_write.arrow_table(values, specs, provenance)
-
-
-def _record_elapsed(tables: Iterator[pa.Table], entry: dict, t0: float) -> Iterator[pa.Table]:
-    """`tables`, and then, once the writer has taken the last, the run's elapsed time in `entry`: the one moment
-    between the last row group written and the commit of `entry` (`store_write.write_table` commits the entry
-    it was given after taking every table)."""
-    yield from tables
-    entry["elapsed_s"] = round(time.perf_counter() - t0, 3)
 
 
 def measure_many(images: list[str], labels: str, out: str | Path, *, image_name: str | None = None,

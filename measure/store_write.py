@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,8 @@ def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: d
     return pa.table([columns[f.name] for f in fields], schema=schema)
 
 
-def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], overwrite: bool = False) -> Path:
+def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], overwrite: bool = False, *,
+                written: Callable[[dict], None] | None = None) -> Path:
     """Commit `table` as the store table described by `entry` (its `columns`: the column specs), creating the
     store if needed. `entry` gains `dir`, `files`, `created` and `columns_id` (its columns go to the log's
     column lists).
@@ -92,7 +93,8 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
     `table` may be an iterable of tables with one schema (at least one, possibly empty), written one after
     the other into the same file, so that a large table need never be in memory whole. If another writer
     committed this table meanwhile with the same `settings`, its table is kept and this one dropped; with other
-    settings that is an error unless `overwrite`."""
+    settings that is an error unless `overwrite`. `written(entry)`, if given, runs once the table's file is
+    written, before the entry is committed (`measure` records its elapsed time there)."""
     state = check_output(out, entry["image"], entry["label_image"], overwrite)
     run_id = uuid.uuid4().hex[:12]
     # `entry` itself is completed (not a copy), so a generator of `table` may still add to it while it runs
@@ -106,6 +108,8 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
     committed = False
     try:
         _write_parquet((staging or out) / rel, table)
+        if written is not None:
+            written(entry)
         if staging is not None:
             layout.write_json_atomic(staging / layout.SCHEMA, schemas.objects_schema())
             log.place_store(staging, out)

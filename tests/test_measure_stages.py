@@ -7,13 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from cellar.measure import features as registry
-from cellar.measure import run
+from cellar.measure import run, store_write
 from cellar.measure.accumulate import Stats
 from cellar.measure.block import KernelPlan
 from cellar.ngff.write import write_image
+from cellar.schemas import log
 from cellar.schemas.errors import StoreError
 from helpers import intensities, nuclei_like, read_table
 
@@ -126,11 +128,31 @@ def test_finish_and_commit_run_separately_and_write_what_measure_writes(tmp_path
     assert 0 < staged_entry["elapsed_s"] <= elapsed and measured_entry["elapsed_s"] > 0
 
 
-def test_the_elapsed_time_is_recorded_after_the_last_row_group_is_taken():
-    entry: dict = {}
-    tables = run._record_elapsed(iter(["row group 1", "row group 2"]), entry, t0=0.0)
-    assert next(tables) == "row group 1" and next(tables) == "row group 2" and "elapsed_s" not in entry
-    assert next(tables, None) is None and entry["elapsed_s"] > 0
+def test_the_elapsed_time_is_recorded_after_the_last_row_group_is_written_and_before_the_commit(tmp_path):
+    """`store_write.write_table(..., written=)`: the hook `commit_table` records the elapsed time in runs once
+    every row group is in the file, before the entry is committed, and what it adds is in the committed entry."""
+    image = _image(tmp_path / "img.ome.zarr", 2, (1, 16, 16))
+    run.measure(str(image), "nuclei", tmp_path / "a.cellar", workers=1)
+    entry, frame = read_table(tmp_path / "a.cellar")
+    table = pq.read_table(tmp_path / "a.cellar" / entry["dir"] / entry["files"][0])
+    taken, seen = [], {}
+    store = tmp_path / "b.cellar"
+
+    def tables():
+        for k in range(2):
+            taken.append(k)
+            yield table.slice(k * (len(table) // 2), len(table) // 2 + k * (len(table) % 2))
+
+    def written(done: dict) -> None:
+        seen.update(taken=list(taken), committed=log.is_store(store) and (done["image"], done["label_image"])
+                    in log.snapshot(store))
+        done["elapsed_s"] = 1.5
+
+    fresh = {k: v for k, v in entry.items() if k not in ("dir", "files", "created", "columns_id", "elapsed_s")}
+    store_write.write_table(store, {**fresh, "columns": log.read_columns(tmp_path / "a.cellar", entry["columns_id"])},
+                            tables(), written=written)
+    assert seen == {"taken": [0, 1], "committed": False}
+    assert read_table(store)[0]["elapsed_s"] == 1.5 and read_table(store)[1].equals(frame)
 
 
 def test_kept_table_keeps_a_table_measured_with_the_same_settings(tmp_path):
