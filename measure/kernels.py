@@ -8,14 +8,14 @@ never dictionaries, and no Python code runs per pixel or per object.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from .jit import kernel
 
 _BIG = np.iinfo(np.int64).max
 # Use a dense lookup table while the label range is at most this many times the region's pixel count.
 _DENSE_FACTOR = 4
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _range(flat):
     """(smallest non-zero label, largest label, smallest label); (0, 0, 0) for an all-background region."""
     lo = flat.dtype.type(0)
@@ -39,7 +39,7 @@ def _range(flat):
     return lo, hi, mn
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _dense_compact(flat, lo, size):
     """Compact ids through a lookup table over [lo, lo + size): ids ascending, -1 for background."""
     lut = np.full(size, -1, np.int64)
@@ -86,7 +86,7 @@ def compact_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return ids, idx.reshape(labels.shape), int(mn)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def geometry(idx, n):
     """Pixel count, coordinate sums and inclusive bounding box per compact label of a (Z, Y, X) region."""
     count = np.zeros(n, np.int64)
@@ -119,7 +119,7 @@ def geometry(idx, n):
     return count, coord_sum, bmin, bmax
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def intensity(idx, n, img, count):
     """Sum, min, max, sum of squared deviations from the mean, and intensity-weighted coordinate sums of one
     channel, per compact label.
@@ -161,7 +161,7 @@ def intensity(idx, n, img, count):
     return s, mn, mx, m2, w
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def first_pixel(idx, n):
     """Each compact label's first pixel in raster order (z, y, x), -1 where absent."""
     first = np.full((n, 3), -1, np.int64)
@@ -177,7 +177,7 @@ def first_pixel(idx, n):
     return first
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def touching_pairs(idx, n, z0, z1, y0, y1, x0, x1):
     """Unique pairs (a, b), a < b, of compact labels that share a face, found from the pixels of the core
     [z0:z1, y0:y1, x0:x1] towards their +1 neighbours (which may lie in the halo), so that a block-crossing

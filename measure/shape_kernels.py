@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from .jit import kernel
 
 _SQRT2 = math.sqrt(2.0)
 _PERIMETER_WEIGHTS = np.zeros(50, np.float64)
@@ -114,7 +114,7 @@ _T_ASM = TEXTURE.index("ASM")
 _T_ENTROPY = TEXTURE.index("entropy")
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _mask(idx, k, z0, z1, y0, y1, x0, x1):
     m = np.zeros((z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1), np.uint8)
     for z in range(z0, z1 + 1):
@@ -125,7 +125,7 @@ def _mask(idx, k, z0, z1, y0, y1, x0, x1):
     return m
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _padded_mask_2d(idx, k, y0, y1, x0, x1):
     """The object's crop mask with a 2-pixel frame of background, so neighbourhood loops need no bounds checks."""
     m = np.zeros((y1 - y0 + 5, x1 - x0 + 5), np.uint8)
@@ -136,7 +136,7 @@ def _padded_mask_2d(idx, k, y0, y1, x0, x1):
     return m
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def perimeter_padded(mp):
     """skimage.measure.perimeter(m, 4) of a mask given with a 2-pixel background frame."""
     h, w = mp.shape
@@ -156,7 +156,7 @@ def perimeter_padded(mp):
     return total
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _quad_histogram(mp):
     """Histogram of 2x2 configurations of the crop padded by one (skimage's convolve with
     [[0,0,0],[0,1,4],[0,2,8]] on np.pad(m, 1)), from a mask given with a 2-pixel frame."""
@@ -169,7 +169,7 @@ def _quad_histogram(mp):
     return hist
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def crofton_and_euler(mp):
     """(perimeter_crofton(m, 4), euler_number(m, 2)) of a mask with a 2-pixel frame: both weigh the same
     histogram of 2x2 configurations."""
@@ -182,14 +182,14 @@ def crofton_and_euler(mp):
     return crofton, euler
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _at3(m, z, y, x):
     if z < 0 or y < 0 or x < 0 or z >= m.shape[0] or y >= m.shape[1] or x >= m.shape[2]:
         return 0
     return m[z, y, x]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def euler_3d(m):
     """skimage.measure.euler_number(m, 3): 2x2x2 configurations over the crop padded by one."""
     d, h, w = m.shape
@@ -205,12 +205,12 @@ def euler_3d(m):
     return int(0.125 * total)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _cross(o0, o1, a0, a1, b0, b1):
     return (a0 - o0) * (b1 - o1) - (a1 - o1) * (b0 - o0)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _chain(pts, n):
     """Convex hull (Andrew's monotone chain) of n points already sorted by (y, x); counter-clockwise, no
     collinear vertices."""
@@ -230,7 +230,7 @@ def _chain(pts, n):
     return hull[: max(k - 1, 1)]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _level_hull(lo, hi, first_y):
     """Hull of points given per horizontal level: level L lies at y = first_y + L / 2 and holds x from lo[L]
     to hi[L] (lo > hi: empty). Only each level's two ends can be vertices, and levels come sorted."""
@@ -249,7 +249,7 @@ def _level_hull(lo, hi, first_y):
     return _chain(pts, n)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _row_runs(m):
     """First and last set column of every row (-1, -1 for an empty row)."""
     h, w = m.shape
@@ -264,7 +264,7 @@ def _row_runs(m):
     return first, last
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def convex_image_2d(m):
     """skimage.morphology.convex_hull_image(m): pixel centres inside or on the hull of the pixels' corners.
 
@@ -308,7 +308,7 @@ def convex_image_2d(m):
     return out, count
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _inside(hull, y, x):
     """Whether (y, x) lies inside or on the counter-clockwise convex polygon `hull` (exact for half-integers)."""
     nv = hull.shape[0]
@@ -319,7 +319,7 @@ def _inside(hull, y, x):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def feret_2d(conv, sy, sx):
     """Largest distance between the 0.5-level contour points of the convex image, in pixels and scaled.
 
@@ -366,7 +366,7 @@ def feret_2d(conv, sy, sx):
     return math.sqrt(best), math.sqrt(best_s)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def morphology_2d(idx, sel, bmin, bmax, sy, sx):
     """Whole-object 2D features (columns `MORPH_2D`) of the compact labels `sel` of a (1, Y, X) block."""
     out = np.empty((sel.shape[0], len(MORPH_2D)), np.float64)
@@ -429,7 +429,7 @@ def surface_lut(spacing: tuple[float, float, float]) -> np.ndarray:
     return lut
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def surface_area(m, lut):
     """Sum of `lut` over the 2x2x2 cubes of the mask padded by one: marching-cubes mesh area."""
     d, h, w = m.shape
@@ -444,7 +444,7 @@ def surface_area(m, lut):
     return total
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _orient(f, p, q):
     """(b - a) x (c - a) . (q - a) for the face f = (a, b, c) of points p: > 0 when q sees the face."""
     a0, a1, a2 = p[f[0], 0], p[f[0], 1], p[f[0], 2]
@@ -454,7 +454,7 @@ def _orient(f, p, q):
     return n0 * (q[0] - a0) + n1 * (q[1] - a1) + n2 * (q[2] - a2)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def hull_3d(p):
     """Faces (a, b, c), outward by the right-hand rule, of the convex hull of the points p (n, 3).
 
@@ -542,7 +542,7 @@ def hull_3d(p):
     return faces[:nf][alive[:nf]]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _plane_hull_points(first, last, layers_lo, layers_hi, pts, n, z2):
     """Append to pts (doubled coordinates, at doubled height z2) the 2D hull vertices of the points given by
     the row runs of the layers in [layers_lo, layers_hi) with diamond corners in-plane (integer planes) or
@@ -577,7 +577,7 @@ def _plane_hull_points(first, last, layers_lo, layers_hi, pts, n, z2):
     return n
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def convex_volume_3d(m):
     """Voxels of skimage.morphology.convex_hull_image(m) for a 3D mask: voxel centres inside or on the hull
     of the voxels' diamond corners (+-0.5 along each axis). Per plane only the 2D hull of the corners lying in
@@ -624,7 +624,7 @@ def convex_volume_3d(m):
     return count
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _in_hull3(faces, p, q, z, y, x):
     q[0], q[1], q[2] = 2.0 * z, 2.0 * y, 2.0 * x
     for f in range(faces.shape[0]):
@@ -633,7 +633,7 @@ def _in_hull3(faces, p, q, z, y, x):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
     """Whole-object 3D features (columns `MORPH_3D`) of the compact labels `sel` of a (Z, Y, X) block;
     `lut` and `lut_um` are `surface_lut` in voxel and physical units."""
@@ -678,7 +678,7 @@ def morphology_3d(idx, sel, bmin, bmax, lut, lut_um):
     return out
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _quantile_sorted(v, q):
     """numpy.quantile(v, q) (method 'linear') of sorted values."""
     pos = q * (v.shape[0] - 1)
@@ -693,7 +693,7 @@ def _quantile_sorted(v, q):
     return a + (b - a) * t
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _radix_sort_u16(keys, lo, hi, out):
     """Sort 16-bit unsigned keys (all within [lo, hi]) into `out` (float64) by counting: one pass of
     key - lo when the keys span at most 256 values, else two stable 8-bit passes."""
@@ -728,7 +728,7 @@ def _radix_sort_u16(keys, lo, hi, out):
         c1[d] += 1
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _mad_sorted(v, med):
     """median(|v - med|) of sorted v without a second sort: the deviations below the median, read right to
     left, and those above it, read left to right, are two sorted runs; merge them up to the middle."""
@@ -758,7 +758,7 @@ def _mad_sorted(v, med):
     return a + (b - a) * frac
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
     """Per-object intensity features of every channel of a (C, Z, Y, X) block (columns `INTENSITY`).
 
@@ -875,7 +875,7 @@ def intensity_crop(idx, sel, counts, bmin, bmax, chans, small_uint, offset):
 _GLCM_OFFSETS = ((0, 1), (1, 1), (1, 0), (1, -1))  # skimage's (round(sin a), round(cos a)) for a = 0, pi/4, pi/2, 3pi/4
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def quantise(vals, levels):
     """Object levels 1..levels, linear between the object's min and max (all 1 for a constant object)."""
     lo = vals.min()
@@ -888,7 +888,7 @@ def quantise(vals, levels):
     return out
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _graycoprops_mean(glcm, levels):
     """skimage.feature.graycoprops of each angle's (levels x levels) matrix, averaged over the angles."""
     res = np.zeros(len(TEXTURE), np.float64)
@@ -930,7 +930,7 @@ def _graycoprops_mean(glcm, levels):
     return res / n_angles
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def texture_crop(idx, sel, counts, bmin, bmax, chans, levels):
     """Haralick features (columns `TEXTURE`) of every channel of a (C, 1, Y, X) block, channel-major.
 
