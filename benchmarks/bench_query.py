@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -313,7 +315,17 @@ def main() -> None:
     parser.add_argument("--row-group", type=int, default=None, help="rows per row group (default: the store's)")
     parser.add_argument("--row-groups", help="comma-separated row-group sizes: time cellar cold at each instead")
     parser.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
+    parser.add_argument("--measured", action="store_true",
+                        help="instead, a store cellar measured: --images measurements of a generated slide")
+    parser.add_argument("--images", type=int, default=MEASURED_IMAGES)
+    parser.add_argument("--size", type=int, default=8192, help="--measured: the slide's side in pixels")
+    parser.add_argument("--objects", type=int, default=100_000, help="--measured: nuclei per slide")
+    parser.add_argument("--channels", type=int, default=16, help="--measured: channels per slide")
+    parser.add_argument("--no-pytables", action="store_true", help="--measured: leave PyTables out")
     args = parser.parse_args()
+    if args.measured:
+        measured(args)
+        return
 
     from cellar import query
     from cellar.measure import store_write
@@ -404,6 +416,222 @@ def report(results: dict, counts: dict, names: list[str], args) -> None:
         for peer in ("polars scan_parquet", "PyTables (OMERO.tables layout)"):
             print(f"| {cold} faster than {peer.split(' (')[0]} by | " + " | ".join(
                 f"{results[peer][n] / results[cold][n]:.1f}x" for n in names) + " |")
+    sys.stdout.flush()
+
+
+# -- a store that cellar measured itself (--measured) ------------------------------------------------------------
+MEASURED_IMAGES = 20
+
+
+def _cellar(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cellar", *args, *(["--quiet"] if args[0] == "measure" else [])],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def measured_store(work: Path, images: int, size: int, objects: int, channels: int) -> Path:
+    """`images` measurements of one generated slide (`bench_measure.make_slide`: `size`^2 px, `objects` nuclei,
+    `channels` uint16 channels, 0.5 um pixels) under the names s00, s01, ... with the default features, as
+    `cellar measure` writes them; then an annotation version (a `cell_type` of 4 classes) on every table. Kept
+    in `work` and reused when it is there."""
+    from bench_measure import make_slide
+    from cellar.ngff.write import write_image
+
+    store = work / "store.cellar"
+    if (work / "store.done").exists():
+        return store
+    shutil.rmtree(store, ignore_errors=True)
+    slide = work / "slide.zarr"
+    if not slide.exists():
+        labels, image = make_slide(size, objects, channels)
+        write_image(slide, image, "cyx", chunks=(1, 1024, 1024), labels={"nuclei": labels}, scale={"y": 0.5, "x": 0.5})
+        del labels, image
+    for i in range(images):
+        t = time.perf_counter()
+        _cellar("measure", str(slide), "--labels", "nuclei", "--out", str(store), "--image-name", f"s{i:02d}")
+        print(f"  measured s{i:02d} in {time.perf_counter() - t:.1f} s", flush=True)
+    rng = np.random.default_rng(1)
+    for i in range(images):
+        ids = pq.read_table(next((store / "objects" / f"image=s{i:02d}").rglob("*.parquet")), columns=["label_id"])
+        notes = work / f"notes-s{i:02d}.parquet"
+        kinds = np.array(["T", "B", "M", "other"])[rng.integers(0, 4, ids.num_rows)]
+        pq.write_table(pa.table({"label_id": ids.column(0), "cell_type": kinds}), notes)
+        _cellar("annotate", str(store), "--from", str(notes), "--image", f"s{i:02d}", "--labels", "nuclei")
+        notes.unlink()
+    os.sync()
+    (work / "store.done").touch()
+    return store
+
+
+def omero_files(store: Path, work: Path, images: list[str]) -> tuple[dict, dict]:
+    """Each image's table as OMERO.tables HDF5 (`cellar export --to omero-h5`), and its annotations in a second
+    file (OMERO keeps a bulk annotation table apart); reused when there."""
+    h5, notes = {}, {}
+    for image in images:
+        h5[image], notes[image] = str(work / f"omero-{image}.h5"), str(work / f"omero-notes-{image}.h5")
+        if not Path(notes[image]).exists():
+            _cellar("export", str(store), "--image", image, "--labels", "nuclei", "--to", "omero-h5", h5[image],
+                    "--columns", ",".join(measurement_columns(store)), "--overwrite")
+            _cellar("export", str(store), "--image", image, "--labels", "nuclei", "--to", "omero-h5", notes[image],
+                    "--columns", "label_id,cell_type", "--overwrite")
+    os.sync()
+    return h5, notes
+
+
+def measurement_columns(store: Path) -> list[str]:
+    from cellar import query
+
+    with query.open(store) as objs:
+        return [c for c in objs.column_names if c not in ("image", "label_image", "cell_type")]
+
+
+def measured_params(store: Path) -> dict:
+    """Thresholds at quantiles of the store's own values (about 1% and 0.1% of rows), a box of 1% of the slide."""
+    import polars as pl
+
+    glob = str(store / "objects" / "**" / "*.parquet")
+    mean = "intensity_mean__c3"
+    values = pl.scan_parquet(glob).select("area", mean).collect()
+    area, inten = values.get_column("area").to_numpy(), values.get_column(mean).to_numpy()
+    mean_hi = float(np.quantile(inten, 0.9))
+    above = area[inten > mean_hi]
+    images = sorted(p.name.split("=", 1)[1] for p in (store / "objects").iterdir())
+    x = pl.scan_parquet(glob).select(pl.col("centroid_x").max(), pl.col("centroid_y").max()).collect().row(0)
+    return {
+        "store": str(store), "objects_glob": glob,
+        "annotations_glob": str(store / "annotations" / "**" / "*.parquet"),
+        "mean": mean, "mean_hi": mean_hi,
+        "area_hi": float(np.quantile(above, 0.9)), "area_top": float(np.quantile(above, 0.99)),
+        "area_mid": float(np.quantile(area, 0.9)),
+        "box": [0.45 * x[0], 0.45 * x[1], 0.55 * x[0], 0.55 * x[1]],
+        "image": images[min(3, len(images) - 1)], "images": images,
+        "averages": [f"intensity_mean__c{k}" for k in range(10)], "top": "intensity_max__c5",
+    }
+
+
+ENGINE_NAMES = {"cellar": "cellar (defaults)", "polars": "polars scan_parquet", "duckdb": "DuckDB read_parquet",
+                "pytables": "PyTables (OMERO.tables layout)"}
+
+
+def fresh_runs(params: dict, repeat: int, engines: list[str]) -> dict:
+    """{engine: {query: (median query s, median import s, rows)}}: every query in a fresh process per engine and
+    run, the engines taking turns (the order rotating), after one untimed run each (warm page cache)."""
+    script = str(Path(__file__).with_name("query_engines.py"))
+    arg = json.dumps(params)
+
+    def once(engine: str, name: str) -> dict:
+        out = subprocess.run([sys.executable, script, engine, name, arg], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout)
+
+    from query_engines import QUERIES
+
+    results: dict[str, dict] = {e: {} for e in engines}
+    for name in QUERIES:
+        rows = {e: once(e, name)["rows"] for e in engines}
+        assert len(set(rows.values())) == 1, (name, rows)
+        runs: dict[str, list[dict]] = {e: [] for e in engines}
+        for r in range(repeat):
+            for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
+                runs[engine].append(once(engine, name))
+        for e in engines:
+            results[e][name] = (statistics.median(x["query"] for x in runs[e]),
+                                statistics.median(x["imports"] for x in runs[e]), rows[e])
+        print(f"  {name}: " + ", ".join(f"{e} {results[e][name][0] * 1000:.0f} ms" for e in engines), flush=True)
+    return results
+
+
+def cli_runs(params: dict, work: Path, repeat: int) -> dict:
+    """Whole-process times (median, in turns) of `cellar sql`, `cellar filter` and `cellar export` against
+    polars and DuckDB one-liners that write the same result."""
+    x0, y0, x1, y1 = params["box"]
+    store, image, glob = params["store"], params["image"], params["objects_glob"]
+    box = f"centroid_x BETWEEN {x0} AND {x1} AND centroid_y BETWEEN {y0} AND {y1}"
+    cond = f"area > {params['area_mid']}"
+    pl_box = (f"(pl.col('image') == '{image}') & pl.col('centroid_x').is_between({x0}, {x1}) & "
+              f"pl.col('centroid_y').is_between({y0}, {y1})")
+    pl_scan = f"pl.scan_parquet('{glob}', hive_partitioning=True)"
+    py = [sys.executable, "-c"]
+    pairs = {
+        "cellar sql (box -> ids, CSV)": (
+            [sys.executable, "-m", "cellar", "sql", store, f"SELECT label_id FROM objects WHERE image = '{image}' "
+             f"AND {box}", "--output", str(work / "a.csv"), "--overwrite"],
+            {"polars": py + [f"import polars as pl; {pl_scan}.filter({pl_box}).select('label_id').collect()"
+                             f".write_csv('{work / 'b.csv'}')"],
+             "DuckDB": py + [f"import duckdb; duckdb.sql(\"COPY (SELECT label_id FROM read_parquet('{glob}', "
+                             f"hive_partitioning = true) WHERE image = '{image}' AND {box}) TO '{work / 'c.csv'}'\")"]}),
+        "cellar filter (ids, text)": (
+            [sys.executable, "-m", "cellar", "filter", store, "--where", cond, "--image", image, "--labels", "nuclei",
+             "--output", str(work / "a.txt"), "--overwrite"],
+            {"polars": py + [f"import polars as pl; {pl_scan}.filter((pl.col('image') == '{image}') & "
+                             f"(pl.col('area') > {params['area_mid']})).select('label_id').sort('label_id').collect()"
+                             f".write_csv('{work / 'b.txt'}', include_header=False)"]}),
+        "cellar export (CSV, all columns)": (
+            [sys.executable, "-m", "cellar", "export", store, "--image", image, "--labels", "nuclei", "--where",
+             f"{cond} AND {params['mean']} > {params['mean_hi']}", "--to", "csv", str(work / "a-export.csv"),
+             "--overwrite"],
+            {"polars": py + [f"import polars as pl; {pl_scan}.filter((pl.col('image') == '{image}') & "
+                             f"(pl.col('area') > {params['area_mid']}) & (pl.col('{params['mean']}') > "
+                             f"{params['mean_hi']})).collect().write_csv('{work / 'b-export.csv'}')"]}),
+    }
+    out = {}
+    for name, (cellar_cmd, peers) in pairs.items():
+        commands = {"cellar": cellar_cmd, **peers}
+        times: dict[str, list[float]] = {k: [] for k in commands}
+        for r in range(repeat + 1):
+            keys = list(commands)
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                t = time.perf_counter()
+                subprocess.run(commands[key], check=True, stdout=subprocess.DEVNULL)
+                if r:  # the first round is untimed
+                    times[key].append(time.perf_counter() - t)
+        out[name] = {k: statistics.median(v) for k, v in times.items()}
+        print(f"  {name}: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in out[name].items()), flush=True)
+    return out
+
+
+def measured(args) -> None:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cellar-qbench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    t = time.perf_counter()
+    store = measured_store(work, args.images, args.size, args.objects, args.channels)
+    params = measured_params(store)
+    print(f"store: {len(params['images'])} images measured, "
+          f"{sum(p.stat().st_size for p in (store / 'objects').rglob('*.parquet')) / 2**30:.2f} GiB of Parquet, "
+          f"{sum(p.stat().st_size for p in store.rglob('*') if p.is_file()) / 2**30:.2f} GiB in all "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    engines = ["cellar", "polars", "duckdb"]
+    if not args.no_pytables:
+        params["h5"], params["h5_notes"] = omero_files(store, work, params["images"])
+        engines.append("pytables")
+    results = fresh_runs(params, args.repeat, engines)
+    cli = cli_runs(params, work, args.repeat)
+    report_measured(results, cli, params, args)
+    if not args.workdir:
+        shutil.rmtree(work)
+
+
+def report_measured(results: dict, cli: dict, params: dict, args) -> None:
+    from query_engines import QUERIES
+
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+          f"{len(params['images'])} images x {args.objects:,} objects requested, {args.channels} channels; "
+          f"fresh process per query, medians of {args.repeat}, imports apart; rows: "
+          + ", ".join(f"{q} {results['cellar'][q][2]:,}" for q in QUERIES) + "\n")
+    print("| engine | " + " | ".join(QUERIES) + " | imports |")
+    print("|---|" + "---|" * (len(QUERIES) + 1))
+    for engine, per in results.items():
+        imports = statistics.median(v[1] for v in per.values())
+        print(f"| {ENGINE_NAMES[engine]} | " + " | ".join(f"{per[q][0] * 1000:,.0f} ms" for q in QUERIES)
+              + f" | {imports * 1000:,.0f} ms |")
+    for peer in [e for e in results if e != "cellar"]:
+        print(f"| cellar faster than {ENGINE_NAMES[peer].split(' (')[0]} by | " + " | ".join(
+            f"{results[peer][q][0] / results['cellar'][q][0]:.1f}x" for q in QUERIES) + " | |")
+    print("\n| command (whole process) | cellar | peers | cellar / fastest peer |")
+    print("|---|---|---|---|")
+    for name, times in cli.items():
+        peers = {k: v for k, v in times.items() if k != "cellar"}
+        print(f"| {name} | {times['cellar'] * 1000:,.0f} ms | " + ", ".join(f"{k} {v * 1000:,.0f} ms" for k, v in peers.items())
+              + f" | {times['cellar'] / min(peers.values()):.2f}x |")
     sys.stdout.flush()
 
 

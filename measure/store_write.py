@@ -11,6 +11,7 @@ next write of that table (or `cellar vacuum`) removes once it is older than RETA
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -22,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import schemas
-from ..schemas import integrity, log
+from ..schemas import integrity, log, rowfile
 from ..schemas import store as layout
-from ..schemas.atomic import atomic_write
+from ..schemas.atomic import atomic_write, fsync_file, temp_path
 from ..schemas.errors import StoreError
 
 ROW_GROUP_SIZE = 128 * 1024
@@ -72,15 +73,20 @@ def existing_entry(out: Path, image: str, label_image: str) -> dict | None:
 
 
 def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: dict) -> pa.Table:
-    """An Arrow table whose fields carry each column's unit and description as field metadata (the caller
-    puts the rows in the store's spatial order, `schemas.store.spatial_order`)."""
+    """An Arrow table whose fields carry each column's unit as field metadata, and the provenance as the
+    schema's `cellar` metadata (the caller puts the rows in the store's spatial order,
+    `schemas.store.spatial_order`).
+
+    The descriptions and the column list stay in the store's log (`columns` view, `cellar info --columns`):
+    every engine parses a file's footer before reading it, and with them a 332-column table's footer was
+    307 KB instead of 60 KB."""
     fields = []
     for spec in column_specs:
-        meta = {"unit": spec["unit"], "description": spec["description"]}
         dtype = columns[spec["name"]].dtype
         fields.append(pa.field(spec["name"], pa.string() if dtype == object else pa.from_numpy_dtype(dtype),
-                               metadata=meta))
-    schema = pa.schema(fields, metadata={"cellar": json.dumps(provenance)})
+                               metadata={"unit": spec["unit"]}))
+    about = {k: v for k, v in provenance.items() if k != "columns"}
+    schema = pa.schema(fields, metadata={"cellar": json.dumps(about)})
     return pa.table([columns[f.name] for f in fields], schema=schema)
 
 
@@ -122,6 +128,7 @@ def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], ov
             shutil.rmtree(staging, ignore_errors=True)
         if not committed:
             (out / rel).unlink(missing_ok=True)
+            (out / entry["dir"] / rowfile.path_of(entry["files"][0])).unlink(missing_ok=True)
     if committed:
         remove_unlisted(out, snap, (entry["image"], entry["label_image"]))
         layout.remove_stale_caches(out, snap.version)  # the session caches of earlier states
@@ -147,25 +154,42 @@ def _add(state: log.Snapshot, entry: dict, overwrite: bool) -> list[dict] | None
 
 
 def _write_parquet(final: Path, table: pa.Table | Iterable[pa.Table]) -> None:
-    """Write the table's row groups to `final` atomically (`schemas.atomic`: the data are on disk before a
-    commit can name them)."""
-    with atomic_write(final, parents=True) as tmp:
-        # LZ4, no dictionary encoding, 128k-row groups, chosen by measurement (benchmarks/bench_query.py and
-        # the README): measurement columns are mostly distinct floats, where dictionaries cost time and space
-        # (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
-        # measurements but decompress about twice as fast, which halves queries that read many columns.
-        writer = None
-        try:
-            for part in [table] if isinstance(table, pa.Table) else table:
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, part.schema, compression=COMPRESSION, write_statistics=True,
-                                              use_dictionary=False)
-                writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
-        finally:
-            if writer is not None:
-                writer.close()
-        if writer is None:
-            raise ValueError("bug: write_table was given no table")
+    """Write the table's row groups to `final`, and its row file beside it where the columns allow one
+    (`schemas.rowfile`), both atomically (`schemas.atomic`: the data are on disk before a commit can name
+    them). The row file is in place before the Parquet file: a table file never lacks the row file it has."""
+    rows_final = final.with_name(rowfile.path_of(final.name))
+    rows_tmp = temp_path(rows_final)
+    try:
+        with atomic_write(final, parents=True) as tmp:
+            # LZ4, no dictionary encoding, 128k-row groups, chosen by measurement (benchmarks/bench_query.py
+            # and the README): measurement columns are mostly distinct floats, where dictionaries cost time and
+            # space (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
+            # measurements but decompress about twice as fast, which halves queries that read many columns.
+            writer = rows = None
+            try:
+                for part in [table] if isinstance(table, pa.Table) else table:
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, part.schema, compression=COMPRESSION, write_statistics=True,
+                                                  use_dictionary=False)
+                        rows = rowfile.Writer(rows_tmp, part.schema) if rowfile.storable(part.schema) else None
+                    writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
+                    if rows is not None and any(c.null_count for c in part.columns):
+                        rows.abort()  # a column with nulls: no row file (readers read the Parquet file)
+                        rows = None
+                    if rows is not None:
+                        rows.write(part)
+            finally:
+                if writer is not None:
+                    writer.close()
+                if rows is not None:
+                    rows.close()
+            if writer is None:
+                raise ValueError("bug: write_table was given no table")
+            if rows is not None:
+                fsync_file(rows_tmp)
+                os.replace(rows_tmp, rows_final)
+    finally:
+        rows_tmp.unlink(missing_ok=True)
 
 
 def remove_unlisted(store: Path, snap: log.Snapshot, key: tuple[str, str], retain_s: float = RETAIN_S) -> int:
@@ -174,7 +198,7 @@ def remove_unlisted(store: Path, snap: log.Snapshot, key: tuple[str, str], retai
     does not grow with the store."""
     rel_dir = layout.table_dir(*key)
     entry = snap.entry(*key)
-    listed = set(entry["files"]) if entry is not None else set()
+    listed = {n for name in entry["files"] for n in (name, rowfile.path_of(name))} if entry is not None else set()
     now, removed = time.time(), 0
     folder = Path(store) / rel_dir
     for path in folder.iterdir() if folder.is_dir() else []:
@@ -198,7 +222,7 @@ def vacuum(store: Path, retain_s: float = RETAIN_S) -> dict[str, int]:
     snap = log.snapshot(store)
     listed = set()
     for entry in snap.entries():
-        listed.update(f"{entry['dir']}/{name}" for name in entry["files"])
+        listed.update(f"{entry['dir']}/{n}" for name in entry["files"] for n in (name, rowfile.path_of(name)))
         for version in entry.get("annotations") or []:
             listed.update(f"{version['dir']}/{name}" for name in version["files"])
     now, files, size = time.time(), 0, 0

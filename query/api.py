@@ -22,9 +22,9 @@ import duckdb
 import numpy as np
 
 from ..schemas.errors import QueryError
-from .arrow import plain_strings
+from .arrow import chunk_values, from_numpy, plain_strings, repeated_string
 from .export import export as write_export
-from .backends import ROW_COLUMN
+from .backends import FILE_COLUMN, ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced
 from .store import Tables
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     import pyarrow
 
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+_KEYS = ("image", "label_image")
+WHOLE_ROWS = 16  # result columns from which a filter's or top-k's whole rows come from the row files
+ROW_FILE_SHARE = 0.02  # the most of the covered rows read from the row files (more: the Parquet columns)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Query:
     order: tuple[tuple[str, bool], ...] = ()  # (column, descending)
     limit_rows: int | None = None
     ranges: tuple[tuple[str, float, float], ...] = ()  # the boxes' (column, lo, hi), also in `filters`
+    boxes: tuple[str, ...] = ()  # the filters `within` made: exactly `ranges`
 
     # -- composing -----------------------------------------------------------------------------------
     def where(self, condition: str) -> Query:
@@ -84,7 +88,9 @@ class Query:
                 raise QueryError(f"within: {axis}0 = {lo:g} > {axis}1 = {hi:g}; corners inverted (expected {axis}0 <= {axis}1)")
             conds.append(f"{quote(self._centroid(axis, units))} BETWEEN {lo!r} AND {hi!r}")
         ranges = tuple((self._centroid(a, units), float(lo), float(hi)) for a, (lo, hi) in box.items())
-        return replace(self, filters=(*self.filters, " AND ".join(conds)), ranges=(*self.ranges, *ranges))
+        condition = " AND ".join(conds)
+        return replace(self, filters=(*self.filters, condition), ranges=(*self.ranges, *ranges),
+                       boxes=(*self.boxes, condition))
 
     def near(self, x: float, y: float, r: float, z: float | None = None, *, units: str = "um") -> Query:
         """Objects whose centroid lies within distance `r` of (x, y[, z]) (`units` as in `within`)."""
@@ -163,12 +169,108 @@ class Query:
             # rows are then taken from Arrow memory or the mapped files (building every column of the result
             # inside an engine costs far more).
             return self.objects.take(self._cached_rows(), self.columns)
+        fetched = self._from_row_files(list(self.columns or self.objects.column_names))
+        if fetched is not None:
+            return fetched
         frame = self._polars(needs=self.columns)
         if frame is not None:
             if self.columns:
                 frame = frame.select(list(self.columns))
-            return plain_strings(self._collect(frame).to_arrow())
+            return _arrow(self._collect(frame))
         return self._run(self.to_sql(), "to_arrow_table")
+
+    def _from_row_files(self, names: list[str]) -> pyarrow.Table | None:
+        """The columns `names` of this query's rows, from the tables' row files (`schemas.rowfile`), or None where
+        the Parquet files answer instead. The rule, decided before reading any values:
+        - a box (`within`, `near`) over tables with a spatial index reads only the index's blocks the box meets,
+          then the other columns of the rows inside from the row files (`_in_box`);
+        - whole rows (WHOLE_ROWS columns or more from the files) of a filter or a top-k: polars finds the rows
+          on the columns the filter and order name (`_located`), and the row files give their other columns,
+          where at most ROW_FILE_SHARE of the covered rows match (more read faster as columns, from Parquet).
+        """
+        objects = self.objects
+        if (objects.is_cached or objects.engine == "duckdb" or not (self.filters or self.limit_rows is not None)
+                or not all(_polars_reads(f, objects.column_types) for f in self.filters)):
+            return None
+        sources = objects.row_files
+        if sources is None:
+            return None
+        stored = sources[0][0].columns
+        if self.ranges:
+            boxed = self._in_box(sources, names)
+            if boxed is not None:
+                return boxed
+        if sum(n in stored for n in names) < WHOLE_ROWS:
+            return None
+        return self._located(sources, names)
+
+    def _in_box(self, sources, names: list[str]) -> pyarrow.Table | None:
+        """The query over the rows inside its box, found with the row files' spatial index (None where a box
+        column is not in the index, a filter needs an annotation, or the box holds more than ROW_FILE_SHARE).
+        Boxes alone (and conditions on images and label images that all these tables meet) are answered by the
+        index itself; other filters, order and limit then run in polars on the rows inside."""
+        import polars as pl
+        import pyarrow as pa
+
+        stored = sources[0][0].columns
+        needed = [*names, *(c for c, _ in self.order),
+                  *(n for f in self.filters for n in referenced(f, self.objects.column_names))]
+        needed = list(dict.fromkeys(needed))
+        if any(n not in stored and n not in _KEYS for n in needed):
+            return None
+        found = [rf.in_ranges(self.ranges) for rf, _, _ in sources]
+        if any(f is None for f in found) or sum(map(len, found)) > ROW_FILE_SHARE * sum(rf.n_rows for rf, _, _ in sources):
+            return None
+        if all(f in self.boxes or _whole_tables(f, sources) for f in self.filters) and not self.order \
+                and self.limit_rows is None:
+            # boxes alone: the rows the index found are the answer, in the files' order as polars gives them
+            return pa.concat_tables([self._box_columns(rf, image, label_image, rows, names) for (rf, image, label_image), rows
+                                     in zip(sources, found)]) if sources else None
+        parts = []
+        for (rf, image, label_image), rows in zip(sources, found):
+            if len(rows):
+                values = rf.arrays(rows, [n for n in needed if n in stored])
+                keys = {k: repeated_string(v, len(rows)) for k, v in (("image", image), ("label_image", label_image))
+                        if k in needed}
+                # from Arrow: polars' constructor from numpy loads numpy.ma (25 ms in a fresh process)
+                parts.append(pl.from_arrow(pa.table({**{n: from_numpy(v) for n, v in values.items()}, **keys})))
+        if not parts:
+            parts = [pl.DataFrame({n: pl.Series(n, [], dtype=_pl_type(stored, n)) for n in needed})]
+        frame = self._planned(pl.concat(parts).lazy()).select(names)
+        return _arrow(self._collect(frame))
+
+    @staticmethod
+    def _box_columns(rf, image: str, label_image: str, rows: np.ndarray, names: list[str]) -> pyarrow.Table:
+        """Columns `names` of these rows of one row file's table, as Arrow."""
+        import pyarrow as pa
+
+        values = rf.arrays(rows, [n for n in names if n in rf.columns])
+        keys = {"image": image, "label_image": label_image}
+        return pa.table([from_numpy(values[n]) if n in values else repeated_string(keys[n], len(rows)) for n in names],
+                        names=names)
+
+    def _located(self, sources, names: list[str]) -> pyarrow.Table | None:
+        """Whole rows: polars finds the matching rows' files and row numbers (and the columns the row files do
+        not hold: image, label image, annotations), the row files give the rest, in the query's order."""
+        import pyarrow as pa
+
+        stored = sources[0][0].columns
+        rest = [n for n in names if n not in stored]
+        frame = self._polars(needs=tuple(rest), located=True)
+        if frame is None:
+            return None
+        where = self._collect(frame.select(FILE_COLUMN, ROW_COLUMN, *rest))
+        if where.height > ROW_FILE_SHARE * sum(rf.n_rows for rf, _, _ in sources):
+            return None
+        files, rows = where.get_column(FILE_COLUMN).to_numpy(), where.get_column(ROW_COLUMN).to_numpy()
+        taken = [n for n in names if n in stored]
+        values = {n: np.empty(len(rows), stored[n][0]) for n in taken}
+        for k in np.flatnonzero(np.bincount(files)):  # (np.unique loads numpy.ma: 25-70 ms in a fresh process)
+            at = np.flatnonzero(files == k)
+            for n, v in sources[k][0].arrays(rows[at], taken).items():
+                values[n][at] = v
+        others = _arrow(where.select(rest)) if rest else None
+        return pa.table([from_numpy(values[n]) if n in values else others.column(n) for n in names], names=names)
 
     def _cached_rows(self) -> np.ndarray:
         """Row numbers in the session cache of this query's rows, in its order: polars for plain filters
@@ -207,7 +309,7 @@ class Query:
         inner = replace(self, columns=None, order=()).to_sql("1")
         return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
 
-    def _polars(self, ordered: bool = True, needs: tuple[str, ...] | None = None):
+    def _polars(self, ordered: bool = True, needs: tuple[str, ...] | None = None, located: bool = False):
         """This query as a polars LazyFrame, or None where DuckDB answers it instead.
 
         `needs`: the columns the caller will take from the result (None: all); with the filter and order
@@ -234,9 +336,11 @@ class Query:
         if needs is not None:
             columns = [*needs, *(c for c, _ in self.order), *(n for f in self.filters for n in referenced(f, names))]
             columns = [c for c in dict.fromkeys(columns) if c in names]
-        frame = objects.polars_frame(columns, self.ranges)
-        if frame is None:
-            return None
+        frame = objects.polars_frame(columns, self.ranges, located)
+        return None if frame is None else self._planned(frame, ordered)
+
+    def _planned(self, frame, ordered: bool = True):
+        """The query's filters, order and limit on a polars LazyFrame."""
         import polars as pl
 
         for f in self.filters:
@@ -283,8 +387,11 @@ class Query:
                 f"label_ids: the result spans {len(tables)} tables ({names}); label ids are only unique within "
                 "one: add .where(\"image = '...' AND label_image = '...'\")"
             )
-        frame = self._polars(needs=("label_id",)) if self.objects.n_tables == 1 else None
-        if frame is not None:
+        boxed = self._from_row_files(["label_id"]) if self.objects.n_tables == 1 else None
+        frame = self._polars(needs=("label_id",)) if self.objects.n_tables == 1 and boxed is None else None
+        if boxed is not None:
+            ids = np.concatenate([chunk_values(c, np.dtype(np.uint64)) for c in boxed.column(0).chunks] or [np.zeros(0, np.uint64)])
+        elif frame is not None:
             ids = self._collect(frame.select("label_id")).get_column("label_id").to_numpy()
         else:
             ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
@@ -344,6 +451,28 @@ class Query:
             self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition}")
         except duckdb.Error as exc:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
+
+
+def _arrow(frame: polars.DataFrame) -> pyarrow.Table:
+    """A polars result as Arrow with plain strings, as DuckDB gives them."""
+    import polars as pl
+
+    return plain_strings(frame.to_arrow(compat_level=pl.CompatLevel.oldest()))
+
+
+def _whole_tables(condition: str, sources) -> bool:
+    """Whether the condition names only images and label images, and every table of these row files meets it."""
+    images, label_images, only = partition_terms([condition])
+    return only and all((images is None or image in images) and (label_images is None or label in label_images)
+                        for _, image, label in sources)
+
+
+def _pl_type(stored: dict, name: str):
+    import polars as pl
+
+    if name in stored:
+        return pl.from_numpy(np.zeros(0, stored[name][0])).dtypes[0]
+    return pl.String
 
 
 def _polars_reads(condition: str, types: dict[str, str]) -> bool:

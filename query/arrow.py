@@ -14,12 +14,29 @@ if TYPE_CHECKING:
 
 
 def plain_strings(table: pyarrow.Table) -> pyarrow.Table:
-    """polars hands strings over as large or view strings; DuckDB and the store use plain ones."""
+    """polars hands strings over as large strings (`to_arrow(compat_level=CompatLevel.oldest())`); DuckDB and the
+    store use plain ones. Their offsets are narrowed with numpy: a cast would load pyarrow.compute (80-120 ms)."""
     import pyarrow as pa
 
-    fields = [pa.field(f.name, pa.string(), f.nullable, f.metadata)
-              if pa.types.is_large_string(f.type) or pa.types.is_string_view(f.type) else f for f in table.schema]
-    return table.cast(pa.schema(fields, metadata=table.schema.metadata))
+    for i, field in enumerate(table.schema):
+        if pa.types.is_large_string(field.type):
+            chunks = [_plain_string_array(chunk) for chunk in table.column(i).chunks]
+            if any(c is None for c in chunks):  # more text than 32-bit offsets reach: stays a large string
+                continue
+            table = table.set_column(i, pa.field(field.name, pa.string(), field.nullable, field.metadata),
+                                     pa.chunked_array(chunks, pa.string()))
+    return table
+
+
+def _plain_string_array(array: pyarrow.Array) -> pyarrow.Array | None:
+    import pyarrow as pa
+
+    validity, offsets, data = array.buffers()
+    wide = np.frombuffer(offsets, np.int64, array.offset + len(array) + 1)
+    if wide[-1] >= 2**31:
+        return None
+    return pa.Array.from_buffers(pa.string(), len(array), [validity, pa.py_buffer(wide.astype(np.int32)), data],
+                                 null_count=array.null_count, offset=array.offset)
 
 
 def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:
@@ -119,3 +136,21 @@ def number_dtype(kind) -> np.dtype | None:
 def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
     """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
     return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+
+
+def from_numpy(values: np.ndarray) -> pyarrow.Array:
+    """A numpy array of numbers as an Arrow array, zero-copy (`pa.array` would import pandas to ask whether it is
+    a pandas object: 400-800 ms in a fresh process)."""
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def repeated_string(value: str, n: int) -> pyarrow.Array:
+    """`n` copies of a string as an Arrow string array, built from its buffers (as `from_numpy`, without pandas)."""
+    import pyarrow as pa
+
+    data = value.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     import polars
 
 ROW_COLUMN = "__row"  # the session cache's row numbers, in the frames and the table `numbered` gives
+FILE_COLUMN = "__file"  # with ROW_COLUMN, where a row lies among the Parquet files (`Tables.row_files`)
 
 Ranges = Sequence[tuple[str, float, float]]
 
@@ -81,25 +82,32 @@ class ParquetFiles(Backend):
     """The stores' Parquet files (cold): DuckDB's views read them (the `Tables` writes those views), and polars
     scans them for plain queries, decoding the other columns only for the rows that pass the filter.
 
-    `scan` builds polars' scan of the files (or gives None where polars does not read them: annotations,
-    which DuckDB joins); it is a method of the `Tables` that holds this backend, which knows the files, called
-    on first use. It is held weakly: the two make no reference cycle, so a `Tables` dropped is freed at once,
-    its DuckDB connections with it.
+    `scan(annotated)` builds polars' scan of the files, with the latest annotation versions joined when
+    `annotated` (None without tables); `annotation_columns` names the columns only the annotations have. Both
+    are the `Tables`' that holds this backend, which knows the files; the scans are built on first use. A query
+    that touches no annotation column scans the measurements alone: the join (by label id, one annotation row
+    per object at most) keeps every row as it is. The `Tables` is held weakly: the two make no reference cycle,
+    so a `Tables` dropped is freed at once, its DuckDB connections with it.
     """
 
-    def __init__(self, scan: Callable[[], polars.LazyFrame | None]):
+    def __init__(self, scan: Callable[[bool, bool], polars.LazyFrame | None],
+                 annotation_columns: Callable[[], set[str]]):
         self._scan = weakref.WeakMethod(scan)
-        self._frames: list[polars.LazyFrame | None] = []  # the scan, once built
+        self._annotation_columns = weakref.WeakMethod(annotation_columns)
+        self._frames: dict[tuple[bool, bool], polars.LazyFrame | None] = {}  # the scans, once built
 
-    def frame(self, columns: Sequence[str] | None, ranges: Ranges) -> polars.LazyFrame | None:
-        """polars' scan of the files (`columns` and `ranges` aside: the scan reads only what a query needs, and
-        the row groups' statistics skip the rest)."""
-        if not self._frames:  # two threads may both build it: the same scan
-            self._frames = [self._scan()()]
-        return self._frames[0]
+    def frame(self, columns: Sequence[str] | None, ranges: Ranges, located: bool = False) -> polars.LazyFrame | None:
+        """polars' scan of the files (`ranges` aside: the row groups' statistics skip what a box rules out), with
+        the annotations joined where `columns` (None: all) name one of theirs; `located`: with each row's file
+        and row number (FILE_COLUMN, ROW_COLUMN)."""
+        notes = self._annotation_columns()()
+        key = (bool(notes) and (columns is None or not notes.isdisjoint(columns)), located)
+        if key not in self._frames:  # two threads may both build it: the same scan
+            self._frames[key] = self._scan()(*key)
+        return self._frames[key]
 
     def close(self) -> None:
-        self._frames = []
+        self._frames = {}
 
 
 class InRam(Backend):

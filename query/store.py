@@ -39,9 +39,9 @@ import numpy as np
 import pyarrow as pa
 
 from . import hotcache
-from .backends import Backend, InRam, MappedCache, ParquetFiles
+from .backends import FILE_COLUMN, ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
 from .sql import MISSING_COLUMN, literal, quote, suggest
-from ..schemas import integrity, log
+from ..schemas import integrity, log, rowfile
 from ..schemas import store as layout
 from ..schemas.errors import CellarError, QueryError, StoreError
 
@@ -93,7 +93,7 @@ class Tables:
         self._lock = threading.RLock()
         self._closed = False
         self._lazy_views: set[str] = set()  # `channels` and `columns`, made on first mention (see `sql`)
-        self._backend: Backend = ParquetFiles(self._parquet_frame)  # see `backend`
+        self._backend: Backend = ParquetFiles(self._parquet_frame, self._annotation_only_columns)  # see `backend`
         if cache is not False and self.n_tables and keys is None:
             found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
             if all(found):
@@ -266,7 +266,8 @@ class Tables:
             self._registered[name] = table
             self._registrations += 1
 
-    def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = ()):
+    def polars_frame(self, columns: Sequence[str] | None = None, ranges: Sequence[tuple[str, float, float]] = (),
+                     located: bool = False):
         """A polars LazyFrame of the objects without DuckDB, from the backend (`backends.Backend.frame`): over the
         session cache (zero-copy, with its row-number column ROW_COLUMN) or over the tables' Parquet files;
         None for annotated files (DuckDB joins those) and without tables.
@@ -275,26 +276,76 @@ class Tables:
         `ranges` ((column, lo, hi), a box) let a session cache skip the blocks whose statistics rule them out.
         """
         self._check_open()
+        if located:  # rows located among the Parquet files (FILE_COLUMN, ROW_COLUMN): only they have files
+            return self._backend.frame(columns, ranges, located=True) if isinstance(self._backend, ParquetFiles) else None
         return self._backend.frame(columns, ranges)
 
-    def _parquet_frame(self):
+    def _parquet_frame(self, annotated: bool, located: bool = False):
         """polars' scan of the covered tables' Parquet files (their footers read now, see `_scan`), with the
-        partition keys as columns, for the `ParquetFiles` backend; None without tables or with annotations."""
-        if not self.n_tables or self._annotated():
+        partition keys as columns, for the `ParquetFiles` backend: with the latest annotation version of each
+        table joined by label id (`annotated`), or without the annotations' columns; None without tables.
+        `located`: with each row's file (FILE_COLUMN, its place in `row_files`) and row in it (ROW_COLUMN)."""
+        if not self.n_tables:
             return None
         import polars as pl
 
-        frames = [_scan(store, table, name).with_columns(
+        files = [(store, table, name) for store, table in self.tables for name in table["files"]]
+        frames = [_scan(store, table, name, located).with_columns(
             image=pl.lit(layout.partition_value(table["image"])),
-            label_image=pl.lit(layout.partition_value(table["label_image"])))
-            for store, table in self.tables for name in table["files"]]
+            label_image=pl.lit(layout.partition_value(table["label_image"])),
+            **({FILE_COLUMN: pl.lit(k, pl.Int32)} if located else {}))
+            for k, (store, table, name) in enumerate(files)]
         frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+        if annotated:
+            frame = frame.join(self._annotation_frame(), on=list(integrity.OBJECT_KEYS), how="left", maintain_order="left")
         shape = self._reshaped()
-        if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
+        if shape is not None or not annotated and self._annotation_specs:
+            # every column of the store (see `narrow`), in `column_types`' order; without the annotations,
+            # every column but theirs
+            shape = {n: t for n, t in self.column_types.items() if annotated or n not in self._annotation_only_columns()}
             have = set(frame.collect_schema().names())
             frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
-                                  for n, t in shape.items()])
+                                  for n, t in shape.items()] + ([pl.col(FILE_COLUMN), pl.col(ROW_COLUMN)] if located else []))
         return frame
+
+    @cached_property
+    def row_files(self) -> list[tuple[rowfile.RowFile, str, str]] | None:
+        """(row file, image, label image) of every covered Parquet file, in the scans' order (`schemas.rowfile`:
+        whole rows of scattered objects, and the tables' spatial index); None where a file has none (tables
+        written by cellar before 0.9, or with columns that are not all numbers) or the covered tables have
+        several column lists: the Parquet files answer then."""
+        if not self.n_tables or len(self._group_ids) != 1:
+            return None
+        found = []
+        for store, table in self.tables:
+            for name in table["files"]:
+                rel = f"{table['dir']}/{rowfile.path_of(name)}"
+                if not (store / rel).is_file():
+                    return None
+                rows = table["n_objects"] if len(table["files"]) == 1 else None
+                found.append((rowfile.RowFile(store / rel, f"{store}: {rel}", rows),
+                              layout.partition_value(table["image"]), layout.partition_value(table["label_image"])))
+        return found
+
+    def _annotation_frame(self):
+        """polars' scan of the latest annotation version of every annotated table, with the partition keys."""
+        import polars as pl
+
+        frames = []
+        for i, key, versions in self._annotated():
+            last = max(versions, key=lambda v: v["version"])
+            frames.extend(pl.scan_parquet(integrity.parquet_file(self.stores[i], f"{last['dir']}/{name}")).with_columns(
+                image=pl.lit(layout.partition_value(key[0])), label_image=pl.lit(layout.partition_value(key[1])))
+                for name in last["files"])
+        return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
+
+    def _annotation_only_columns(self) -> set[str]:
+        """The columns only the annotations have (none without annotations)."""
+        found = self.__dict__.get("_annotation_only")
+        if found is None:
+            measured = {c["name"] for i, columns_id in self._group_ids for c in self._specs(i, columns_id)}
+            found = self._annotation_only = {c["name"] for _, c in self._annotation_specs} - measured - set(integrity.OBJECT_KEYS)
+        return found
 
     def cache(self) -> Self:
         """Hold the objects as one Arrow table and answer from there from now on: the store's on-disk cache
@@ -723,15 +774,17 @@ def _polars_type(dtype: str):
     return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
 
 
-def _scan(store: Path, table: dict, name: str):
+def _scan(store: Path, table: dict, name: str, located: bool = False):
     """A polars scan of one of the table's files, its footer read now: a footer that does not parse, or
-    columns other than the manifest lists, are a StoreError naming the file."""
+    columns other than the manifest lists, are a StoreError naming the file. `located`: with the row numbers
+    (ROW_COLUMN)."""
     import polars as pl
 
     rel = f"{table['dir']}/{name}"
-    frame = pl.scan_parquet(integrity.parquet_file(store, rel))  # missing, truncated: named first
+    frame = pl.scan_parquet(integrity.parquet_file(store, rel),  # missing, truncated: named first
+                            row_index_name=ROW_COLUMN if located else None)
     try:
-        names = frame.collect_schema().names()  # polars keeps the parsed footer for the query's own scan
+        names = frame.collect_schema().names()[1 if located else 0:]  # polars keeps the parsed footer for its scan
     except (pl.exceptions.ComputeError, OSError) as exc:
         raise StoreError(f"{store}: {rel}: damaged Parquet file ({' '.join(str(exc).split())})") from None
     expected = {c["name"] for c in table["columns"]} - set(integrity.PARTITION_KEYS)

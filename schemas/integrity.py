@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 MAGIC = b"PAR1"
 PARTITION_KEYS = ("image", "label_image")  # Hive keys: in the folder names, not in the files
+OBJECT_KEYS = (*PARTITION_KEYS, "label_id")  # an object's key: annotations join measurements by it
 
 
 def files(snap: Snapshot, entries: Iterable[dict] | None = None) -> Iterator[tuple[str, set[str]]]:

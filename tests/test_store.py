@@ -16,7 +16,7 @@ from cellar import schemas
 from cellar.measure import features as registry
 from cellar.measure import store_write
 from cellar.ngff.write import write_image
-from cellar.schemas import log
+from cellar.schemas import log, rowfile
 from cellar.schemas.errors import StoreError
 from cellar.schemas.store import spatial_order
 from helpers import intensities, nuclei_like, read_table, run_cli
@@ -100,16 +100,18 @@ def test_a_store_holds_several_label_images_keeps_same_settings_and_refuses_othe
     measure.measure(str(image), "nuclei", store, workers=1, channels=["CD8"], overwrite=True)
     entry, df = read_table(store, label_image="nuclei")
     assert entry["files"][0] != old_file and "intensity_mean__DAPI" not in df
-    # the replaced file stays for readers of the earlier state, until it is older than the retention
-    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == sorted([old_file, *entry["files"]])
-    os.utime(store / entry["dir"] / old_file, (time.time() - store_write.RETAIN_S - 1,) * 2)
+    # the replaced files (Parquet and row file) stay for readers of the earlier state, until older than the retention
+    with_rows = lambda names: sorted(n for name in names for n in (name, rowfile.path_of(name)))  # noqa: E731
+    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == with_rows([old_file, *entry["files"]])
+    for name in with_rows([old_file]):
+        os.utime(store / entry["dir"] / name, (time.time() - store_write.RETAIN_S - 1,) * 2)
     killed, recent = store / "log" / ".tmp-killed-commit", store / "log" / "columns" / ".tmp-in-progress"
     for path in (killed, recent):  # what a writer killed while creating a commit leaves, and one at work
         path.write_text("{}")
     os.utime(killed, (time.time() - store_write.RETAIN_S - 1,) * 2)
     r = run_cli("vacuum", str(store))
-    assert r.returncode == 0 and "2 files no commit lists removed" in r.stderr, r.stderr
-    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == entry["files"]
+    assert r.returncode == 0 and "3 files no commit lists removed" in r.stderr, r.stderr
+    assert sorted(p.name for p in (store / entry["dir"]).iterdir()) == with_rows(entry["files"])
     assert not killed.exists() and recent.exists()
 
 

@@ -1,0 +1,144 @@
+"""Row files (schemas/rowfile.py): written beside every measured table, they answer boxes and whole-row fetches
+with exactly what the Parquet files give (DuckDB over the same store is the reference), and a damaged one is a
+one-line StoreError naming it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cellar import measure, query
+from cellar.ngff.write import write_image
+from cellar.query import api
+from cellar.schemas import rowfile
+from cellar.schemas.errors import StoreError
+from helpers import intensities, nuclei_like, run_cli
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Three images (two label images on the first), one annotated: several tables, one column list."""
+    root = tmp_path_factory.mktemp("rows")
+    out = root / "s.cellar"
+    for k in range(3):
+        labels = nuclei_like((160, 200), 120, seed=k)
+        image = root / f"img{k}.zarr"
+        write_image(image, intensities((160, 200), 2, seed=10 + k), "cyx", chunks=(1, 64, 64),
+                    labels={"nuclei": labels, **({"cells": nuclei_like((160, 200), 60, seed=7)} if k == 0 else {})},
+                    scale={"y": 0.5, "x": 0.5})
+        for name in (["nuclei", "cells"] if k == 0 else ["nuclei"]):
+            measure.measure(str(image), name, out, workers=1)
+    ids = pq.read_table(next((out / "objects" / "image=img1").rglob("*.parquet")), columns=["label_id"])
+    notes = root / "notes.parquet"
+    kinds = np.array(["T", "B"])[np.arange(ids.num_rows) % 2]
+    pq.write_table(pa.table({"label_id": ids.column(0), "cell_type": kinds}), notes)
+    assert run_cli("annotate", str(out), "--from", str(notes), "--image", "img1", "--labels", "nuclei").returncode == 0
+    return out
+
+
+def _same(got: pa.Table, want: pa.Table, ordered: bool) -> None:
+    if not ordered:
+        keys = [("image", "ascending"), ("label_image", "ascending"), ("label_id", "ascending")]
+        keys = [k for k in keys if k[0] in got.column_names]
+        got, want = got.sort_by(keys), want.sort_by(keys)
+    assert got.schema == want.schema
+    assert got.equals(want)
+
+
+QUERIES = {
+    "filter, all columns": lambda o: o.where("area > 120 AND intensity_mean__c1 > 0"),
+    "filter, some columns": lambda o: o.where("area > 100").select(*[c for c in o.column_names if "intensity" in c][:20],
+                                                                   "image", "label_image", "label_id"),
+    "filter on an annotation": lambda o: o.where("cell_type = 'T' AND area > 60"),
+    "top-k": lambda o: o.order_by("intensity_max__c0", "label_id", "image", "label_image", descending=True).limit(9),
+    "top-k of one image": lambda o: o.where("image = 'img2'").order_by("area").limit(5),
+    "box": lambda o: o.within(20, 20, 60, 45),
+    "box and a filter": lambda o: o.within(10, 5, 80, 70).where("area > 50").select("label_id", "area", "image",
+                                                                                       "label_image"),
+    "box of one table": lambda o: o.where("image = 'img0' AND label_image = 'cells'").within(0, 0, 50, 50, units="px"),
+    "empty box": lambda o: o.within(1000, 1000, 1001, 1001),
+    "near": lambda o: o.near(40, 40, 15).order_by("label_id", "image", "label_image").limit(50),
+}
+
+
+@pytest.mark.parametrize("name", list(QUERIES))
+def test_row_files_answer_as_the_parquet_files_do(store, name, monkeypatch):
+    monkeypatch.setattr(api, "ROW_FILE_SHARE", 1.0)  # the row files answer however many rows match
+    objs, duck = query.open(store), query.open(store, engine="duckdb")
+    read = []
+    original = rowfile.RowFile.arrays
+    monkeypatch.setattr(rowfile.RowFile, "arrays", lambda self, *a: read.append(1) or original(self, *a))
+    got, want = QUERIES[name](objs).to_arrow(), QUERIES[name](duck).to_arrow()
+    _same(got, want, ordered="top-k" in name or name == "near")
+    assert read or got.num_rows == 0 or name == "filter on an annotation", "the row files were not used"
+
+
+def test_label_ids_and_counts_of_a_box(store):
+    objs, duck = query.open(store), query.open(store, engine="duckdb")
+    q = lambda o: o.where("image = 'img2'").within(30, 10, 90, 70)  # noqa: E731
+    assert np.array_equal(q(objs).label_ids(), q(duck).label_ids()) and len(q(objs).label_ids())
+    assert q(objs).count() == q(duck).count()
+
+
+def test_the_spatial_index_reads_only_the_blocks_a_box_meets(tmp_path):
+    n = 5000
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 1000, n))  # in space order, as tables are stored
+    table = pa.table({"label_id": np.arange(1, n + 1, dtype=np.uint64), "centroid_x": x,
+                      "centroid_y": rng.uniform(0, 1000, n), "area": rng.uniform(0, 1, n)})
+    path = tmp_path / "t.rows"
+    writer = rowfile.Writer(path, table.schema)
+    writer.write(table.slice(0, 1200))
+    writer.write(table.slice(1200))
+    writer.close()
+    rf = rowfile.RowFile(path, "t.rows", n)
+    touched = []
+    keys = rf.keys["centroid_x"]
+    rf.keys["centroid_x"] = type("Spy", (), {"__getitem__": lambda _, s: touched.append(s) or keys[s]})()
+    rows = rf.in_ranges([("centroid_x", 100, 150), ("centroid_y", 0, 1000)])
+    want = np.flatnonzero((x >= 100) & (x <= 150))
+    assert np.array_equal(rows, want)
+    assert 1 <= len(touched) <= 2  # of 10 blocks
+    got = rf.arrays(rows[::-1], ["area", "label_id"])
+    assert np.array_equal(got["area"], table.column("area").to_numpy()[want[::-1]])
+
+
+def test_tables_with_nulls_or_text_get_no_row_file_and_still_answer(tmp_path):
+    from cellar.measure import store_write
+
+    out = tmp_path / "s.cellar"
+    cols = [{"name": n, "dtype": d, "unit": "", "description": n} for n, d in
+            [("image", "string"), ("label_image", "string"), ("label_id", "uint64"), ("area", "float64"), ("tag", "string")]]
+    for image, tag in (("a", ["x", "y", "z"]), ("b", None)):
+        table = pa.table({"label_id": pa.array([1, 2, 3], pa.uint64()), "area": [1.0, None, 3.0],
+                          **({"tag": tag} if tag else {})})
+        entry = {"image": image, "label_image": "n", "n_objects": 3, "channels": [],
+                 "columns": cols if tag else cols[:4]}
+        store_write.write_table(out, entry, table)
+    assert not list(out.rglob("*.rows"))
+    assert query.open(out).where("area > 0").order_by("area").to_arrow().column("area").to_pylist() == [1.0, 1.0, 3.0, 3.0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a row file", "other row count"])
+def test_a_damaged_row_file_is_one_line_naming_it(store, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "s.cellar"
+    shutil.copytree(store, copy)
+    path = next((copy / "objects" / "image=img2").rglob("*.rows"))
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "not a row file":
+        path.write_bytes(b"x" * len(data))
+    else:
+        other = next((copy / "objects" / "image=img1").rglob("*.rows"))
+        shutil.copy(other, path)
+        if other.stat().st_size == len(data):
+            pytest.skip("the two tables have as many rows")
+    with pytest.raises(StoreError, match=r"image=img2/label_image=nuclei/part-\w+\.rows: damaged row file"):
+        query.open(copy).order_by("area").limit(3).to_arrow()
+    r = run_cli("sql", str(copy), "SELECT 1")  # the SQL path reads no row file
+    assert r.returncode == 0
