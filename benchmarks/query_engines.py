@@ -39,8 +39,7 @@ def cellar_query(name: str, p: dict):
     if name == "box -> ids":
         return objs.where(f"image = '{p['image']}'").within(x0, y0, x1, y1, units="px").label_ids()
     if name == "group-by, 10 averages":
-        avgs = ", ".join(f'avg("{c}") AS "{c}"' for c in p["averages"])
-        return objs.sql(f"SELECT image, {avgs} FROM objects GROUP BY image ORDER BY image").to_arrow_table()
+        return objs.group_by("image").agg(mean=p["averages"])
     if name == "filter -> all columns":
         return objs.where(_filter(p, p["area_top"])).to_arrow()
     if name == "top-100":
@@ -134,7 +133,7 @@ def pytables_query(name: str, p: dict):
     return out
 
 
-ENGINES = {"cellar": (cellar_query, "from cellar import query"), "polars": (polars_query, "import polars"),
+ENGINES = {"cellar": (cellar_query, "from cellar.query import api"), "polars": (polars_query, "import polars"),
            "duckdb": (duckdb_query, "import duckdb"), "pytables": (pytables_query, "import tables")}
 
 

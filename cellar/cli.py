@@ -105,7 +105,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
 def _cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from . import query
+    from .query.store import Tables  # DuckDB's views only: the query API would load polars too
 
     fmt = args.format
     if fmt is None:
@@ -113,7 +113,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         fmt = suffix if suffix in ("csv", "json", "parquet") else "table"
     if fmt == "parquet" and not args.output:
         raise UsageError("--format parquet needs --output FILE (Parquet is binary)")
-    objs = query.open(args.stores)
+    objs = Tables([Path(s) for s in args.stores])
     rel = objs.sql(args.query)
     if not isinstance(rel, duckdb.DuckDBPyRelation):
         raise QueryError("the statement returns no rows; cellar sql runs queries (SELECT, WITH, ...)")

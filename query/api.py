@@ -20,12 +20,12 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl  # noqa: F401 - with the module: most queries run on it (see `_polars`)
 
 from ..schemas.errors import QueryError
 from .arrow import chunk_values, from_numpy, plain_strings, repeated_string
-from .export import export as write_export
 from .backends import FILE_COLUMN, ROW_COLUMN
-from .sql import partition_terms, polars_parses, quote, reads_alike, referenced
+from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, suggest
 from .store import Tables
 
 if TYPE_CHECKING:
@@ -191,6 +191,8 @@ class Query:
         objects = self.objects
         if (objects.is_cached or objects.engine == "duckdb" or not (self.filters or self.limit_rows is not None)
                 or not all(_polars_reads(f, objects.column_types) for f in self.filters)):
+            return None
+        if not self.ranges and sum(n not in _KEYS for n in names) < WHOLE_ROWS:  # before any row file is opened
             return None
         sources = objects.row_files
         if sources is None:
@@ -398,6 +400,13 @@ class Query:
         ids = np.asarray(ids, dtype=np.uint64)
         return ids if self.order else np.sort(ids)
 
+    def group_by(self, *keys: str) -> Grouped:
+        """Group this query's rows by these columns: `.agg(mean=["area"], max=["intensity_max__CD8"])`."""
+        if not keys:
+            raise QueryError("group_by: name at least one column")
+        self.objects.check_columns(keys, "group_by")
+        return Grouped(self, tuple(keys))
+
     def describe(self, column: str) -> dict[str, Any]:
         """A column's dtype, unit and description, with its count, nulls, min, max, mean and quantiles over
         the matching rows (NaN values are left out of the statistics and counted)."""
@@ -427,6 +436,10 @@ class Query:
     def export(self, fmt: str, output: str, **options: Any) -> dict[str, Any]:
         """Write this query's rows as `fmt` ("omero-h5", "csv", "parquet", "anndata", "ngff-properties"); see
         `query.export.export` for the options. Returns a summary (rows, columns, renamed columns)."""
+        # imported here, not with the module: the exports load zarr and the NGFF models (550 ms), which no
+        # query needs
+        from .export import export as write_export
+
         pruned = self._pruned()
         if pruned is not self:
             return pruned.export(fmt, output, **options)
@@ -490,6 +503,47 @@ def _number(value: Any, what: str) -> float:
     return out
 
 
+AGGREGATES = ("count", "sum", "mean", "min", "max", "median", "std", "var")
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """A query's rows grouped by key columns (`Query.group_by`); `agg` computes aggregates per group."""
+
+    query: Query
+    keys: tuple[str, ...]
+
+    def agg(self, **columns: str | Sequence[str]) -> pyarrow.Table:
+        """One row per group, sorted by the keys: the keys, then `<aggregate>_<column>` for every aggregate
+        (count: of the values that are not null; sum, mean, min, max, median, std, var: std and var of samples,
+        ddof 1) and column given, NaN values included as in SQL. `objs.group_by("image").agg(mean=["area", "intensity_mean__CD8"])`.
+
+        Runs in polars where the query's filters allow (the rule of `Query._polars`), else in DuckDB; both
+        give the same table (tests/test_query_api.py)."""
+        wanted = [(f, c) for f, cols in columns.items() for c in ([cols] if isinstance(cols, str) else cols)]
+        for f, _ in wanted:
+            if f not in AGGREGATES:
+                raise QueryError(f"agg: unknown aggregate {f!r}{suggest(f, list(AGGREGATES))}")
+        if not wanted:
+            raise QueryError("agg: name at least one aggregate, e.g. agg(mean=['area'])")
+        q = self.query._pruned()
+        q.objects.check_columns([c for _, c in wanted], "agg")
+        names = [f"{f}_{c}" for f, c in wanted]
+        frame = q._polars(ordered=False, needs=(*self.keys, *(c for _, c in wanted))) if not q.objects.is_cached else None
+        if frame is not None:
+            import polars as pl
+
+            exprs = [getattr(pl.col(c), f)().alias(n) for (f, c), n in zip(wanted, names)]
+            out = q._collect(frame.group_by(list(self.keys)).agg(exprs).sort(list(self.keys), nulls_last=True))
+            out = out.with_columns(pl.col(n).cast(pl.Int64) for (f, _), n in zip(wanted, names) if f == "count")
+            return _arrow(out)
+        sql_of = {"mean": "avg({})", "std": "stddev_samp({})", "var": "var_samp({})"}
+        items = ", ".join(f"{sql_of.get(f, f + '({})').format(quote(c))} AS {quote(n)}" for (f, c), n in zip(wanted, names))
+        keys = ", ".join(quote(k) for k in self.keys)
+        return q._run(f"SELECT {keys}, {items} FROM ({replace(q, columns=None, order=(), limit_rows=q.limit_rows).to_sql()}) "
+                      f"GROUP BY {keys} ORDER BY {keys} NULLS LAST", "to_arrow_table")
+
+
 class Objects(Tables):
     """The objects of one or more cellar stores (`query.open`): the stores' views (`Tables`: `sql`, `fetch`,
     counts, columns) and the lazy API, each method of which starts a `Query` over every object.
@@ -530,6 +584,9 @@ class Objects(Tables):
 
     def describe(self, column: str) -> dict[str, Any]:
         return Query(self).describe(column)
+
+    def group_by(self, *keys: str) -> Grouped:
+        return Query(self).group_by(*keys)
 
     def to_arrow(self) -> pyarrow.Table:
         return Query(self).to_arrow()

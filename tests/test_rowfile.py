@@ -142,3 +142,29 @@ def test_a_damaged_row_file_is_one_line_naming_it(store, tmp_path, damage):
         query.open(copy).order_by("area").limit(3).to_arrow()
     r = run_cli("sql", str(copy), "SELECT 1")  # the SQL path reads no row file
     assert r.returncode == 0
+
+
+@pytest.mark.parametrize("where", [None, "area > 50", "cell_type = 'T'"])
+def test_group_by_agrees_between_polars_and_duckdb(store, where):
+    objs, duck = query.open(store), query.open(store, engine="duckdb")
+    keys = ("image", "label_image") if where != "cell_type = 'T'" else ("image", "cell_type")
+
+    def run(o):
+        q = o.where(where) if where else o.query()
+        return q.group_by(*keys).agg(mean=["area", "intensity_mean__c0"], count="area", max="label_id",
+                                     std=["area"], median="area")
+
+    got, want = run(objs), run(duck)
+    assert got.schema == want.schema and got.num_rows >= 1
+    for name in got.column_names:
+        a, b = got.column(name).to_pylist(), want.column(name).to_pylist()
+        assert a == b or np.allclose(a, b, rtol=1e-12), name
+
+
+def test_group_by_names_unknown_aggregates_and_columns(store):
+    from cellar.schemas.errors import QueryError
+
+    with pytest.raises(QueryError, match="unknown aggregate 'avg'"):
+        query.open(store).group_by("image").agg(avg=["area"])
+    with pytest.raises(QueryError, match="unknown column 'aera'"):
+        query.open(store).group_by("image").agg(mean=["aera"])
