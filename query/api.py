@@ -484,7 +484,7 @@ def _pl_type(stored: dict, name: str):
     import polars as pl
 
     if name in stored:
-        return pl.from_numpy(np.zeros(0, stored[name][0])).dtypes[0]
+        return pl.from_arrow(from_numpy(np.zeros(0, stored[name][0]))).dtype
     return pl.String
 
 
