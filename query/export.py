@@ -35,11 +35,9 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from ..ngff import labels as ngff_labels
 from ..schemas import store as layout
 from ..schemas.atomic import atomic_write
 from ..schemas.errors import UsageError
-from . import pathviewer
 from .sql import quote
 
 if TYPE_CHECKING:
@@ -294,6 +292,10 @@ def _anndata(q: Query, path: Path) -> dict:
 
 # -- NGFF label properties -----------------------------------------------------------------------------------------
 def _ngff_properties(q: Query, max_cells: int, image_url: str | None) -> dict:
+    # imported here: they load zarr and the NGFF models (450 ms), which no other format needs, nor any command
+    # that only builds the CLI's parsers (they name this module's FORMATS)
+    from ..ngff import labels as ngff_labels
+    from . import pathviewer
 
     _, entry = q.objects.table(None, None) if len(q.objects.tables) == 1 else (None, None)
     if entry is None:
