@@ -20,11 +20,11 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import polars as pl  # noqa: F401 - with the module: most queries run on it (see `_polars`)
+import polars as pl  # with the module: most queries run on it (see `_polars`)
 
 from ..schemas.errors import QueryError
 from .arrow import chunk_values, from_numpy, plain_strings, repeated_string
-from .backends import FILE_COLUMN, ROW_COLUMN
+from .backends import ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, suggest
 from .store import Tables
 
@@ -211,7 +211,6 @@ class Query:
         column is not in the index, a filter needs an annotation, or the box holds more than ROW_FILE_SHARE).
         Boxes alone (and conditions on images and label images that all these tables meet) are answered by the
         index itself; other filters, order and limit then run in polars on the rows inside."""
-        import polars as pl
         import pyarrow as pa
 
         stored = sources[0][0].columns
@@ -261,10 +260,13 @@ class Query:
         frame = self._polars(needs=tuple(rest), located=True)
         if frame is None:
             return None
-        where = self._collect(frame.select(FILE_COLUMN, ROW_COLUMN, *rest))
+        where = self._collect(frame.select(ROW_COLUMN, *rest))
         if where.height > ROW_FILE_SHARE * sum(rf.n_rows for rf, _, _ in sources):
             return None
-        files, rows = where.get_column(FILE_COLUMN).to_numpy(), where.get_column(ROW_COLUMN).to_numpy()
+        starts = np.cumsum([0, *(rf.n_rows for rf, _, _ in sources)])
+        rows = where.get_column(ROW_COLUMN).to_numpy().astype(np.int64)  # numbered across the files, in order
+        files = np.searchsorted(starts, rows, side="right") - 1
+        rows = rows - starts[files]
         taken = [n for n in names if n in stored]
         values = {n: np.empty(len(rows), stored[n][0]) for n in taken}
         for k in np.flatnonzero(np.bincount(files)):  # (np.unique loads numpy.ma: 25-70 ms in a fresh process)
@@ -287,9 +289,7 @@ class Query:
         return np.asarray(rows, np.int64)
 
     def to_polars(self) -> polars.DataFrame:
-        import polars
-
-        return polars.from_arrow(self.to_arrow())
+        return pl.from_arrow(self.to_arrow())
 
     def to_pandas(self) -> pandas.DataFrame:
         return self.to_arrow().to_pandas()
@@ -305,8 +305,6 @@ class Query:
             return pruned.count()
         frame = self._polars(ordered=False, needs=())
         if frame is not None:
-            import polars as pl
-
             return int(self._collect(frame.select(pl.len())).item())
         inner = replace(self, columns=None, order=()).to_sql("1")
         return int(self._run(f"SELECT count(*) FROM ({inner})")[0][0])
@@ -343,8 +341,6 @@ class Query:
 
     def _planned(self, frame, ordered: bool = True):
         """The query's filters, order and limit on a polars LazyFrame."""
-        import polars as pl
-
         for f in self.filters:
             frame = frame.filter(pl.sql_expr(f))  # it parses: `polars_parses`
         if ordered and self.order:
@@ -359,11 +355,10 @@ class Query:
         (data that do not decode, a value polars cannot compute) or an OSError (a file gone) is a cellar error
         (`Tables.polars_error`: a StoreError naming the file, else a one-line QueryError); any other error is
         a bug (of polars, or of the rule in `_polars`) and surfaces as it is."""
-        import polars as pl
-
         try:
             return frame.collect()
-        except (pl.exceptions.ComputeError, OSError) as exc:
+        except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, pl.exceptions.ColumnNotFoundError,
+                OSError) as exc:  # the last two: a file of a scan with other columns (`Tables._scans`)
             raise self.objects.polars_error(exc) from None
 
     def _run(self, sql: str, how: str = "fetchall"):
@@ -468,8 +463,6 @@ class Query:
 
 def _arrow(frame: polars.DataFrame) -> pyarrow.Table:
     """A polars result as Arrow with plain strings, as DuckDB gives them."""
-    import polars as pl
-
     return plain_strings(frame.to_arrow(compat_level=pl.CompatLevel.oldest()))
 
 
@@ -481,8 +474,6 @@ def _whole_tables(condition: str, sources) -> bool:
 
 
 def _pl_type(stored: dict, name: str):
-    import polars as pl
-
     if name in stored:
         return pl.from_arrow(from_numpy(np.zeros(0, stored[name][0]))).dtype
     return pl.String
@@ -531,8 +522,6 @@ class Grouped:
         names = [f"{f}_{c}" for f, c in wanted]
         frame = q._polars(ordered=False, needs=(*self.keys, *(c for _, c in wanted))) if not q.objects.is_cached else None
         if frame is not None:
-            import polars as pl
-
             exprs = [getattr(pl.col(c), f)().alias(n) for (f, c), n in zip(wanted, names)]
             out = q._collect(frame.group_by(list(self.keys)).agg(exprs).sort(list(self.keys), nulls_last=True))
             out = out.with_columns(pl.col(n).cast(pl.Int64) for (f, _), n in zip(wanted, names) if f == "count")

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     import polars
 
 ROW_COLUMN = "__row"  # the session cache's row numbers, in the frames and the table `numbered` gives
-FILE_COLUMN = "__file"  # with ROW_COLUMN, where a row lies among the Parquet files (`Tables.row_files`)
 
 Ranges = Sequence[tuple[str, float, float]]
 
@@ -98,8 +97,8 @@ class ParquetFiles(Backend):
 
     def frame(self, columns: Sequence[str] | None, ranges: Ranges, located: bool = False) -> polars.LazyFrame | None:
         """polars' scan of the files (`ranges` aside: the row groups' statistics skip what a box rules out), with
-        the annotations joined where `columns` (None: all) name one of theirs; `located`: with each row's file
-        and row number (FILE_COLUMN, ROW_COLUMN)."""
+        the annotations joined where `columns` (None: all) name one of theirs; `located`: with each row's
+        number across the files (ROW_COLUMN)."""
         notes = self._annotation_columns()()
         key = (bool(notes) and (columns is None or not notes.isdisjoint(columns)), located)
         if key not in self._frames:  # two threads may both build it: the same scan

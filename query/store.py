@@ -37,9 +37,10 @@ from typing import Self
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401 - with the module: opening a store with a checkpoint reads it (schemas.log)
 
 from . import hotcache
-from .backends import FILE_COLUMN, ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
+from .backends import ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
 from .sql import MISSING_COLUMN, literal, quote, suggest
 from ..schemas import integrity, log, rowfile
 from ..schemas import store as layout
@@ -276,7 +277,7 @@ class Tables:
         `ranges` ((column, lo, hi), a box) let a session cache skip the blocks whose statistics rule them out.
         """
         self._check_open()
-        if located:  # rows located among the Parquet files (FILE_COLUMN, ROW_COLUMN): only they have files
+        if located:  # rows located among the Parquet files (ROW_COLUMN): only they have files
             return self._backend.frame(columns, ranges, located=True) if isinstance(self._backend, ParquetFiles) else None
         return self._backend.frame(columns, ranges)
 
@@ -284,29 +285,59 @@ class Tables:
         """polars' scan of the covered tables' Parquet files (their footers read now, see `_scan`), with the
         partition keys as columns, for the `ParquetFiles` backend: with the latest annotation version of each
         table joined by label id (`annotated`), or without the annotations' columns; None without tables.
-        `located`: with each row's file (FILE_COLUMN, its place in `row_files`) and row in it (ROW_COLUMN)."""
+        `located`: with each row's number across the files in `row_files`' order (ROW_COLUMN)."""
         if not self.n_tables:
             return None
         import polars as pl
 
         files = [(store, table, name) for store, table in self.tables for name in table["files"]]
-        frames = [_scan(store, table, name, located).with_columns(
-            image=pl.lit(layout.partition_value(table["image"])),
-            label_image=pl.lit(layout.partition_value(table["label_image"])),
-            **({FILE_COLUMN: pl.lit(k, pl.Int32)} if located else {}))
-            for k, (store, table, name) in enumerate(files)]
+        frames = self._scans(files, located)
         frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
         if annotated:
             frame = frame.join(self._annotation_frame(), on=list(integrity.OBJECT_KEYS), how="left", maintain_order="left")
         shape = self._reshaped()
-        if shape is not None or not annotated and self._annotation_specs:
+        if shape is not None:
             # every column of the store (see `narrow`), in `column_types`' order; without the annotations,
-            # every column but theirs
-            shape = {n: t for n, t in self.column_types.items() if annotated or n not in self._annotation_only_columns()}
-            have = set(frame.collect_schema().names())
+            # every column but theirs (one column list, not narrowed: the scan has them in that order)
+            shape = {n: t for n, t in shape.items() if annotated or n not in self._annotation_only_columns()}
+            # the frame's columns, from the log (asking polars would read the footers again): every column
+            # list's, the keys, the annotations' where joined
+            have = {c["name"] for i, columns_id in self._group_ids for c in self._specs(i, columns_id)}
+            have |= set(integrity.PARTITION_KEYS) | (self._annotation_only_columns() if annotated else set())
             frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
-                                  for n, t in shape.items()] + ([pl.col(FILE_COLUMN), pl.col(ROW_COLUMN)] if located else []))
+                                  for n, t in shape.items()] + ([pl.col(ROW_COLUMN)] if located else []))
         return frame
+
+    def _scans(self, files: list[tuple[Path, dict, str]], located: bool) -> list:
+        """polars' scans of these Parquet files, in their order, with `image` and `label_image` columns (and the
+        rows' numbers across all of them, ROW_COLUMN, where `located`): one scan of many files per store and
+        column list, its partition keys read from the Hive paths, as polars scans a dataset. A store whose path
+        holds a `=` (polars would read it as a key too) is scanned a file at a time, each footer read and
+        checked against the log first (`_scan`). The files of one scan are checked when it fails
+        (`polars_error`): polars names a file with columns the others lack, and a missing column is found then.
+        """
+        import polars as pl
+
+        starts = np.cumsum([0, *(rf.n_rows for rf, _, _ in self.row_files)]) if located else None
+        frames, k = [], 0
+        while k < len(files):
+            store, table, _ = files[k]
+            j = k
+            while j < len(files) and files[j][0] == store and files[j][1]["columns_id"] == table["columns_id"]:
+                j += 1
+            row_index = {"row_index_name": ROW_COLUMN, "row_index_offset": int(starts[k])} if located else {}
+            if "=" in str(store):
+                for i in range(k, j):
+                    _, t, name = files[i]
+                    index = {"row_index_name": ROW_COLUMN, "row_index_offset": int(starts[i])} if located else None
+                    frames.append(_scan(store, [f"{t['dir']}/{name}"], t["columns"], index).with_columns(
+                        image=pl.lit(layout.partition_value(t["image"])),
+                        label_image=pl.lit(layout.partition_value(t["label_image"]))))
+            else:
+                rels = [f"{t['dir']}/{name}" for _, t, name in files[k:j]]
+                frames.append(_scan(store, rels, table["columns"], row_index, hive=True))
+            k = j
+        return frames
 
     @cached_property
     def row_files(self) -> list[tuple[rowfile.RowFile, str, str]] | None:
@@ -474,8 +505,12 @@ class Tables:
         text = _polars_line(exc)
         if not self.is_cached:  # the query read the Parquet files
             for store, rel, _ in self._parquet_files():
-                if rel in text:  # a file gone since the store was opened
-                    return StoreError(f"{store}: {rel}: cannot read ({text})")
+                if rel in text:  # a file gone since the store was opened, or one with other columns
+                    kind = "cannot read" if isinstance(exc, OSError) else "not this table's file"
+                    return StoreError(f"{store}: {rel}: {kind} ({text})")
+            for store, table in self.tables:  # a file without a column the others have: its footer says so
+                for name in table["files"]:
+                    _scan(store, [f"{table['dir']}/{name}"], table["columns"])
             damaged = self._undecodable(text)
             if damaged is not None:
                 return damaged
@@ -509,9 +544,17 @@ class Tables:
 
     @staticmethod
     def _read_parquet(files: list[str], keys: str, union: bool = True) -> str:
+        """DuckDB's scan of these files with the Hive keys of their paths, as a subquery; DuckDB reads every
+        `key=value` folder of a path as a key, so those above the store's own (a store kept in `run=1/`) are
+        left out."""
         listing = ", ".join(literal(f) for f in files)
-        return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = {str(union).lower()}, "
+        scan = (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = {str(union).lower()}, "
                 f"hive_types = {{{keys}}})")
+        above = sorted({part.split("=", 1)[0] for f in files for part in Path(f).parts[:-1] if "=" in part}
+                       - {*integrity.PARTITION_KEYS, "version"})
+        if not above:
+            return scan
+        return f"(SELECT * EXCLUDE ({', '.join(quote(k) for k in above)}) FROM {scan})"
 
     def _measurements_sql(self, keys: str) -> str:
         """The covered tables' objects: one scan per column list (its files share one schema, so DuckDB reads
@@ -774,24 +817,32 @@ def _polars_type(dtype: str):
     return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
 
 
-def _scan(store: Path, table: dict, name: str, located: bool = False):
-    """A polars scan of one of the table's files, its footer read now: a footer that does not parse, or
-    columns other than the manifest lists, are a StoreError naming the file. `located`: with the row numbers
-    (ROW_COLUMN)."""
+def _scan(store: Path, rels: Sequence[str], columns: list[dict], row_index: dict | None = None, hive: bool = False):
+    """A polars scan of these files (store-relative paths) of one column list (`hive`: several, their partition
+    keys read from their paths), the first one's footer read now: a footer that does not parse, or columns
+    other than the log lists, are a StoreError naming the file (polars keeps the parsed footer for its scan).
+    `row_index`: polars' row_index_name and row_index_offset (ROW_COLUMN)."""
     import polars as pl
 
-    rel = f"{table['dir']}/{name}"
-    frame = pl.scan_parquet(integrity.parquet_file(store, rel),  # missing, truncated: named first
-                            row_index_name=ROW_COLUMN if located else None)
+    paths = [integrity.parquet_file(store, rel) for rel in rels]  # missing, truncated: named first
+    options = {"hive_partitioning": True, "hive_schema": _HIVE_SCHEMA()} if hive else {}
+    frame = pl.scan_parquet(paths if hive else paths[0], **options, **(row_index or {}))
     try:
-        names = frame.collect_schema().names()[1 if located else 0:]  # polars keeps the parsed footer for its scan
+        found = frame.collect_schema().names()
     except (pl.exceptions.ComputeError, OSError) as exc:
-        raise StoreError(f"{store}: {rel}: damaged Parquet file ({' '.join(str(exc).split())})") from None
-    expected = {c["name"] for c in table["columns"]} - set(integrity.PARTITION_KEYS)
-    problem = integrity.column_problem(store, rel, names, expected)
+        raise StoreError(f"{store}: {rels[0]}: damaged Parquet file ({' '.join(str(exc).split())})") from None
+    keys = {ROW_COLUMN, *(integrity.PARTITION_KEYS if hive else ())}
+    expected = {c["name"] for c in columns} - set(integrity.PARTITION_KEYS)
+    problem = integrity.column_problem(store, rels[0], [n for n in found if n not in keys], expected)
     if problem is not None:
         raise problem
     return frame
+
+
+def _HIVE_SCHEMA():
+    import polars as pl
+
+    return {key: pl.String for key in integrity.PARTITION_KEYS}
 
 
 def _top_level_columns(rows: list[tuple]) -> dict[str, list[str]]:

@@ -168,3 +168,27 @@ def test_group_by_names_unknown_aggregates_and_columns(store):
         query.open(store).group_by("image").agg(avg=["area"])
     with pytest.raises(QueryError, match="unknown column 'aera'"):
         query.open(store).group_by("image").agg(mean=["aera"])
+
+
+def test_a_store_whose_path_holds_an_equals_sign_is_scanned_file_by_file(store, tmp_path, monkeypatch):
+    """polars reads every `key=value` folder of a path as a Hive key: such a store is scanned a file at a time."""
+    import shutil
+
+    copy = tmp_path / "run=1" / "s.cellar"
+    shutil.copytree(store, copy)
+    monkeypatch.setattr(api, "ROW_FILE_SHARE", 1.0)
+    for q in (QUERIES["filter, all columns"], QUERIES["top-k"], lambda o: o.where("area > 80").select("image", "label_id")):
+        _same(q(query.open(copy)).to_arrow(), q(query.open(copy, engine="duckdb")).to_arrow(), ordered=False)
+
+
+def test_a_file_with_other_columns_inside_a_scan_is_named(store, tmp_path):
+    """One scan reads many files; one of them (not the first) holding another column list is named."""
+    import shutil
+
+    copy = tmp_path / "s.cellar"
+    shutil.copytree(store, copy)
+    path = next((copy / "objects" / "image=img2").rglob("*.parquet"))
+    table = pq.read_table(path)
+    pq.write_table(table.append_column("stray", pa.array(np.zeros(table.num_rows))), path)
+    with pytest.raises(StoreError, match=r"image=img2/label_image=nuclei/part-\w+\.parquet: not this table's file"):
+        query.open(copy).where("area > 80").select("image", "label_id").to_arrow()
