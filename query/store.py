@@ -458,12 +458,14 @@ class Tables:
         return self._files()
 
     def _check_parquet(self, con: duckdb.DuckDBPyConnection, annotations_only: bool = False) -> None:
-        """Check, once, that every Parquet file's footer parses and holds the columns the manifest lists for it
-        (a file of another table would otherwise join the views unnoticed). DuckDB parses the footers here and
-        keeps them in its metadata cache, so the views' binding that follows does not parse them again."""
+        """Check, once, that the footer of the first Parquet file of every column list (the one DuckDB binds the
+        list's scan to) parses and holds the columns the log lists (a file of another table would otherwise join
+        the views unnoticed), and every annotation file's. DuckDB checks the list's other files against the
+        first when it reads them, and names a file that differs (`error`). It parses the footers here and keeps
+        them in its metadata cache, so the views' binding that follows does not parse them again."""
         if self.__dict__.get("_parquet_checked"):
             return
-        files = self._annotation_files() if annotations_only else self._parquet_files()
+        files = self._annotation_files() if annotations_only else self._first_parquet_files()
         expected = {str((store / rel).resolve()): (store, rel, names) for store, rel, names in files}
         if expected:
             con.execute("SET parquet_metadata_cache = true")
@@ -534,6 +536,16 @@ class Tables:
         for i, key, _ in self._annotated():
             for rel, names in integrity.annotation_files(self.snapshots[i].entry(*key)):
                 yield self.stores[i], rel, names
+
+    def _first_parquet_files(self):
+        """(store, store-relative path, expected column names) of the first Parquet file of every column list,
+        and of every annotation file, of the covered tables."""
+        for (i, _), members in self._groups.items():
+            entry = self.snapshots[i].entry(*members[0])
+            entry = {**entry, "columns": self._specs(i, entry["columns_id"])}
+            names = {c["name"] for c in entry["columns"]} - set(integrity.PARTITION_KEYS)
+            yield self.stores[i], f"{entry['dir']}/{entry['files'][0]}", names
+        yield from self._annotation_files()
 
     def _parquet_files(self):
         """(store, store-relative path, expected column names) of the covered tables' Parquet files."""

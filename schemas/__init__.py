@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from importlib import metadata, resources
+from importlib import resources
 from typing import Any
 
 SCHEMA_FILE = "objects.json"
@@ -18,6 +18,8 @@ SCHEMA_FILE = "objects.json"
 @cache
 def cellar_version() -> str:
     """The installed distribution's version (a source checkout that is not installed says so)."""
+    from importlib import metadata  # here: importing it takes 65 ms (email, zipfile, ...), which only writes need
+
     try:
         return metadata.version("cellar")
     except metadata.PackageNotFoundError:
