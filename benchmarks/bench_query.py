@@ -499,7 +499,7 @@ def measured_params(store: Path) -> dict:
     return {
         "store": str(store), "objects_glob": glob,
         "annotations_glob": str(store / "annotations" / "**" / "*.parquet"),
-        "mean": mean, "mean_hi": mean_hi,
+        "mean": mean, "mean_hi": mean_hi, "mean_5k": float(np.quantile(inten, 1 - 5000 / len(inten))),
         "area_hi": float(np.quantile(above, 0.9)), "area_top": float(np.quantile(above, 0.99)),
         "area_mid": float(np.quantile(area, 0.9)),
         "box": [0.45 * x[0], 0.45 * x[1], 0.55 * x[0], 0.55 * x[1]],
@@ -537,6 +537,44 @@ def fresh_runs(params: dict, repeat: int, engines: list[str]) -> dict:
                                 statistics.median(x["imports"] for x in runs[e]), rows[e])
         print(f"  {name}: " + ", ".join(f"{e} {results[e][name][0] * 1000:.0f} ms" for e in engines), flush=True)
     return results
+
+
+WARM = """
+import json, statistics, sys, time
+sys.path.insert(0, {bench!r})
+from cellar.query import api
+import query_engines as qe
+p = json.loads(sys.argv[1])
+t = time.perf_counter()
+objs = api.open(p["store"], cache=True)
+opened = time.perf_counter() - t
+x0, y0, x1, y1 = p["box"]
+queries = {{
+    "filter -> ids": lambda: objs.where(qe._filter(p, p["area_hi"])).select("image", "label_id").to_arrow().num_rows,
+    "box -> ids": lambda: len(objs.where(f"image = '{{p['image']}}'").within(x0, y0, x1, y1, units="px").label_ids()),
+    "5,000 whole rows": lambda: objs.where(f"{{p['mean']}} > {{p['mean_5k']}}").to_arrow().num_rows,
+}}
+out = {{"open": opened}}
+for name, fn in queries.items():
+    rows = fn()
+    times = []
+    for _ in range(int(sys.argv[2])):
+        t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+    out[name] = (statistics.median(times), rows)
+print(json.dumps(out))
+"""
+
+
+def warm_runs(params: dict, repeat: int) -> dict:
+    """The session cache in RAM (`query.open(store, cache=True)`), in one process: the time to read it, and the
+    median of `repeat` runs of a filter, a box and a whole-row fetch of about 5,000 rows, after one untimed run."""
+    code = WARM.format(bench=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(params), str(repeat)], check=True,
+                         capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    print("  warm: " + ", ".join(f"{k} {v[0] * 1000:.1f} ms ({v[1]:,} rows)" if isinstance(v, list) else
+                                 f"{k} {v:.1f} s" for k, v in result.items()), flush=True)
+    return result
 
 
 def cli_runs(params: dict, work: Path, repeat: int) -> dict:
@@ -605,7 +643,12 @@ def measured(args) -> None:
         engines.append("pytables")
     results = fresh_runs(params, args.repeat, engines)
     cli = cli_runs(params, work, args.repeat)
+    warm = warm_runs(params, args.repeat)
     report_measured(results, cli, params, args)
+    print("\n| session cache in RAM (one process) | " + " | ".join(k for k in warm if k != "open") + " |")
+    print("|---|" + "---|" * (len(warm) - 1))
+    print(f"| read in {warm['open']:.1f} s | " + " | ".join(f"{v[0] * 1000:.1f} ms ({v[1]:,} rows)"
+                                                         for k, v in warm.items() if k != "open") + " |")
     if not args.workdir:
         shutil.rmtree(work)
 

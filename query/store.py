@@ -196,6 +196,10 @@ class Tables:
             return sum(snap.total_objects for snap in self.snapshots)
         return sum(self.snapshots[i].n_objects(*k) for i, k in self._select(images, label_images))
 
+    def keys_matching(self, images: set[str] | None, label_images: set[str] | None) -> list[tuple[int, tuple[str, str]]]:
+        """The covered tables whose rows have these images and label images (None: any), from the log."""
+        return self._select(images, label_images)
+
     def _select(self, images: set[str] | None, label_images: set[str] | None) -> list[tuple[int, tuple[str, str]]]:
         """The covered tables whose rows have these images and label images (None: any), as queries see them:
         an image is named by its partition value in the log (`schemas.store.entry_problem`), a label image by
