@@ -336,7 +336,9 @@ class Query:
         if needs is not None:
             columns = [*needs, *(c for c, _ in self.order), *(n for f in self.filters for n in referenced(f, names))]
             columns = [c for c in dict.fromkeys(columns) if c in names]
-        frame = objects.polars_frame(columns, self.ranges, located)
+        notes = objects.annotation_only_columns()
+        inner = bool(notes) and any(name in notes for f in self.filters for name, _, _ in simple_terms(f, objects.column_types) or ())
+        frame = objects.polars_frame(columns, self.ranges, located, inner)
         return None if frame is None else self._planned(frame, ordered)
 
     def _planned(self, frame, ordered: bool = True):

@@ -89,18 +89,21 @@ class ParquetFiles(Backend):
     so a `Tables` dropped is freed at once, its DuckDB connections with it.
     """
 
-    def __init__(self, scan: Callable[[bool, bool], polars.LazyFrame | None],
+    def __init__(self, scan: Callable[[bool, bool, bool], polars.LazyFrame | None],
                  annotation_columns: Callable[[], set[str]]):
         self._scan = weakref.WeakMethod(scan)
         self._annotation_columns = weakref.WeakMethod(annotation_columns)
-        self._frames: dict[tuple[bool, bool], polars.LazyFrame | None] = {}  # the scans, once built
+        self._frames: dict[tuple[bool, bool, bool], polars.LazyFrame | None] = {}  # the scans, once built
 
-    def frame(self, columns: Sequence[str] | None, ranges: Ranges, located: bool = False) -> polars.LazyFrame | None:
+    def frame(self, columns: Sequence[str] | None, ranges: Ranges, located: bool = False,
+              inner: bool = False) -> polars.LazyFrame | None:
         """polars' scan of the files (`ranges` aside: the row groups' statistics skip what a box rules out), with
         the annotations joined where `columns` (None: all) name one of theirs; `located`: with each row's
-        number across the files (ROW_COLUMN)."""
+        number across the files (ROW_COLUMN); `inner`: the annotations joined by an inner join (the query keeps
+        only annotated objects)."""
         notes = self._annotation_columns()()
-        key = (bool(notes) and (columns is None or not notes.isdisjoint(columns)), located)
+        annotated = bool(notes) and (columns is None or not notes.isdisjoint(columns))
+        key = (annotated, located, annotated and inner)
         if key not in self._frames:  # two threads may both build it: the same scan
             self._frames[key] = self._scan()(*key)
         return self._frames[key]
