@@ -33,13 +33,14 @@ def _caption(entry: dict, by: str | None, where: str | None, matched: int | None
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from . import query
-    from .ngff import labels as ngff_labels
     from .query import pathviewer
 
     objs = query.open(args.store)
     q, entry = pathviewer.table_query(objs, args.image, args.labels)
     ids = q.where(args.where).label_ids()
     if args.mask:
+        from .ngff import labels as ngff_labels  # loads zarr: only masks need it
+
         image = pathviewer.source_image(entry, args.source)
         target = ngff_labels.write_mask(image, entry["label_image"], args.mask, ids, overwrite=args.overwrite)
         print(f"wrote {target} with {len(ids):,} of {entry['n_objects']:,} objects ({args.where})", file=sys.stderr)

@@ -179,6 +179,14 @@ class Query:
             return _arrow(self._collect(frame))
         return self._run(self.to_sql(), "to_arrow_table")
 
+    def from_row_files(self) -> pyarrow.Table | None:
+        """The query's result from the tables' row files where the rule of `_from_row_files` takes it from there,
+        else None (the exports ask first, then stream from DuckDB)."""
+        pruned = self._pruned()
+        if pruned is not self:
+            return pruned.from_row_files()
+        return self._from_row_files(list(self.columns or self.objects.column_names))
+
     def _from_row_files(self, names: list[str]) -> pyarrow.Table | None:
         """The columns `names` of this query's rows, from the tables' row files (`schemas.rowfile`), or None where
         the Parquet files answer instead. The rule, decided before reading any values:

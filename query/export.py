@@ -63,8 +63,13 @@ def _provenance(q: Query) -> dict[str, str]:
 
 
 def _reader(q: Query) -> pa.RecordBatchReader:
-    """The query's rows in batches. An error DuckDB meets while the batches stream (a Parquet file whose data
-    do not decode) reaches pyarrow's reader as an OSError: it is the store's error, not one writing the output."""
+    """The query's rows in batches: from the row files where the query's rule takes them from there (a filter's
+    or top-k's whole rows, at most `api.ROW_FILE_SHARE` of the rows: in memory at once, as small as that), else
+    streamed from DuckDB. An error DuckDB meets while the batches stream (a Parquet file whose data do not
+    decode) reaches pyarrow's reader as an OSError: it is the store's error, not one writing the output."""
+    fetched = q.from_row_files()
+    if fetched is not None:
+        return pa.RecordBatchReader.from_batches(fetched.schema, fetched.to_batches(max_chunksize=BATCH_ROWS))
     source = q.relation().arrow(batch_size=BATCH_ROWS)
 
     def batches():

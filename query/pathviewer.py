@@ -17,13 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import ngff
-from ..ngff import labels as ngff_labels
 from ..schemas import store as layout
 from ..schemas.errors import QueryError, UsageError
 from .sql import literal, quote
 
 if TYPE_CHECKING:
+    from .. import ngff
     from .api import Objects, Query
 
 GREY = (128, 128, 128, 255)
@@ -136,6 +135,9 @@ def source_image(entry: dict, image_url: str | None = None) -> ngff.NgffImage:
     if url is None:  # a table written without provenance (store_write.write_table alone)
         raise UsageError(f"{entry['image']}/{entry['label_image']}: the store does not record the image it was "
                          "measured from; give the image's path or URL")
+    from .. import ngff  # here, as in the other functions that touch an image: cellar.ngff loads zarr and the
+    # NGFF models (450 ms), which filters and `cellar filter` writing label ids do without
+
     image = ngff.open_image(url)
     image.label(entry["label_image"])  # a clear error if it is not there
     return image
@@ -155,6 +157,8 @@ def write_colors(coloring: Coloring, image: ngff.NgffImage, label: str,
                 x = v[j]
                 row[k] = None if isinstance(x, float) and not math.isfinite(x) else x
             props.append(row)
+    from ..ngff import labels as ngff_labels
+
     return ngff_labels.set_image_label(image, label, colors=colors, properties=props)
 
 
@@ -237,6 +241,8 @@ def render(image: ngff.NgffImage, label: str, coloring: Coloring, out: Path, *, 
     def read(group_ms, path: str, c: int | None) -> np.ndarray:
         it = iter(spatial)
         sel = tuple(0 if a.role == "time" else (c or 0) if a.role == "channel" else next(it) for a in group_ms.axes)
+        from .. import ngff
+
         return np.asarray(ngff.open_level(image.url, path)[sel])
 
     grey = read(ms, ms.levels[k].path, c_index).astype(np.float64)

@@ -195,3 +195,21 @@ def test_a_file_with_other_columns_inside_a_scan_is_named(store, tmp_path):
     # DuckDB reads the columns the log lists from every file of the scan, by name: the stray one is not read
     sql = "SELECT image, label_image, label_id FROM objects WHERE area > 80 ORDER BY ALL"
     assert query.open(copy).sql(sql).fetchall() == query.open(store).sql(sql).fetchall()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_exports_from_the_row_files_equal_those_streamed_from_duckdb(store, tmp_path, monkeypatch, fmt):
+    monkeypatch.setattr(api, "ROW_FILE_SHARE", 1.0)
+    used = []
+    original = api.Query.from_row_files
+    monkeypatch.setattr(api.Query, "from_row_files", lambda self: (lambda t: used.append(t is not None) or t)(original(self)))
+    where = "image = 'img1' AND label_image = 'nuclei' AND area > 40"
+    query.open(store).where(where).export(fmt, str(tmp_path / f"rows.{fmt}"))
+    query.open(store, engine="duckdb").where(where).export(fmt, str(tmp_path / f"duck.{fmt}"))
+    assert used[0] and not used[1]  # DuckDB's engine streams
+    if fmt == "csv":
+        rows = [(tmp_path / f"{k}.csv").read_text().splitlines() for k in ("rows", "duck")]
+        assert rows[0][1:] == rows[1][1:] and len(rows[0]) > 10  # the first line: provenance, with the time
+    else:
+        got, want = pq.read_table(tmp_path / "rows.parquet"), pq.read_table(tmp_path / "duck.parquet")
+        assert got.equals(want) and got.num_rows > 10
