@@ -270,8 +270,10 @@ class Executor:
                 raise UsageError("--scheduler/--cluster need dask.distributed: pip install 'cellar[dask]'") from None
             try:
                 if self.scheduler == "local":
+                    # dashboard_address=None still serves the scheduler's HTTP routes on port 8787, and warns
+                    # on stderr when another cluster (a notebook's, say) holds it: a free port, no dashboard
                     self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
-                                                 dashboard_address=None)
+                                                 dashboard_address=":0", scheduler_kwargs={"dashboard": False})
                     self._client = Client(self._cluster)
                 else:
                     self._client = Client(self.scheduler, timeout="10s")

@@ -109,7 +109,10 @@ def annotate(store: Path, image: str, label_image: str, rows: pa.Table, *, sourc
         version = _next_version(current)
         wanted = annotation_dir(image, label_image, version)
         if wanted != where["dir"]:  # another annotator took the number: the file moves to the next one
-            os.renames(store / where["dir"] / name, store / wanted / name)
+            # (not os.renames: its makedirs fails when another annotator creates the folder at the same moment,
+            # and it removes the old folder when empty, under an annotator about to write there)
+            (store / wanted).mkdir(parents=True, exist_ok=True)
+            os.rename(store / where["dir"] / name, store / wanted / name)
             where["dir"] = wanted
         return [{"annotate": {"image": image, "label_image": label_image,
                               "record": {"version": version, **record, "dir": wanted}}}]

@@ -129,6 +129,28 @@ def test_measuring_and_annotating_into_an_existing_store_loses_nothing(image, tm
     assert got == sorted(versions)
 
 
+def test_many_annotators_of_one_table_at_once_all_land(image, tmp_path):
+    """Eight annotators of one table: each loses the race for a version number to the others in turn, moving its
+    file into the next version's folder while others create and fill those folders (os.renames failed here:
+    its makedirs raced another annotator's, and it removed an empty folder another was about to write into). A race:
+    the old code failed this way in CI, under load, and passed here on an idle machine."""
+    store = tmp_path / "a.cellar"
+    measure.measure(str(image), "nuclei", store, image_name="base", workers=1, progress=False)
+    ids = query.open(store).label_ids()
+    for trial in range(2):
+        jobs = []
+        for k in range(8):
+            csv = tmp_path / f"t{trial}-{k}.csv"
+            csv.write_text("label_id,cls\n" + "".join(f"{i},t{trial}k{k}\n" for i in ids[: 2 + k]))
+            jobs.append(["annotate", str(store), "--from", str(csv), "--image", "base", "--labels", "nuclei"])
+        results = _run_all(jobs, tmp_path)
+        assert [code for code, _ in results] == [0] * len(jobs), [err for _, err in results if err][:3]
+    records = _check_store(store).entry("base", "nuclei")["annotations"]
+    assert sorted(r["version"] for r in records) == list(range(1, 17))
+    got = query.open(store).sql("SELECT version, count(*) FROM annotations GROUP BY version ORDER BY version").fetchall()
+    assert len(got) == 16 and sorted(n for _, n in got) == sorted([2 + k for k in range(8)] * 2)
+
+
 def test_writers_killed_at_random_moments_leave_a_consistent_store_that_a_rerun_completes(image, tmp_path):
     rng = random.Random(7)
     store = tmp_path / "k.cellar"
