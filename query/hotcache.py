@@ -44,7 +44,7 @@ from .arrow import number_dtype, take_rows
 
 BATCH_ROWS = 128 * 1024  # the store's row-group size: one record batch per row group
 BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads about an eighth of a batch's rows
-RANGE_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
+RANGE_COLUMNS = layout.CENTROID_COLUMNS
 
 
 def find(store: Path, snap: log.Snapshot) -> Path | None:

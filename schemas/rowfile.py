@@ -29,13 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from .errors import StoreError
+from .store import CENTROID_COLUMNS
 
 MAGIC = b"CELLROWS"
 VERSION = 1
 SUFFIX = ".rows"
 BLOCK = 512  # rows per block of the spatial index
-KEY_COLUMNS = ("label_id", "centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um",
-               "centroid_z_um")
+KEY_COLUMNS = ("label_id", *CENTROID_COLUMNS)
 LEVEL = 1  # zstd's level: 3 compresses 2% smaller and takes twice as long
 
 
@@ -45,7 +45,7 @@ def path_of(parquet_name: str) -> str:
 
 
 def storable(schema: pa.Schema) -> bool:
-    """Whether a table of this schema gets a row file: every column a fixed-width integer, float or boolean."""
+    """Whether a table of this schema gets a row file: every column a fixed-width integer or float."""
     return all(pa.types.is_integer(f.type) or pa.types.is_floating(f.type) for f in schema)
 
 
@@ -105,7 +105,7 @@ class Writer:
         for name, v in keys.items():
             footer["keys"][name] = [f.tell(), v.dtype.str]
             f.write(np.ascontiguousarray(v).tobytes())
-        centroids = [n for n in KEY_COLUMNS[1:] if n in keys]
+        centroids = [n for n in CENTROID_COLUMNS if n in keys]
         if centroids and len(sizes):
             footer["bounds"] = {"at": f.tell(), "columns": centroids}
             f.write(_block_bounds([keys[n].astype(np.float64, copy=False) for n in centroids]).tobytes())

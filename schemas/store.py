@@ -39,6 +39,8 @@ from .errors import StoreError
 
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"
+# the centroid columns, in pixels and micrometres: the spatial indexes (row files, session cache) keep their ranges
+CENTROID_COLUMNS = ("centroid_x", "centroid_y", "centroid_z", "centroid_x_um", "centroid_y_um", "centroid_z_um")
 CACHE_DIR = "cache"
 _CACHE_KINDS = {"objects": ".arrow", "rows": ".npy", "stats": ".json", "places": ".npy", "ranges": ".npy"}
 
