@@ -8,14 +8,25 @@ load it runs code compiled for other types, which returns garbage or crashes (nu
 suggest a file lock). cellar's users run many `cellar measure` processes at once, and its tests run on two workers,
 so every kernel here is declared with `kernel`, which holds a lock beside the index while it is read or written:
 shared for a load, exclusive for a save.
+
+A second hazard is in the names of the compiled functions. numba names each one after its Python name, its argument
+types and a number from a counter that starts at 1 in every process (and that forked workers inherit). Code loaded
+from the cache keeps the names it got in the process that compiled it, and where a function compiled here has the
+same name, the linker binds calls to whichever body it met first: a cached `intensity_crop` then ran the quicksort of
+an `np.argsort` compiled in this process, which sorts a copy of the indices and leaves the values unsorted, so every
+median came out wrong (or, with another pair, the process crashed). numba issue 10486, open. Importing this module
+gives every function a random 64-bit number instead, drawn from the operating system's generator at each compile,
+so that names agree only where two processes compile the same function by chance one in 2**64.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from collections.abc import Callable, Iterator
 
 from numba import njit
+from numba.core.bytecode import FunctionIdentity
 from numba.core.caching import FunctionCache, IndexDataCacheFile
 
 try:
@@ -57,6 +68,19 @@ class _LockedCache(FunctionCache):
     def __init__(self, py_func: Callable):
         super().__init__(py_func)
         self._cache_file.__class__ = _LockedIndex
+
+
+class _RandomIds:
+    """The numbers numba puts in function names: random, and different in each forked child too."""
+
+    def __iter__(self) -> _RandomIds:
+        return self
+
+    def __next__(self) -> int:
+        return secrets.randbits(64)
+
+
+FunctionIdentity._unique_ids = _RandomIds()
 
 
 def kernel(func: Callable) -> Callable:

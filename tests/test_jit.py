@@ -1,5 +1,6 @@
 """Processes that compile the same kernel for different types at the same moment keep every compiled version in the
-cache, and a later process loads the right one (measure/jit.py).
+cache, and a later process loads the right one; code loaded from the cache runs its own functions, never one of the
+same name compiled in the loading process (measure/jit.py).
 
 The race is made certain, not left to timing: each writer waits, between reading numba's index and writing it
 back, until every writer has read it (or 1 s has passed, which is what happens under cellar's lock, where they
@@ -90,3 +91,80 @@ def test_concurrent_compiles_keep_every_version(tmp_path):
 
 def test_without_the_lock_numba_keeps_one_version(tmp_path):
     assert _compile_at_once(tmp_path, "numba") == 1
+
+
+SORTER = """
+@decorate
+def sorted_copy(a):
+    b = a.copy()
+    b.sort()
+    return b
+"""
+
+QUICKSORT_ID = r"""
+import re
+def quicksort_id(dispatcher):
+    ir = dispatcher.overloads[dispatcher.signatures[0]].library.get_llvm_str()
+    return int(re.search(r"run_quicksort1B[0-9]+v([0-9]+)", ir).group(1))
+"""
+
+COMPILE_SORTER = QUICKSORT_ID + """
+import numpy as np, kernels
+kernels.sorted_copy(np.arange(5.0))
+print(quicksort_id(kernels.sorted_copy))
+"""
+
+ARGSORT = """
+import numpy as np, numba
+@numba.njit
+def order(a):
+    return np.argsort(a)
+"""
+
+# The number an argsort's quicksort gets, counted from the counter's value before it compiles.
+ARGSORT_OFFSET = QUICKSORT_ID + """
+import itertools, numpy as np
+from numba.core.bytecode import FunctionIdentity
+FunctionIdentity._unique_ids = itertools.count(1000)
+""" + ARGSORT + """
+order(np.arange(5.0))
+print(quicksort_id(order) - 1000)
+"""
+
+# An argsort compiled here, as the 3D morphology kernel does, then the cached sort. Where numba's counter is in use, it
+# is set so that the argsort's quicksort gets the very name the cached sort's has: what happens by chance when the
+# two processes have compiled the same number of functions before.
+LOAD_SORTER = QUICKSORT_ID + """
+import itertools, sys, numpy as np, kernels
+from numba.core.bytecode import FunctionIdentity
+if type(FunctionIdentity._unique_ids) is itertools.count:
+    FunctionIdentity._unique_ids = itertools.count(int(sys.argv[1]) - int(sys.argv[2]))
+""" + ARGSORT + """
+order(np.arange(5.0))
+values = np.random.default_rng(0).random(100)
+print(np.array_equal(kernels.sorted_copy(values), np.sort(values)), sum(kernels.sorted_copy.stats.cache_hits.values()))
+"""
+
+
+def _sorter_loaded_beside_an_argsort(folder: Path, decorator: str) -> tuple[bool, int]:
+    """Whether the cached sort sorts, in a process that compiled an argsort first; and its cache hits."""
+    (folder / "kernels.py").write_text(MODULE[decorator] + textwrap.dedent(SORTER))
+    outputs = []
+    for code, args in ((COMPILE_SORTER, []), (ARGSORT_OFFSET, [])):
+        proc = _python(code, args, folder)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    proc = _python(LOAD_SORTER, outputs, folder)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    is_sorted, hits = out.split()
+    return is_sorted == "True", int(hits)
+
+
+def test_cached_code_never_runs_a_function_compiled_here(tmp_path):
+    assert _sorter_loaded_beside_an_argsort(tmp_path, "cellar") == (True, 1)
+
+
+def test_without_random_ids_numba_runs_the_argsorts_quicksort(tmp_path):
+    assert _sorter_loaded_beside_an_argsort(tmp_path, "numba") == (False, 1)
