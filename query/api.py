@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl  # with the module: most queries run on it (see `_polars`)
 
 from ..schemas.errors import QueryError
+from ..schemas.integrity import PARTITION_KEYS
 from .arrow import chunk_values, from_numpy, plain_strings, repeated_string
 from .backends import ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, simple_terms, suggest
@@ -524,10 +525,11 @@ class Grouped:
     def agg(self, **columns: str | Sequence[str]) -> pyarrow.Table:
         """One row per group, sorted by the keys: the keys, then `<aggregate>_<column>` for every aggregate
         (count: of the values that are not null; sum, mean, min, max, median, std, var: std and var of samples,
-        ddof 1) and column given, NaN values included as in SQL. `objs.group_by("image").agg(mean=["area", "intensity_mean__CD8"])`.
+        ddof 1) and column given, NaN values included as in SQL; counts and sums of whole numbers are int64
+        (uint64 for unsigned columns). `objs.group_by("image").agg(mean=["area", "intensity_mean__CD8"])`.
 
-        Runs in polars where the query's filters allow (the rule of `Query._polars`), else in DuckDB; both
-        give the same table (tests/test_query_api.py)."""
+        Runs in polars where the query's filters allow (the rule of `Query._polars`; by partition keys, a file
+        at a time: `_file_parts`), else in DuckDB; both give the same table (tests/test_rowfile.py)."""
         wanted = [(f, c) for f, cols in columns.items() for c in ([cols] if isinstance(cols, str) else cols)]
         for f, _ in wanted:
             if f not in AGGREGATES:
@@ -537,17 +539,81 @@ class Grouped:
         q = self.query._pruned()
         q.objects.check_columns([c for _, c in wanted], "agg")
         names = [f"{f}_{c}" for f, c in wanted]
-        frame = q._polars(ordered=False, needs=(*self.keys, *(c for _, c in wanted))) if not q.objects.is_cached else None
-        if frame is not None:
+        casts = {n: t for (f, c), n in zip(wanted, names) if (t := _result_type(f, q.objects.column_types[c]))}
+        parts = self._file_parts(q, wanted)
+        frame = None
+        if parts is not None:
+            frame = _combined(parts, self.keys, wanted, names)
+        elif not q.objects.is_cached and (scan := q._polars(ordered=False, needs=(*self.keys, *(c for _, c in wanted)))) is not None:
             exprs = [getattr(pl.col(c), f)().alias(n) for (f, c), n in zip(wanted, names)]
-            out = q._collect(frame.group_by(list(self.keys)).agg(exprs).sort(list(self.keys), nulls_last=True))
-            out = out.with_columns(pl.col(n).cast(pl.Int64) for (f, _), n in zip(wanted, names) if f == "count")
-            return _arrow(out)
+            frame = scan.group_by(list(self.keys)).agg(exprs).sort(list(self.keys), nulls_last=True)
+        if frame is not None:
+            return _arrow(q._collect(frame.with_columns(pl.col(n).cast(_POLARS_INTEGERS[t]) for n, t in casts.items())))
         sql_of = {"mean": "avg({})", "std": "stddev_samp({})", "var": "var_samp({})"}
-        items = ", ".join(f"{sql_of.get(f, f + '({})').format(quote(c))} AS {quote(n)}" for (f, c), n in zip(wanted, names))
+        items = ", ".join(f"{_duck_cast(sql_of.get(f, f + '({})').format(quote(c)), casts.get(n))} AS {quote(n)}"
+                          for (f, c), n in zip(wanted, names))
         keys = ", ".join(quote(k) for k in self.keys)
         return q._run(f"SELECT {keys}, {items} FROM ({replace(q, columns=None, order=(), limit_rows=q.limit_rows).to_sql()}) "
                       f"GROUP BY {keys} ORDER BY {keys} NULLS LAST", "to_arrow_table")
+
+    def _file_parts(self, q: Query, wanted: list[tuple[str, str]]) -> list | None:
+        """Each Parquet file's partial aggregates (`_PARTS`), where the keys are partition keys, so that a file
+        holds one group: a file at a time, polars reads and reduces the files in parallel and never gathers
+        their rows (1.6x faster than grouping 2M rows by image: benchmarks/bench_query.py --measured). None
+        where the query's rule sends it to DuckDB, an aggregate does not combine (median, std, var), an
+        annotation column is touched, or the rows come from a session cache."""
+        if not set(self.keys) <= set(PARTITION_KEYS) or any(f not in _PARTS for f, _ in wanted) or \
+                q.limit_rows is not None or q.objects.engine == "duckdb" or not all(_polars_reads(f, q.objects.column_types) for f in q.filters):
+            return None
+        names = q.objects.column_names
+        needed = [*self.keys, *(c for _, c in wanted), *(n for f in q.filters for n in referenced(f, names))]
+        files = q.objects.polars_file_frames([c for c in dict.fromkeys(needed) if c in names])
+        if files is None:
+            return None
+        parts = sorted({(part, c) for f, c in wanted for part in _PARTS[f]})
+        partial = [pl.len().alias(_ROWS), *(_PARTIAL[part](c).alias(f"{part}:{c}") for part, c in parts)]
+        return [q._planned(frame, ordered=False).select(partial).with_columns(
+                pl.lit(keys[k], pl.String).alias(k) for k in self.keys) for keys, frame in files]
+
+
+_POLARS_INTEGERS = {"int64": pl.Int64, "uint64": pl.UInt64}
+
+
+def _result_type(aggregate: str, dtype: str) -> str | None:
+    """The type an aggregate's values are cast to, so that both engines give the same table: counts int64, sums
+    of whole numbers int64 (uint64 of unsigned ones; DuckDB's would be a 128-bit decimal); None: as computed."""
+    if aggregate == "count":
+        return "int64"
+    if aggregate == "sum" and dtype.startswith(("int", "uint")):
+        return "uint64" if dtype.startswith("uint") else "int64"
+    return None
+
+
+def _duck_cast(expr: str, dtype: str | None) -> str:
+    return expr if dtype is None else f"CAST({expr} AS {'UBIGINT' if dtype == 'uint64' else 'BIGINT'})"
+
+
+# The aggregates that combine from each file's partial ones, and those partial ones (`Grouped._file_parts`).
+_PARTS = {"count": ("count",), "sum": ("sum",), "mean": ("sum", "count"), "min": ("min",), "max": ("max",)}
+_PARTIAL = {"count": lambda c: pl.col(c).count(), "sum": lambda c: pl.col(c).sum(),
+            "min": lambda c: pl.col(c).min(), "max": lambda c: pl.col(c).max()}
+_ROWS = "__cellar_rows"
+
+
+def _combined(parts: list, keys: tuple[str, ...], wanted: list[tuple[str, str]], names: list[str]):
+    """The groups' aggregates from the files' partial ones (`Grouped._file_parts`), sorted by the keys; a
+    group whose files' rows were all filtered out is no group, as in a GROUP BY."""
+    def total(part: str, c: str) -> pl.Expr:
+        return {"count": pl.sum, "sum": pl.sum, "min": pl.min, "max": pl.max}[part](f"{part}:{c}")
+
+    exprs = []
+    for (f, c), n in zip(wanted, names):
+        if f == "mean":
+            exprs.append(pl.when(total("count", c) > 0).then(total("sum", c) / total("count", c)).alias(n))
+        else:
+            exprs.append(total(f, c).alias(n))
+    frame = pl.concat(parts, how="vertical_relaxed").group_by(list(keys)).agg(pl.sum(_ROWS), *exprs)
+    return frame.filter(pl.col(_ROWS) > 0).select(*keys, *names).sort(list(keys), nulls_last=True)
 
 
 class Objects(Tables):
