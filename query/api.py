@@ -498,8 +498,9 @@ def _whole_tables(condition: str, sources) -> bool:
 
 
 def _polars_reads(condition: str, types: dict[str, str]) -> bool:
-    """Whether polars may run this filter (see `Query._polars`): it reads it as DuckDB does, and parses it."""
-    return reads_alike(condition, types) and polars_parses(condition)
+    """Whether polars may run this filter (see `Query._polars`): it reads it as DuckDB does, and parses it (a
+    conjunction of simple terms need not be parsed: it runs as native expressions, `Query._native`)."""
+    return reads_alike(condition, types) and (simple_terms(condition, types) is not None or polars_parses(condition))
 
 
 def _number(value: Any, what: str) -> float:

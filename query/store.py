@@ -553,7 +553,13 @@ class Tables:
         errors that do not, the files are read to find it (`_undecodable`, only on an error's path)."""
         text = _polars_line(exc)
         if not self.is_cached:  # the query read the Parquet files
-            for store, rel, _ in self._parquet_files():
+            files = list(self._parquet_files())
+            try:
+                for store, rel, _ in files:  # missing or truncated (the scans trust the log: `_scan`)
+                    integrity.parquet_file(store, rel)
+            except StoreError as error:
+                return error
+            for store, rel, _ in files:
                 if rel in text:  # a file gone since the store was opened, or one with other columns
                     kind = "cannot read" if isinstance(exc, OSError) else "not this table's file"
                     return StoreError(f"{store}: {rel}: {kind} ({text})")
@@ -881,16 +887,18 @@ def _scan(store: Path, rels: Sequence[str], columns: list[dict], row_index: dict
     """A polars scan of these files (store-relative paths) of one column list (`hive`: several, their partition
     keys read from their paths). `row_index`: polars' row_index_name and row_index_offset (ROW_COLUMN).
 
-    With `trust_log`, polars is given the columns and types the log lists, so it reads no footer before the query
+    With `trust_log`, polars is given the columns and types the log lists, so it opens no file before the query
     runs (a schema polars would otherwise infer from the first file: about 10 ms of a 50 ms filter over 2M rows);
-    a file whose columns differ fails the query, and `Tables.polars_error` then reads the footers, as below.
+    a file that is missing, truncated or of other columns fails the query, and `Tables.polars_error` then checks
+    the files and reads the footers, as below.
     Without it, or where a type has no polars equivalent here, the first file's footer is read now: a footer that
     does not parse, or columns other than the log lists, are a StoreError naming the file."""
     import polars as pl
 
-    paths = [integrity.parquet_file(store, rel) for rel in rels]  # missing, truncated: named first
-    options = {"hive_partitioning": True, "hive_schema": _HIVE_SCHEMA()} if hive else {}
     schema = _polars_schema(columns) if trust_log else None
+    # missing, truncated: named first (trusting the log, when the query fails: `Tables.polars_error`)
+    paths = [store / rel if schema is not None else integrity.parquet_file(store, rel) for rel in rels]
+    options = {"hive_partitioning": True, "hive_schema": _HIVE_SCHEMA()} if hive else {}
     frame = pl.scan_parquet(paths if hive else paths[0], schema=schema, **options, **(row_index or {}))
     if schema is not None:
         return frame
