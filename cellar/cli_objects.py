@@ -198,10 +198,10 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from . import query
-    from .query import export, pathviewer
+    from .query import export, formats, pathviewer
 
-    if args.to[0] not in export.FORMATS:
-        raise UsageError(f"--to {args.to[0]}: unknown format (expected one of {', '.join(export.FORMATS)})")
+    if args.to[0] not in formats.FORMATS:
+        raise UsageError(f"--to {args.to[0]}: unknown format (expected one of {', '.join(formats.FORMATS)})")
     if len(args.to) > 2:
         raise UsageError(f"--to {' '.join(args.to)}: expected FORMAT [OUTPUT]")
     args.to, args.output = args.to[0], (args.to[1] if len(args.to) == 2 else None)
@@ -314,7 +314,7 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("store")
     p.set_defaults(func=cmd_upgrade)
 
-    from .query.export import FORMATS, MAX_CELLS, MAX_STRING
+    from .query.formats import FORMATS, MAX_CELLS, MAX_STRING
 
     p = sub.add_parser("export", help="write objects as OMERO.tables HDF5, AnnData, CSV, Parquet or NGFF properties")
     p.add_argument("store")

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from .. import schemas
 from ..schemas import integrity, log, rowfile
 from ..schemas import store as layout
+from ..schemas.arrays import from_numpy
 from ..schemas.atomic import atomic_write, fsync_file, temp_path
 from ..schemas.errors import StoreError
 
@@ -87,7 +88,7 @@ def arrow_table(columns: dict[str, Any], column_specs: list[dict], provenance: d
                                metadata={"unit": spec["unit"]}))
     about = {k: v for k, v in provenance.items() if k != "columns"}
     schema = pa.schema(fields, metadata={"cellar": json.dumps(about)})
-    return pa.table([columns[f.name] for f in fields], schema=schema)
+    return pa.table([from_numpy(columns[f.name]) for f in fields], schema=schema)
 
 
 def write_table(out: Path, entry: dict, table: pa.Table | Iterable[pa.Table], overwrite: bool = False, *,

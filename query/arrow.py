@@ -136,21 +136,3 @@ def number_dtype(kind) -> np.dtype | None:
 def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
     """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
     return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
-
-
-def from_numpy(values: np.ndarray) -> pyarrow.Array:
-    """A numpy array of numbers as an Arrow array, zero-copy (`pa.array` would import pandas to ask whether it is
-    a pandas object: 400-800 ms in a fresh process)."""
-    import pyarrow as pa
-
-    values = np.ascontiguousarray(values)
-    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
-
-
-def repeated_string(value: str, n: int) -> pyarrow.Array:
-    """`n` copies of a string as an Arrow string array, built from its buffers (as `from_numpy`, without pandas)."""
-    import pyarrow as pa
-
-    data = value.encode()
-    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
-    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])

@@ -38,15 +38,13 @@ import pyarrow as pa
 from ..schemas import store as layout
 from ..schemas.atomic import atomic_write
 from ..schemas.errors import UsageError
+from .formats import FORMATS, MAX_CELLS, MAX_STRING
 from .sql import quote
 
 if TYPE_CHECKING:
     from .api import Query
 
-FORMATS = ("omero-h5", "csv", "parquet", "anndata", "ngff-properties")
 BATCH_ROWS = 65_536
-MAX_STRING = 1024  # bytes per text value in an OMERO StringColumn
-MAX_CELLS = 1_000_000  # objects x columns written into NGFF JSON metadata
 OMERO_TITLE = "OMERO HDF Measurement Storage"
 _INT64_MAX = np.iinfo(np.int64).max
 

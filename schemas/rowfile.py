@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .arrays import to_numpy
 from .errors import StoreError
 from .store import CENTROID_COLUMNS
 
@@ -122,7 +123,7 @@ class Writer:
 def _values(column: pa.ChunkedArray) -> np.ndarray | None:
     if column.null_count:
         return None
-    return column.to_numpy()
+    return to_numpy(column)
 
 
 def _block_bounds(columns: list[np.ndarray]) -> np.ndarray:

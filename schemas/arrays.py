@@ -1,0 +1,34 @@
+"""Arrow arrays built from numpy buffers, without the pandas import that `pyarrow.array` makes in a fresh process:
+the store writer's columns (`cellar.measure.store_write`) and the query API's results (`cellar.query.api`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+
+def from_numpy(values: np.ndarray) -> pa.Array:
+    """A numpy array as an Arrow array: numbers zero-copy (`pa.array` would import pandas to ask whether it is a
+    pandas object: 200-800 ms in a fresh process), other kinds (text, booleans) through `pa.array`."""
+    if values.dtype.kind not in "iuf":
+        return pa.array(values)
+    values = np.ascontiguousarray(values)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values), [None, pa.py_buffer(values)])
+
+
+def repeated_string(value: str, n: int) -> pa.Array:
+    """`n` copies of a string as an Arrow string array, built from its buffers (as `from_numpy`, without pandas)."""
+    data = value.encode()
+    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
+
+
+def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of numbers without nulls as a numpy array (a view of a single chunk, else the chunks joined),
+    read from its buffers as `from_numpy` writes them; other columns through pyarrow's `to_numpy`."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    if not pa.types.is_integer(column.type) and not pa.types.is_floating(column.type) or column.null_count:
+        return column.to_numpy()
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    views = [np.frombuffer(c.buffers()[1], dtype, count=len(c), offset=c.offset * dtype.itemsize) for c in chunks]
+    return views[0] if len(views) == 1 else np.concatenate(views) if views else np.empty(0, dtype)
