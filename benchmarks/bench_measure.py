@@ -23,6 +23,18 @@ cellar runs `--repeat` times (median); the slower peers run once each (`--peer-r
 
 Peak memory is the largest summed RSS of the process and its children, sampled every 20 ms (forked workers
 share pages with their parent, so the sum over-counts cellar's real use).
+`--like-for-like` instead compares the features both sides compute (README's first table), in one run:
+- the basic set (BASIC below: area, bounding box, centroid, intensity mean/min/max, eccentricity, orientation,
+  axis lengths, perimeter, solidity, extent, Euler number): `cellar measure --features BASIC` end to end against
+  `regionprops_table` with exactly those properties on in-memory arrays, and nyxus' comparable groups
+  (BASIC_MORPHOLOGY and ALL_INTENSITY, which compute more than these) on in-memory arrays;
+- the cheap set (CHEAP: area, bounding box, centroid, intensity mean/min/max): `cellar measure --features CHEAP`
+  against regionprops with those properties, and against the floor: every chunk of the OME-Zarr image and
+  labels read and decoded, and one compiled pass over the pixels computing those features (counts, bounds,
+  coordinate sums, per-channel sums/min/max), in a pool of as many processes as cellar uses, by bands of rows;
+- start-up: `cellar measure` of a 64 x 64 image, whole process (interpreter, imports, kernels loaded from
+  numba's cache, a table written), median of 5.
+
 Run: `python benchmarks/bench_measure.py` (the issue's 8192 x 8192 / 100k-object slide), or
 `python benchmarks/bench_measure.py --size 4096 --objects 25000` (the 4096 x 4096 / 25k case); add
 `--size 1024 --objects 1500 --repeat 1` for a quick check.
@@ -99,6 +111,135 @@ t = time.perf_counter()
 df = nyx.featurize(image, np.stack([labels] * len(image)), intensity_names=names, label_names=names)
 print(time.perf_counter() - t, df["ROI_label"].nunique())
 """
+
+
+BASIC = ("area,bbox_min,bbox_max,centroid,intensity_mean,intensity_min,intensity_max,eccentricity,orientation,"
+         "axis_major_length,axis_minor_length,perimeter,solidity,extent,euler_number")
+CHEAP = "area,bbox_min,bbox_max,centroid,intensity_mean,intensity_min,intensity_max"
+
+NYXUS_BASIC_SCRIPT = NYXUS_SCRIPT.replace('"*ALL_MORPHOLOGY*"', '"*BASIC_MORPHOLOGY*"')
+
+FLOOR_SCRIPT = """
+import multiprocessing, sys, time, numpy as np, numba, zarr
+path, workers, band = sys.argv[1], int(sys.argv[2]), 1024
+
+@numba.njit(nogil=True)
+def one_pass(labels, image, y0, geo, acc):
+    # per label: count, y min, y max, x min, x max, y sum, x sum; per channel and label: sum, min, max
+    for y in range(labels.shape[0]):
+        for x in range(labels.shape[1]):
+            k = labels[y, x]
+            if k == 0:
+                continue
+            gy = y + y0
+            geo[k, 0] += 1
+            geo[k, 1] = min(geo[k, 1], gy)
+            geo[k, 2] = max(geo[k, 2], gy)
+            geo[k, 3] = min(geo[k, 3], x)
+            geo[k, 4] = max(geo[k, 4], x)
+            geo[k, 5] += gy
+            geo[k, 6] += x
+            for c in range(image.shape[0]):
+                v = np.float64(image[c, y, x])
+                acc[c, k, 0] += v
+                acc[c, k, 1] = min(acc[c, k, 1], v)
+                acc[c, k, 2] = max(acc[c, k, 2], v)
+
+def arrays():
+    return zarr.open_array(path + "/labels/nuclei/0", mode="r"), zarr.open_array(path + "/0", mode="r")
+
+def fresh(n, c):
+    geo = np.zeros((n + 1, 7)); geo[:, 1] = geo[:, 3] = np.inf; geo[:, 2] = geo[:, 4] = -np.inf
+    acc = np.zeros((c, n + 1, 3)); acc[:, :, 1] = np.inf; acc[:, :, 2] = -np.inf
+    return geo, acc
+
+def part(y0):
+    labels, image = arrays()
+    lab, img = labels[y0:y0 + band], image[:, y0:y0 + band]
+    if mode == "read":
+        return None
+    geo, acc = fresh(n, img.shape[0])
+    one_pass(lab, img, y0, geo, acc)
+    return geo, acc
+
+labels, image = arrays()
+n = int(sys.argv[3])
+g, a = fresh(n, image.shape[0])
+one_pass(labels[:8, :8], image[:, :8, :8], 0, g, a)  # compiled here, before the pool forks
+out = {}
+for mode in ("read", "floor"):
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        t = time.perf_counter()
+        parts = pool.map(part, range(0, labels.shape[0], band))
+        if mode == "floor":  # the bands' partial results merged: each object's features
+            geo, acc = fresh(n, image.shape[0])
+            for g, a in parts:
+                geo[:, 0] += g[:, 0]; geo[:, 5:] += g[:, 5:]; acc[:, :, 0] += a[:, :, 0]
+                geo[:, 1] = np.minimum(geo[:, 1], g[:, 1]); geo[:, 3] = np.minimum(geo[:, 3], g[:, 3])
+                geo[:, 2] = np.maximum(geo[:, 2], g[:, 2]); geo[:, 4] = np.maximum(geo[:, 4], g[:, 4])
+                acc[:, :, 1] = np.minimum(acc[:, :, 1], a[:, :, 1]); acc[:, :, 2] = np.maximum(acc[:, :, 2], a[:, :, 2])
+            mean = acc[:, 1:, 0] / np.maximum(geo[1:, 0], 1)
+        out[mode] = time.perf_counter() - t
+print(out["read"], out["floor"], int((geo[1:, 0] > 0).sum()))
+"""
+
+
+def like_for_like(args, work: Path, zarr_path: Path, n_objects: int) -> None:
+    """The README's first table: cellar against regionprops and nyxus on the same features, and against the floor
+    (see the module's docstring), in one run."""
+    workers = os.cpu_count() or 1
+    cellar_bin = str(Path(sys.executable).with_name("cellar"))
+    times: dict[str, list[float]] = {}
+
+    def timed(key: str, cmd: list[str], parse=None) -> None:
+        elapsed, _, out = run_tracked(cmd)
+        times.setdefault(key, []).append(parse(out) if parse else elapsed)
+        print(f"  {key}: {times[key][-1]:.2f} s", flush=True)
+
+    for name, features in (("basic", BASIC), ("cheap", CHEAP)):
+        cmd = [cellar_bin, "measure", str(zarr_path), "--labels", "nuclei", "--out", str(work / f"{name}.cellar"),
+               "--overwrite", "--quiet", "--features", features]
+        subprocess.run(cmd, check=True)  # numba's cache filled, as after any first use
+        for _ in range(args.repeat):
+            timed(f"cellar {name}", cmd)
+        props = ",".join(regionprops_properties(features))
+        for _ in range(args.peer_repeat):
+            timed(f"regionprops {name}", [sys.executable, "-c", REGIONPROPS_SCRIPT, str(work / "labels.npy"),
+                                          str(work / "image.npy"), props, ""], lambda out: float(out.split()[0]))
+    if not args.no_nyxus:
+        for _ in range(args.peer_repeat):
+            timed("nyxus basic", [sys.executable, "-c", NYXUS_BASIC_SCRIPT, str(work / "labels.npy"),
+                                  str(work / "image.npy")], lambda out: float(out.split()[0]))
+    for _ in range(args.repeat):
+        timed("read", [sys.executable, "-c", FLOOR_SCRIPT, str(zarr_path), str(workers), str(n_objects)],
+              lambda out: float(out.split()[0]))
+        timed("floor", [sys.executable, "-c", FLOOR_SCRIPT, str(zarr_path), str(workers), str(n_objects)],
+              lambda out: float(out.split()[1]))
+    tiny = work / "tiny.ome.zarr"
+    from cellar.ngff.write import write_image
+
+    tiny_labels, tiny_image = make_slide(64, 10, args.channels)
+    write_image(tiny, tiny_image, "cyx", chunks=(1, 64, 64), labels={"nuclei": tiny_labels}, overwrite=True)
+    start = [cellar_bin, "measure", str(tiny), "--labels", "nuclei", "--out", str(work / "tiny.cellar"),
+             "--overwrite", "--quiet"]
+    subprocess.run(start, check=True)
+    for _ in range(5):
+        timed("start-up", start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\nmachine: {platform.machine()}, {workers} cores, Python {platform.python_version()}; {args.size} x "
+          f"{args.size}, {args.channels} x uint16, {n_objects:,} objects; cellar median of {args.repeat} (end to end, "
+          f"OME-Zarr -> store), peers median of {args.peer_repeat} (arrays in memory)\n")
+    print("| features | cellar measure | regionprops_table | cellar faster by | nyxus | cellar faster by |")
+    print("|---|---|---|---|---|---|")
+    for name, features in (("basic", BASIC), ("cheap", CHEAP)):
+        c, r = med[f"cellar {name}"], med[f"regionprops {name}"]
+        nyx = med.get(f"nyxus {name}")
+        print(f"| {name} ({features.count(',') + 1} features) | {c:.2f} s | {r:.2f} s | {r / c:.1f}x | "
+              + (f"{nyx:.2f} s | {nyx / c:.1f}x |" if nyx else "- | - |"))
+    print(f"\nfloor of the cheap set (read every chunk + one compiled pass, {workers} processes): {med['floor']:.2f} s "
+          f"(reading alone {med['read']:.2f} s); cellar's cheap set is {med['cellar cheap'] / med['floor']:.2f}x the "
+          f"floor. Start-up (`cellar measure` of a 64 x 64 image, whole process): {med['start-up']:.2f} s.")
+    (work / "like_for_like.json").write_text(json.dumps(med))
 
 
 def regionprops_properties(features: str | None) -> list[str]:
@@ -202,6 +343,8 @@ def main() -> None:
     parser.add_argument("--no-extra", action="store_true",
                         help="skip the regionprops run with extra_properties for the features it lacks")
     parser.add_argument("--workdir", help="keep data here (default: a temporary directory)")
+    parser.add_argument("--like-for-like", action="store_true",
+                        help="the basic and cheap feature sets against regionprops, nyxus and the floor (see above)")
     args = parser.parse_args()
 
     from cellar import measure
@@ -221,6 +364,11 @@ def main() -> None:
     print(f"data: {args.size} x {args.size}, {args.channels} x uint16, {n_objects} objects, "
           f"generated and written in {time.perf_counter() - t:.1f} s ({work})", flush=True)
 
+    if args.like_for_like:
+        like_for_like(args, work, zarr_path, n_objects)
+        if not args.workdir:
+            shutil.rmtree(work)
+        return
     store = work / "slide.cellar"
     feature_args = ["--features", args.features] if args.features else []
     cli = [str(Path(sys.executable).with_name("cellar")), "measure", str(zarr_path), "--labels", "nuclei",
