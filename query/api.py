@@ -22,10 +22,10 @@ import duckdb
 import numpy as np
 import polars as pl  # with the module: most queries run on it (see `_polars`)
 
-from ..schemas.arrays import from_numpy, repeated_string
+from ..schemas.arrays import chunk_values, from_numpy, repeated_string
 from ..schemas.errors import QueryError
 from ..schemas.integrity import PARTITION_KEYS
-from .arrow import chunk_values, plain_strings
+from .arrow import plain_strings
 from .backends import ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, simple_terms, suggest
 from .store import Tables

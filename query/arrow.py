@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..schemas.arrays import chunk_values
+
 if TYPE_CHECKING:
     import pyarrow
 
@@ -131,8 +133,3 @@ def number_dtype(kind) -> np.dtype | None:
     if kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
         return np.dtype(kind.to_pandas_dtype())
     return None
-
-
-def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
-    """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
-    return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)

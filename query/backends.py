@@ -25,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import hotcache
-from .arrow import chunk_values, number_dtype, take_rows
+from .arrow import number_dtype, take_rows
+from ..schemas.arrays import chunk_values
 from ..schemas.errors import QueryError
 
 if TYPE_CHECKING:
