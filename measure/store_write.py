@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -166,19 +167,23 @@ def _write_parquet(final: Path, table: pa.Table | Iterable[pa.Table]) -> None:
             # and the README): measurement columns are mostly distinct floats, where dictionaries cost time and
             # space (100k x 116: 0.45 -> 0.27 s, 63 -> 52 MB); LZ4 files are ~25% larger than zstd's on real
             # measurements but decompress about twice as fast, which halves queries that read many columns.
+            # The row file is compressed in a thread while pyarrow encodes the same rows (both release the GIL);
+            # leaving the pool waits for it, before either file is closed.
             writer = rows = None
             try:
-                for part in [table] if isinstance(table, pa.Table) else table:
-                    if writer is None:
-                        writer = pq.ParquetWriter(tmp, part.schema, compression=COMPRESSION, write_statistics=True,
-                                                  use_dictionary=False)
-                        rows = rowfile.Writer(rows_tmp, part.schema) if rowfile.storable(part.schema) else None
-                    writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
-                    if rows is not None and any(c.null_count for c in part.columns):
-                        rows.abort()  # a column with nulls: no row file (readers read the Parquet file)
-                        rows = None
-                    if rows is not None:
-                        rows.write(part)
+                with ThreadPoolExecutor(1) as beside:
+                    for part in [table] if isinstance(table, pa.Table) else table:
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, part.schema, compression=COMPRESSION,
+                                                      write_statistics=True, use_dictionary=False)
+                            rows = rowfile.Writer(rows_tmp, part.schema) if rowfile.storable(part.schema) else None
+                        if rows is not None and any(c.null_count for c in part.columns):
+                            rows.abort()  # a column with nulls: no row file (readers read the Parquet file)
+                            rows = None
+                        pending = beside.submit(rows.write, part) if rows is not None else None
+                        writer.write_table(part, row_group_size=ROW_GROUP_SIZE)
+                        if pending is not None:
+                            pending.result()
             finally:
                 if writer is not None:
                     writer.close()

@@ -87,12 +87,9 @@ class Writer:
         segments[:, 1] = self.width
         frames = self._compressor.multi_compress_to_buffer(
             self._zstd.BufferWithSegments(rows, segments.tobytes()), threads=min(2, os.cpu_count() or 1))
-        sizes = np.empty(n, np.uint64)
-        for i in range(n):
-            frame = memoryview(frames[i])
-            sizes[i] = len(frame)
-            self._f.write(frame)
-        self._sizes.append(sizes)
+        parts = [frames[i] for i in range(n)]
+        self._sizes.append(np.fromiter(map(len, map(memoryview, parts)), np.uint64, n))
+        self._f.write(b"".join(parts))
 
     def close(self) -> None:
         f = self._f
