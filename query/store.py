@@ -411,9 +411,11 @@ class Tables:
                     image=pl.lit(layout.partition_value(key[0])), label_image=pl.lit(layout.partition_value(key[1])))
                     for key, rel in found)
             else:
-                # with the columns the log lists where it lists one set, as for the objects (`_scan`)
-                paths = [integrity.parquet_file(store, rel) for _, rel in found]
-                frames.append(pl.scan_parquet(paths, hive_partitioning=True, schema=_polars_schema(listed[i]) if listed[i] else None,
+                # with the columns the log lists where it lists one set, and then no file opened before the query
+                # runs, as for the objects (`_scan`; a failed query checks them: `polars_error`)
+                schema = _polars_schema(listed[i]) if listed[i] else None
+                paths = [store / rel if schema is not None else integrity.parquet_file(store, rel) for _, rel in found]
+                frames.append(pl.scan_parquet(paths, hive_partitioning=True, schema=schema,
                                               hive_schema={**_HIVE_SCHEMA(), "version": pl.Int64}).drop("version"))
         return frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
 
