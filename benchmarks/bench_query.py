@@ -577,6 +577,9 @@ def warm_runs(params: dict, repeat: int) -> dict:
     return result
 
 
+PACKAGE_DIRS = ("cellar", "schemas", "ngff", "measure", "query", "viewer")  # cellar's modules (pyproject's package-dir)
+
+
 def cli_runs(params: dict, work: Path, repeat: int) -> dict:
     """Whole-process times (median, in turns) of `cellar sql`, `cellar filter` and `cellar export` against
     polars and DuckDB one-liners that write the same result."""
@@ -610,6 +613,13 @@ def cli_runs(params: dict, work: Path, repeat: int) -> dict:
                              f"(pl.col('area') > {params['area_mid']}) & (pl.col('{params['mean']}') > "
                              f"{params['mean_hi']})).collect().write_csv('{work / 'b-export.csv'}')"]}),
     }
+    # Python's bytecode cache on, as after `pip install` (which compiles the packages it installs): a shell
+    # with PYTHONDONTWRITEBYTECODE set would recompile cellar's modules from source in every run (~40 ms)
+    # while the peers' modules, compiled at install, load from their caches
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(root / part) for part in PACKAGE_DIRS)],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
     out = {}
     for name, (cellar_cmd, peers) in pairs.items():
         commands = {"cellar": cellar_cmd, **peers}
@@ -618,7 +628,7 @@ def cli_runs(params: dict, work: Path, repeat: int) -> dict:
             keys = list(commands)
             for key in keys[r % len(keys):] + keys[:r % len(keys)]:
                 t = time.perf_counter()
-                subprocess.run(commands[key], check=True, stdout=subprocess.DEVNULL)
+                subprocess.run(commands[key], check=True, stdout=subprocess.DEVNULL, env=env)
                 if r:  # the first round is untimed
                     times[key].append(time.perf_counter() - t)
         out[name] = {k: statistics.median(v) for k, v in times.items()}

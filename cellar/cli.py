@@ -113,7 +113,7 @@ def _cmd_sql(args: argparse.Namespace) -> int:
         fmt = suffix if suffix in ("csv", "json", "parquet") else "table"
     if fmt == "parquet" and not args.output:
         raise UsageError("--format parquet needs --output FILE (Parquet is binary)")
-    objs = Tables([Path(s) for s in args.stores])
+    objs = Tables([Path(s) for s in args.stores], engine="duckdb")
     rel = objs.sql(args.query)
     if not isinstance(rel, duckdb.DuckDBPyRelation):
         raise QueryError("the statement returns no rows; cellar sql runs queries (SELECT, WITH, ...)")

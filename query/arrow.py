@@ -7,9 +7,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import numpy as np
+import lazy_loader as lazy
 
 from ..schemas.arrays import chunk_values
+
+np = lazy.load("numpy")
 
 if TYPE_CHECKING:
     import pyarrow
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 def plain_strings(table: pyarrow.Table) -> pyarrow.Table:
     """polars hands strings over as large strings (`to_arrow(compat_level=CompatLevel.oldest())`); DuckDB and the
     store use plain ones. Their offsets are narrowed with numpy: a cast would load pyarrow.compute (80-120 ms)."""
-    import pyarrow as pa
+    pa = lazy.load("pyarrow")
 
     for i, field in enumerate(table.schema):
         if pa.types.is_large_string(field.type):

@@ -21,13 +21,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-import pyarrow as pa
+import lazy_loader as lazy
 
 from . import hotcache
 from .arrow import number_dtype, take_rows
 from ..schemas.arrays import chunk_values
 from ..schemas.errors import QueryError
+
+np = lazy.load("numpy")
+pa = lazy.load("pyarrow")
 
 if TYPE_CHECKING:
     import polars

@@ -35,9 +35,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import duckdb
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet  # noqa: F401 - with the module: opening a store with a checkpoint reads it (schemas.log)
+import lazy_loader as lazy
 
 from . import hotcache
 from .backends import ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
@@ -45,6 +43,9 @@ from .sql import MISSING_COLUMN, literal, quote, suggest
 from ..schemas import integrity, log, rowfile
 from ..schemas import store as layout
 from ..schemas.errors import CellarError, QueryError, StoreError
+
+np = lazy.load("numpy")
+pa = lazy.load("pyarrow")
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
@@ -70,7 +71,10 @@ class Tables:
             raise QueryError(f"engine={engine!r}; expected 'auto' or 'duckdb'")
         self.engine = engine
         self.stores = tuple(stores)
-        self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s) for s in self.stores]
+        # engine="duckdb" reads the log's checkpoints with DuckDB too (`DuckColumns`): `cellar sql` loads neither
+        # pyarrow nor numpy unless a query's result needs them
+        reader = DuckColumns if engine == "duckdb" else None
+        self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s, reader) for s in self.stores]
         # the tables this Objects covers, as (store index, (image, label image)): all (listed on first use of
         # `_keys`: the snapshots answer for them), or those `narrow` chose
         if keys is not None:
@@ -496,7 +500,9 @@ class Tables:
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
         """The Parquet files of these table entries or annotation versions (all tables for None), each checked
         to exist and to look like Parquet (`schemas.integrity.parquet_file`)."""
-        return [str(integrity.parquet_file(store, f"{table['dir']}/{name}").resolve())
+        roots: dict[Path, Path] = {}  # each store resolved once (a path inside a store is one of its folders)
+        return [str(roots.setdefault(store, store.resolve()) / integrity.parquet_file(store, f"{table['dir']}/{name}")
+                    .relative_to(store))
                 for store, table in (self.tables if entries is None else entries) for name in table["files"]]
 
     def data_files(self) -> list[str]:
@@ -982,21 +988,69 @@ def _connection(threads: int | None) -> tuple[duckdb.DuckDBPyConnection, str, _S
     outlives its Objects). Store files never change once written (new writes get new names), so cached
     metadata cannot go stale. `threads` asks for a private database with that many threads instead.
     """
-    global _DATABASE
     name = f"cellar_{uuid.uuid4().hex[:12]}"
     if threads:
         con, schema = duckdb.connect(":memory:", config={"threads": threads}), None
     else:
-        with _DATABASE_LOCK:
-            if _DATABASE is None:
-                _DATABASE = duckdb.connect(":memory:")
-                _DATABASE.execute("SET parquet_metadata_cache = true")
-            con = _DATABASE.cursor()
-        schema = _Schema(name)
+        con, schema = _shared_cursor(), _Schema(name)
         schema.attach(con)
     con.execute(f"CREATE SCHEMA {name}")
     con.execute(f"SET search_path = '{name}'")
     return con, name, schema
+
+
+def _shared_cursor() -> duckdb.DuckDBPyConnection:
+    """A new connection to the process's shared in-memory database (see `_connection`), opened on first use."""
+    global _DATABASE
+    with _DATABASE_LOCK:
+        if _DATABASE is None:
+            _DATABASE = duckdb.connect(":memory:")
+            _DATABASE.execute("SET parquet_metadata_cache = true")
+        return _DATABASE.cursor()
+
+
+class DuckColumns:
+    """A log checkpoint file read by DuckDB (a `schemas.log.ParquetColumns`), for Tables with engine="duckdb":
+    the log is read by the engine that runs the queries, and pyarrow (with numpy, 120 ms to import) stays
+    unloaded. The file is read whole when opened (a checkpoint is a few columns of one row per table), so a
+    compaction that removes its name later takes nothing away."""
+
+    def __init__(self, path: Path):
+        if not path.exists():
+            raise FileNotFoundError(path)
+        con = _shared_cursor()
+        try:
+            result = con.execute(f"SELECT * FROM read_parquet({literal(str(path))})")
+            described, rows = result.description, result.fetchall()
+        except duckdb.IOException:
+            if not path.exists():  # removed meanwhile (a compaction)
+                raise FileNotFoundError(path) from None
+            raise ValueError(f"{path}: unreadable") from None
+        except duckdb.Error as exc:
+            raise ValueError(one_line(exc)) from None
+        finally:
+            con.close()
+        self.names = [name for name, *_ in described]
+        kinds = [str(kind) for _, kind, *_ in described]
+        self.kinds = {name: "string" if kind == "VARCHAR" else "integer" if kind in _DUCK_INTEGERS else kind
+                      for name, kind in zip(self.names, kinds)}
+        self.num_rows = len(rows)
+        self._columns = dict(zip(self.names, map(list, zip(*rows)))) if rows else {n: [] for n in self.names}
+        self.group_rows = [self.num_rows]  # all in memory: one group
+        self.metadata: dict[str, str] = {}  # the log falls back on the columns (the distinct column lists)
+
+    def null_count(self, name: str) -> int | None:
+        return self._columns[name].count(None)
+
+    def read(self, names: list[str]) -> list[list]:
+        return [self._columns[name] for name in names]
+
+    def read_group(self, group: int, name: str) -> list:
+        return self._columns[name]
+
+
+_DUCK_INTEGERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER",
+                            "UBIGINT", "HUGEINT", "UHUGEINT"})
 
 
 class _Schema:

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pyarrow as pa
+import lazy_loader as lazy
+
+np = lazy.load("numpy")
+pa = lazy.load("pyarrow")
 
 
 def from_numpy(values: np.ndarray) -> pa.Array:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache, cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import store as layout
 from .atomic import atomic_write, fsync_dir, temp_path
@@ -97,13 +97,13 @@ class _Listed:
     def _read(self, *names: str) -> list[list]:
         with self.lock:
             try:
-                table = self.reader.read(columns=list(names), use_threads=False)
+                columns = self.reader.read(list(names))
             except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
                 raise StoreError(f"{self.path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
-        for name, column in zip(names, table.columns):
-            if column.null_count and name != "annotations":
+        for name, column in zip(names, columns):
+            if name != "annotations" and None in column:
                 raise StoreError(f"{self.path}: damaged checkpoint (a table without its {name})")
-        return [column.to_pylist() for column in table.columns]
+        return columns
 
     def check(self) -> None:
         """Read and check every column (a writer's snapshot: its next checkpoint copies them)."""
@@ -126,7 +126,7 @@ class _Listed:
         """The column-list ids, each once, in order of first use: as the checkpoint's metadata lists them (a
         few, for any number of tables), or from the column."""
         try:
-            listed = json.loads((self.reader.schema_arrow.metadata or {})[DISTINCT_KEY])
+            listed = json.loads(self.reader.metadata[DISTINCT_KEY])
         except (KeyError, ValueError):
             listed = None
         if isinstance(listed, list) and listed and all(isinstance(v, str) for v in listed):
@@ -140,15 +140,8 @@ class _Listed:
     @property
     def any_annotations(self) -> bool:
         """Whether any table has annotation versions: from the file's statistics when it has them."""
-        metadata = self.reader.metadata
-        column = self.reader.schema_arrow.get_field_index("annotations")
-        nulls = 0
-        for group in range(metadata.num_row_groups):
-            statistics = metadata.row_group(group).column(column).statistics
-            if statistics is None or not statistics.has_null_count:
-                return any(self.annotations)
-            nulls += statistics.null_count
-        return nulls < len(self)
+        nulls = self.reader.null_count("annotations")
+        return any(self.annotations) if nulls is None else nulls < len(self)
 
     def rows(self, image: str) -> Iterator[int]:
         """The rows of this image's tables."""
@@ -191,6 +184,7 @@ class Snapshot:
     _parsed: dict[int, dict] = field(default_factory=dict)  # base rows' entries, parsed on first use
     _added: dict[tuple[str, str], dict] = field(default_factory=dict)  # tables added since the checkpoint
     _lookups: int = 0
+    reader: Reader | None = None  # what opened the checkpoint files, and opens the next (see `snapshot`)
 
     def _row(self, key: tuple[str, str]) -> int | None:
         """The base row of table `key` (None: not in the base, or taken out of it)."""
@@ -388,11 +382,9 @@ class _CheckpointTexts:
     first needed: a writer that adds a table reads none of them, a query one group per table it touches. The
     file stays open from the load on, so a compaction that removes its name meanwhile takes nothing away."""
 
-    def __init__(self, reader: Any, path: Path):
+    def __init__(self, reader: ParquetColumns, path: Path):
         self.reader, self.path = reader, path
-        metadata = reader.metadata
-        self.starts = list(itertools.accumulate((metadata.row_group(g).num_rows
-                                                 for g in range(metadata.num_row_groups)), initial=0))
+        self.starts = list(itertools.accumulate(reader.group_rows, initial=0))
         self.groups: dict[int, list[str | None]] = {}
         self.lock = threading.Lock()
 
@@ -402,10 +394,9 @@ class _CheckpointTexts:
         with self.lock:
             if group not in self.groups:
                 try:
-                    table = self.reader.read_row_group(group, columns=["entry"], use_threads=False)
+                    self.groups[group] = self.reader.read_group(group, "entry")
                 except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
                     raise StoreError(f"{self.path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
-                self.groups[group] = table.column(0).to_pylist()
         return self.groups[group][row - self.starts[group]]
 
 
@@ -458,14 +449,15 @@ def read_marker(store: Path) -> dict[str, Any]:
     return marker
 
 
-def snapshot(store: Path) -> Snapshot:
-    """The store's latest state."""
-    store = Path(store)
+def snapshot(store: Path, reader: Reader | None = None) -> Snapshot:
+    """The store's latest state; `reader` opens its checkpoint files (None: `ArrowColumns`, pyarrow; the query
+    layer may read them with the engine it has loaded, see `ParquetColumns`)."""
+    store, reader = Path(store), reader or ArrowColumns
     marker = read_marker(store)
     for _ in range(_READ_ATTEMPTS):
         start = _last_checkpoint(store)
         try:
-            snap = _load_checkpoint(store, start, marker) if start else Snapshot(store, 0, marker)
+            snap = _load_checkpoint(store, start, marker, reader) if start else Snapshot(store, 0, marker, reader=reader)
             return _read_commits(snap)
         except _Compacted:
             continue
@@ -477,7 +469,7 @@ def advance(snap: Snapshot) -> Snapshot:
     try:
         return _read_commits(snap)
     except _Compacted:
-        return snapshot(snap.store)
+        return snapshot(snap.store, snap.reader)
 
 
 class _Compacted(Exception):
@@ -569,41 +561,32 @@ def _pointer(path: Path) -> int:
     return value if isinstance(value, int) and value >= 0 else -1
 
 
-def _load_checkpoint(store: Path, version: int, marker: dict) -> Snapshot:
-    import pyarrow as pa
-
+def _load_checkpoint(store: Path, version: int, marker: dict, reader: Reader) -> Snapshot:
     path = checkpoint_path(store, version)
-    listed = _read_checkpoint_file(store, version, path)
-    types = {name: listed.schema_arrow.field(name).type for name in CHECKPOINT_COLUMNS}
-    if not (all(pa.types.is_string(types[name]) for name in ("image", "label_image", "columns_id", "annotations"))
-            and pa.types.is_integer(types["n_objects"])):
+    listed = _read_checkpoint_file(store, version, path, reader)
+    if not (all(listed.kinds[name] == "string" for name in ("image", "label_image", "columns_id", "annotations"))
+            and listed.kinds["n_objects"] == "integer"):
         raise StoreError(f"{path}: damaged checkpoint (a column of another type)")
     entries = entries_path(store, version)  # opened now: a compaction may remove its name later
-    reader = _read_checkpoint_file(store, version, entries)
-    base = _Listed(path, listed, _CheckpointTexts(reader, entries))
+    texts = _read_checkpoint_file(store, version, entries, reader)
+    base = _Listed(path, listed, _CheckpointTexts(texts, entries))
     # a table given twice shares its image with another: the tuples of the keys only when images repeat (a
     # set of 10,000 tuples costs a garbage collection of the whole heap right after the engines' imports)
     if len(set(base.images)) != len(base) and len(set(zip(base.images, base.label_images))) != len(base):
         raise StoreError(f"{path}: damaged checkpoint (a table given twice)")
-    if reader.schema_arrow.names != ["entry"] or not pa.types.is_string(reader.schema_arrow.field(0).type) \
-            or reader.metadata.num_rows != len(base) or listed.metadata.num_rows != len(base):
+    if texts.names != ["entry"] or texts.kinds["entry"] != "string" or texts.num_rows != len(base) \
+            or listed.num_rows != len(base):
         raise StoreError(f"{entries}: damaged checkpoint (expected a text column `entry` with a row for each of "
                          f"the {len(base)} tables {path.name} lists)")
-    return Snapshot(store, version, marker, base)
+    return Snapshot(store, version, marker, base, reader=reader)
 
 
-def _read_checkpoint_file(store: Path, version: int, path: Path):
-    """A checkpoint file, opened (footer read) as a pyarrow ParquetFile; not pq.read_table, which imports
-    pyarrow.dataset and pandas. Its bytes are read at once and parsed from memory: a first read through
-    pyarrow's file readers costs a fresh process a few milliseconds more than the file does."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _read_checkpoint_file(store: Path, version: int, path: Path, reader: Reader) -> ParquetColumns:
+    """A checkpoint file, opened (footer read) by `reader`."""
     try:
-        with open(path, "rb") as file:
-            reader = pq.ParquetFile(pa.BufferReader(file.read()))
+        columns = reader(path)
         missing = [name for name in (CHECKPOINT_COLUMNS if path.name.endswith(".checkpoint.parquet") else ())
-                   if name not in reader.schema_arrow.names]
+                   if name not in columns.names]
     except FileNotFoundError:
         if any(v > version for v in _listed(store)["checkpoints"]):
             raise _Compacted() from None  # a reader sent to a checkpoint a compaction removed meanwhile
@@ -612,7 +595,66 @@ def _read_checkpoint_file(store: Path, version: int, path: Path):
         raise StoreError(f"{path}: damaged checkpoint ({' '.join(str(exc).split())})") from None
     if missing:
         raise StoreError(f"{path}: damaged checkpoint (no column {missing[0]!r})")
-    return reader
+    return columns
+
+
+class ParquetColumns(Protocol):
+    """A checkpoint file as the log reads it (`Reader` opens one): its columns' names and kinds ("string",
+    "integer" or another), row count and row groups' sizes, key-value metadata, the null count of a column from
+    its statistics (None without them), and columns or a row group's column read as Python lists. Reading
+    raises OSError or ValueError where the file is damaged, opening FileNotFoundError where it is missing."""
+
+    names: list[str]
+    kinds: dict[str, str]
+    num_rows: int
+    group_rows: list[int]
+    metadata: dict[str, str]
+
+    def null_count(self, name: str) -> int | None: ...
+
+    def read(self, names: list[str]) -> list[list]: ...
+
+    def read_group(self, group: int, name: str) -> list: ...
+
+
+Reader = Callable[[Path], ParquetColumns]
+
+
+class ArrowColumns:
+    """A checkpoint file read with pyarrow (the default `Reader`): not pq.read_table, which imports
+    pyarrow.dataset and pandas. Its bytes are read at once and parsed from memory (a first read through
+    pyarrow's file readers costs a fresh process a few milliseconds more than the file does); the columns are
+    decoded when asked for. The bytes stay in memory: a compaction may remove the file's name meanwhile."""
+
+    def __init__(self, path: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        with open(path, "rb") as file:
+            self._file = pq.ParquetFile(pa.BufferReader(file.read()))
+        schema, footer = self._file.schema_arrow, self._file.metadata
+        self.names = schema.names
+        self.kinds = {f.name: "string" if pa.types.is_string(f.type) else "integer" if pa.types.is_integer(f.type)
+                      else str(f.type) for f in schema}
+        self.num_rows = footer.num_rows
+        self.group_rows = [footer.row_group(g).num_rows for g in range(footer.num_row_groups)]
+        self.metadata = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (schema.metadata or {}).items()}
+
+    def null_count(self, name: str) -> int | None:
+        footer, column = self._file.metadata, self.names.index(name)
+        nulls = 0
+        for group in range(footer.num_row_groups):
+            statistics = footer.row_group(group).column(column).statistics
+            if statistics is None or not statistics.has_null_count:
+                return None
+            nulls += statistics.null_count
+        return nulls
+
+    def read(self, names: list[str]) -> list[list]:
+        return [column.to_pylist() for column in self._file.read(columns=names, use_threads=False).columns]
+
+    def read_group(self, group: int, name: str) -> list:
+        return self._file.read_row_group(group, columns=[name], use_threads=False).column(0).to_pylist()
 
 
 @cache

@@ -25,12 +25,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
+import lazy_loader as lazy
 
 from .arrays import to_numpy
 from .errors import StoreError
 from .store import CENTROID_COLUMNS
+
+np = lazy.load("numpy")
+pa = lazy.load("pyarrow")
 
 MAGIC = b"CELLROWS"
 VERSION = 1

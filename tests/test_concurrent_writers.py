@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from cellar import measure
 from cellar import query
 from cellar.ngff.write import write_image
 from cellar.schemas import log
+from cellar.schemas.errors import StoreError
 from helpers import intensities, nuclei_like, run_cli
 
 SHAPE = (48, 64)
@@ -249,8 +251,12 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_no_write_goes_on(image, 
     if name.startswith("entries"):
         path = log.entries_path(store, 3)
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    # `cellar sql` reads the log with DuckDB (`query.store.DuckColumns`), the API with pyarrow (the default)
     r = run_cli("sql", str(store), "SELECT count(*) FROM objects WHERE image = 't0' AND area > 0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
+    with pytest.raises(StoreError) as raised:
+        query.open(store).where("image = 't0' AND area > 0").count()
+    assert str(path) in str(raised.value) and "\n" not in str(raised.value)
     r = run_cli("measure", str(image), "--labels", "nuclei", "--out", str(store), "--image-name", "t9", "--quiet")
     if name == "entries: not JSON":  # entries are parsed when used: a new table needs none of them
         assert r.returncode == 0 and path.read_bytes() == before[path], r.stderr
@@ -258,3 +264,48 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_no_write_goes_on(image, 
         return
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
+
+
+def test_the_log_read_by_duckdb_is_the_log_read_by_pyarrow(image, tmp_path, monkeypatch):
+    """`cellar sql` reads the checkpoints with DuckDB (`query.store.DuckColumns`), everything else with pyarrow
+    (`schemas.log.ArrowColumns`): the same columns, kinds, counts and the same state, annotations included."""
+    from cellar.query.store import DuckColumns  # noqa: I001
+
+    monkeypatch.setattr(log, "CHECKPOINT_EVERY", 3)
+    store = tmp_path / "c.cellar"
+    for k in range(4):
+        measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
+    from cellar.cli import main
+
+    notes = tmp_path / "notes.csv"
+    notes.write_text("label_id,cls\n" + "".join(f"{i},c{i % 3}\n" for i in query.open(store).where("image = 't1'").label_ids()[:5]))
+    assert main(["annotate", str(store), "--from", str(notes), "--image", "t1", "--labels", "nuclei"]) == 0
+    for k in range(4, 6):  # a checkpoint at 6 that holds the annotation
+        measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
+    version = max(int(p.name[:20]) for p in (store / "log").glob("*.checkpoint.parquet"))
+    for path in (log.checkpoint_path(store, version), log.entries_path(store, version)):
+        arrow, duck = log.ArrowColumns(path), DuckColumns(path)
+        assert (duck.names, duck.kinds, duck.num_rows) == (arrow.names, arrow.kinds, arrow.num_rows)
+        assert duck.read(duck.names) == arrow.read(arrow.names)
+        assert [duck.null_count(n) for n in duck.names] == [arrow.null_count(n) for n in arrow.names]
+    assert log.snapshot(store, DuckColumns).keys == log.snapshot(store).keys
+    assert list(log.snapshot(store, DuckColumns).entries()) == list(log.snapshot(store).entries())
+    sql = "SELECT image, label_id, cls FROM objects ORDER BY ALL"
+    assert query.open(store, engine="duckdb").sql(sql).fetchall() == query.open(store).sql(sql).fetchall()
+    assert any(row[2] for row in query.open(store, engine="duckdb").sql(sql).fetchall())
+
+
+def test_cellar_sql_loads_neither_numpy_nor_pyarrow(image, tmp_path):
+    """`cellar sql` to a file runs on DuckDB alone: its log is read by DuckDB and the store's modules load numpy
+    and pyarrow on first use (120 ms of a 250 ms command)."""
+    store = tmp_path / "c.cellar"
+    for k in range(2):
+        measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
+    log.write_checkpoint(log.snapshot(store))
+    out = tmp_path / "out.csv"
+    code = ("import sys; from cellar.cli import main; code = main(sys.argv[1:]); "
+            "print(sorted(m for m in ('numpy', 'pyarrow', 'polars') if type(sys.modules.get(m)).__name__ == 'module'))")
+    r = subprocess.run([sys.executable, "-c", code, "sql", str(store), "SELECT label_id FROM objects WHERE image = 't1' "
+                        "ORDER BY label_id", "--output", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+    assert out.read_text().split() == ["label_id", *map(str, query.open(store).where("image = 't1'").label_ids())]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cellar import measure
 from cellar import schemas
@@ -17,6 +19,7 @@ from cellar.measure import features as registry
 from cellar.measure import store_write
 from cellar.ngff.write import write_image
 from cellar.schemas import log, rowfile
+from cellar.schemas import store as layout
 from cellar.schemas.errors import StoreError
 from cellar.schemas.store import spatial_order
 from helpers import intensities, nuclei_like, read_table, run_cli
@@ -196,3 +199,43 @@ def test_store_files_get_the_umask_permissions_so_a_group_can_read_them(tmp_path
     assert {p.name for p in files} >= {"cellar.json", f"{1:020d}.json", "schema.json"} and len(files) >= 8
     for p in files:
         assert p.stat().st_mode & 0o777 == 0o644, (p, oct(p.stat().st_mode))
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) |
+                     st.sampled_from(["", "a", "x/y", "..", "s01", "part-1.parquet"]),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
+                         ["name", "dtype", "files", "dir", "version", "channels", "index", "column"]), inner, max_size=4),
+                     max_leaves=12)
+
+
+def _entry() -> dict:
+    return {"image": "s01", "label_image": "nuclei", "dir": "objects/image=s01/label_image=nuclei",
+            "files": ["part-1.parquet"], "n_objects": 3, "columns_id": "ab", "created": "2026",
+            "channels": [{"index": 0, "name": "DAPI", "column": "c0"}], "pixel_size": [0.5, 1],
+            "spacing_um": None, "timepoint": None, "annotations": [{
+                "version": 1, "dir": "annotations/v", "files": ["a.parquet"], "columns": [{"name": "t", "dtype": "string"}],
+                "source": "x.csv", "created": "2026"}]}
+
+
+@settings(max_examples=400, deadline=None)
+@given(path=st.lists(st.sampled_from(["image", "files", "channels", "pixel_size", "annotations", "spacing_um",
+                                      0, "index", "columns", "dir", "version", "name"]), min_size=1, max_size=4),
+       value=_JSON)
+def test_the_compiled_entry_check_passes_exactly_what_the_spec_walk_passes(path, value):
+    """`schemas.store._passes` (the fast check of every entry a query reads) agrees with `_spec_problem` (which
+    names the problem) on JSON values: an entry with one value replaced somewhere along `path`."""
+    entry = _entry()
+    node = entry
+    for key in path[:-1]:
+        child = node.get(key) if isinstance(node, dict) else node[key] if isinstance(node, list) and isinstance(key, int) and key < len(node) else None
+        if not isinstance(child, (dict, list)):
+            break
+        node = child
+    last = path[-1]
+    if isinstance(node, dict) and isinstance(last, str):
+        node[last] = value
+    elif isinstance(node, list) and isinstance(last, int) and last < len(node):
+        node[last] = value
+    entry = json.loads(json.dumps(entry))
+    walk = layout._spec_problem(entry, layout.TABLE_SPEC, "")
+    assert layout._TABLE_OK(entry) == (walk is None), walk
