@@ -21,6 +21,9 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl  # with the module: most queries run on it (see `_polars`)
+import pyarrow.parquet  # noqa: F401 - loaded whole here, not on first use as in query.store: the API answers in
+# Arrow and reads the log's checkpoints with pyarrow.parquet, and a module that several threads load lazily at
+# once may be seen half made (importlib's LazyLoader)
 
 from ..schemas.arrays import chunk_values, from_numpy, repeated_string
 from ..schemas.errors import QueryError
