@@ -12,26 +12,20 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from . import cli_objects
+from .cli_objects import positive_int
 from .schemas.atomic import atomic_write
 from .schemas.errors import CellarError, QueryError, UsageError
 
 OUTPUT_FORMATS = ("table", "csv", "json", "parquet")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
 def _timepoint(text: str) -> int | str:
-    return "all" if text == "all" else _positive_int(text)
+    return "all" if text == "all" else positive_int(text)
 
 
 class _HelpFromRegistry(argparse.Action):
@@ -194,17 +188,14 @@ def _cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cellar", description="Per-object measurements of OME-Zarr images, stored as Parquet, queried with SQL."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a demo OME-Zarr image, measure it and run example queries")
     p.add_argument("--dir", default="cellar-demo", help="where the demo image and store go (default: ./cellar-demo)")
-    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--workers", type=positive_int, default=None, help="worker processes (default: one per core)")
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_measure(sub) -> None:
     p = sub.add_parser("measure", help="measure every object of a label image into a store", add_help=False)
     measure_help = p.add_argument("-h", "--help", action=_HelpFromRegistry, help="show this help message and exit")
     p.add_argument("images", nargs="+", metavar="IMAGE",
@@ -216,38 +207,44 @@ def build_parser() -> argparse.ArgumentParser:
                                            "features`)")  # this text until --help lists the groups
     p.add_argument("--radius", type=float, default=None,
                    help="radius of neighbors_within_radius (default: 20 um, or 50 px without units)")
-    p.add_argument("--level", type=_positive_int, default=0, help="resolution level (default: 0, the full resolution)")
+    p.add_argument("--level", type=positive_int, default=0, help="resolution level (default: 0, the full resolution)")
     p.add_argument("--timepoint", type=_timepoint, default=0,
                    help="time point for images with a t axis, or 'all': every time point as a table of its own")
-    p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: one per core)")
+    p.add_argument("--workers", type=positive_int, default=None, help="worker processes (default: one per core)")
     p.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the tasks on a running dask.distributed cluster (tcp://host:port); needs cellar[dask]")
     p.add_argument("--cluster", choices=("local",),
                    help="start a dask LocalCluster of --workers processes for the run; needs cellar[dask]")
-    p.add_argument("--region-pixels", type=_positive_int, default=None,
+    p.add_argument("--region-pixels", type=positive_int, default=None,
                    help="pixels per region read by a worker (default: ~4M; 0 = one chunk per region)")
-    p.add_argument("--texture-levels", type=_positive_int, default=16,
+    p.add_argument("--texture-levels", type=positive_int, default=16,
                    help="grey levels of the texture group's co-occurrence matrices (default: 16)")
-    p.add_argument("--halo", type=_positive_int, default=None,
+    p.add_argument("--halo", type=positive_int, default=None,
                    help="pixels read around each region (default: 64); larger objects get a read of their own")
     p.add_argument("--image-name", help="name of the image in the store (default: from the metadata or path)")
     p.add_argument("--overwrite", action="store_true", help="replace this image's table if the store has it")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(func=_cmd_measure)
 
+
+def _add_features(sub) -> None:
     p = sub.add_parser("features", help="list the features cellar measures (the registry)")
     p.add_argument("--features", help="only these groups or names, as for measure --features")
     p.set_defaults(func=_cmd_features)
 
-    p = sub.add_parser("sql", help="run SQL over one or more stores (views: objects, channels, columns)")
+
+def _add_sql(sub) -> None:
+    p = sub.add_parser("sql", help="run SQL over one or more stores (views: objects, channels, columns, annotations)")
     p.add_argument("stores", nargs="+", metavar="STORE", help="store directories")
     p.add_argument("query", help='SQL, e.g. "SELECT label_id, area FROM objects WHERE area > 80"')
     p.add_argument("--format", choices=OUTPUT_FORMATS, help="table (default on screen), csv, json or parquet")
     p.add_argument("--output", help="write the result to this file (format from --format or the extension)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    p.add_argument("--max-rows", type=_positive_int, default=40, help="rows shown in table format (default: 40)")
+    p.add_argument("--max-rows", type=positive_int, default=40, help="rows shown in table format (default: 40)")
     p.set_defaults(func=_cmd_sql)
 
+
+def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a store: tables, provenance and (with --columns) the columns")
     p.add_argument("store")
     p.add_argument("--columns", action="store_true", help="list every column with dtype, unit and description")
@@ -255,10 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a line (for dask, Spark or polars; a glob would also read replaced tables' files)")
     p.set_defaults(func=_cmd_info)
 
-    from . import cli_objects
 
-    cli_objects.add_parsers(sub, _positive_int)
-
+def _add_view(sub) -> None:
     p = sub.add_parser("view", help="a local web viewer: the image with its objects, filtered and coloured by columns")
     p.add_argument("image", help="the OME-Zarr image (path or URL)")
     p.add_argument("--store", required=True)
@@ -267,15 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image name in the store (needed when the store holds several)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0: every interface)")
-    p.add_argument("--port", type=_positive_int, default=0, help="port (default: 0, a free one)")
+    p.add_argument("--port", type=positive_int, default=0, help="port (default: 0, a free one)")
     p.add_argument("--no-browser", action="store_true", help="only print the URL; do not open a browser")
     p.add_argument("--sql-timeout", type=float, default=5.0, help="time limit of a filter's SQL in seconds (default: 5)")
     p.set_defaults(func=_cmd_view)
+
+
+# every command's parser, in the order `cellar --help` lists them
+PARSERS: dict[str, Callable[[Any], None]] = {
+    "demo": _add_demo,
+    "measure": _add_measure,
+    "features": _add_features,
+    "sql": _add_sql,
+    "info": _add_info,
+    **cli_objects.PARSERS,
+    "view": _add_view,
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser. With `command` (a name of PARSERS), only that command's subparser is built: a
+    run needs no other, and building them all costs ~10 ms (argparse looks its messages up with gettext, a
+    search of the locale folders each time); `cellar --help` and an unknown command build them all."""
+    parser = argparse.ArgumentParser(
+        prog="cellar", description="Per-object measurements of OME-Zarr images, stored as Parquet, queried with SQL."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, add in PARSERS.items():
+        if command is None or name == command:
+            add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = build_parser(command if command in PARSERS else None).parse_args(argv)
     if args.command == "measure":
         from .measure.run import DEFAULT_HALO, DEFAULT_REGION_PIXELS
 

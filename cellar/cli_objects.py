@@ -7,12 +7,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from .query.formats import FORMATS, MAX_CELLS, MAX_STRING
 from .schemas.atomic import atomic_write
 from .schemas.errors import UsageError
 
 ID_FORMATS = ("text", "json", "parquet")
+
+
+def positive_int(text: str) -> int:
+    """argparse's type of a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
 
 
 def _table_args(p: argparse.ArgumentParser) -> None:
@@ -227,7 +241,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub, positive_int) -> None:
+def _colour_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--by", required=True, help="column to colour by (numeric: colormap; other: categories)")
+    p.add_argument("--where", help="SQL condition: objects not matching it are hidden or grey")
+    p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: viridis)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="values mapped to the colormap's ends (default: the matching objects' min and max)")
+    p.add_argument("--others", choices=("hide", "grey"), default="hide",
+                   help="objects not matching --where: hidden (alpha 0, default) or grey")
+
+
+def _add_filter(sub) -> None:
     p = sub.add_parser("filter", help="label ids of the objects matching a filter, or a label image of only them")
     p.add_argument("store")
     p.add_argument("--where", required=True, help='SQL condition, e.g. "area_um2 > 80 AND intensity_mean__CD8 > 300"')
@@ -240,27 +264,22 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --output or an existing --mask label image")
     p.set_defaults(func=cmd_filter)
 
-    def colour_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--by", required=True, help="column to colour by (numeric: colormap; other: categories)")
-        p.add_argument("--where", help="SQL condition: objects not matching it are hidden or grey")
-        p.add_argument("--cmap", default="viridis", help="matplotlib colormap (default: viridis)")
-        p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"),
-                       help="values mapped to the colormap's ends (default: the matching objects' min and max)")
-        p.add_argument("--others", choices=("hide", "grey"), default="hide",
-                       help="objects not matching --where: hidden (alpha 0, default) or grey")
 
+def _add_color(sub) -> None:
     p = sub.add_parser("color", help="write per-label colours (and properties) into the NGFF label image metadata")
     p.add_argument("store")
-    colour_args(p)
+    _colour_args(p)
     _table_args(p)
     p.add_argument("--properties", help="comma-separated columns to write as image-label properties too")
     p.add_argument("--source", help="the image (path or URL) if it moved since it was measured")
     p.set_defaults(func=cmd_color)
 
+
+def _add_render(sub) -> None:
     p = sub.add_parser("render", help="draw the image with its objects coloured by a column (PNG)")
     p.add_argument("image", help="the OME-Zarr image")
     p.add_argument("--store", required=True)
-    colour_args(p)
+    _colour_args(p)
     p.add_argument("--labels", help="label image name in the store (needed when the store holds several)")
     p.add_argument("--image-name", help="image name in the store (needed when the store holds several)")
     p.add_argument("--level", type=positive_int, help="pyramid level (default: the sharpest with at most 2048 px a side)")
@@ -272,6 +291,8 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_render)
 
+
+def _add_hist(sub) -> None:
     p = sub.add_parser("hist", help="histogram of a column, the filtered subset highlighted (PNG)")
     p.add_argument("store")
     p.add_argument("column")
@@ -282,6 +303,8 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_hist)
 
+
+def _add_annotate(sub) -> None:
     p = sub.add_parser("annotate", help="add user columns (class, score, ...) joined by label id, as a new version")
     p.add_argument("store")
     p.add_argument("--from", dest="source_file", required=True, metavar="FILE", help="CSV or Parquet file")
@@ -291,6 +314,8 @@ def add_parsers(sub, positive_int) -> None:
                    help="store the rows whose label ids exist and report the others (default: refuse)")
     p.set_defaults(func=cmd_annotate)
 
+
+def _add_cache(sub) -> None:
     p = sub.add_parser("cache", help="write (or drop) a store's session cache: a memory-mapped copy that queries "
                                      "and the viewer answer from at once")
     p.add_argument("stores", nargs="+", metavar="store", help="cellar store directory (several may be given)")
@@ -303,6 +328,8 @@ def add_parsers(sub, positive_int) -> None:
                         "filter's matches, a top-k) come from it at once (as much disk again)")
     p.set_defaults(func=cmd_cache)
 
+
+def _add_vacuum(sub) -> None:
     p = sub.add_parser("vacuum", help="remove the files of replaced tables and crashed writes (older than --retain-hours)")
     p.add_argument("store")
     p.add_argument("--retain-hours", type=float, default=1.0,
@@ -310,12 +337,14 @@ def add_parsers(sub, positive_int) -> None:
                         "still use (default: 1)")
     p.set_defaults(func=cmd_vacuum)
 
+
+def _add_upgrade(sub) -> None:
     p = sub.add_parser("upgrade", help="convert a store of cellar's format 1 (manifest.json) to the commit log")
     p.add_argument("store")
     p.set_defaults(func=cmd_upgrade)
 
-    from .query.formats import FORMATS, MAX_CELLS, MAX_STRING
 
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write objects as OMERO.tables HDF5, AnnData, CSV, Parquet or NGFF properties")
     p.add_argument("store")
     p.add_argument("--to", required=True, nargs="+", metavar="FORMAT [OUTPUT]",
@@ -333,3 +362,17 @@ def add_parsers(sub, positive_int) -> None:
     p.add_argument("--source", help="ngff-properties: the image (path or URL) if it moved since it was measured")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=cmd_export)
+
+
+# the object commands' parsers (`cellar.cli.PARSERS` lists them among the others)
+PARSERS: dict[str, Callable[[Any], None]] = {
+    "filter": _add_filter,
+    "color": _add_color,
+    "render": _add_render,
+    "hist": _add_hist,
+    "annotate": _add_annotate,
+    "cache": _add_cache,
+    "vacuum": _add_vacuum,
+    "upgrade": _add_upgrade,
+    "export": _add_export,
+}

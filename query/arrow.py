@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import lazy_loader as lazy
@@ -93,6 +92,8 @@ def _by_column(take, columns: list, n_rows: int) -> list:
     if workers < 2 or n_rows * len(columns) < PARALLEL_VALUES:
         return [take(c) for c in columns]
     if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor  # here: with logging and queue, 8-14 ms to import
+
         _POOL = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="cellar-take")
     shares = [columns[i::workers] for i in range(workers)]
     done = list(_POOL.map(lambda share: [take(c) for c in share], shares))

@@ -49,7 +49,7 @@ pa = lazy.load("pyarrow")
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
-_LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns")}
+_LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns", "annotations")}
 CACHED_VIEW = "objects_cached"  # the session cache, with its row numbers (`backends.ROW_COLUMN`)
 NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
 
@@ -97,7 +97,7 @@ class Tables:
         self._registrations = 0  # bumped on every change of `_registered`
         self._lock = threading.RLock()
         self._closed = False
-        self._lazy_views: set[str] = set()  # `channels` and `columns`, made on first mention (see `sql`)
+        self._lazy_views: set[str] = set()  # `channels`, `columns`, `annotations`: made on first mention (`sql`)
         self._backend: Backend = ParquetFiles(self._parquet_frame, self.annotation_only_columns)  # see `backend`
         if cache is not False and self.n_tables and keys is None:
             found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
@@ -629,6 +629,21 @@ class Tables:
             return scan
         return f"(SELECT * EXCLUDE ({', '.join(quote(k) for k in above)}) FROM {scan})"
 
+    def _annotations_sql(self, versions: list[tuple[Path, dict]]) -> str:
+        """These annotation versions' rows, with the partition keys and version: one scan per store and column
+        list (its files share one schema: DuckDB binds the scan to the first file's footer and checks the others
+        against it as it reads them, where a union by name reads every footer to bind), unioned by name."""
+        if not versions:
+            return ("SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, NULL::UBIGINT AS label_id, "
+                    "NULL::INTEGER AS version WHERE false")
+        groups: dict[tuple, list[tuple[Path, dict]]] = {}
+        for store, version in versions:
+            listed = tuple((c["name"], c["dtype"]) for c in version["columns"])
+            groups.setdefault((store, listed), []).append((store, version))
+        keys = "'image': VARCHAR, 'label_image': VARCHAR, 'version': INTEGER"
+        parts = [f"SELECT * FROM {self._read_parquet(self._files(members), keys, union=False)}" for members in groups.values()]
+        return " UNION ALL BY NAME ".join(f"({part})" for part in parts) if len(parts) > 1 else parts[0]
+
     def _measurements_sql(self, keys: str) -> str:
         """The covered tables' objects: one scan per column list (its files share one schema, so DuckDB reads
         one footer to bind it, where a union by name reads every file's), the scans unioned by name."""
@@ -647,19 +662,11 @@ class Tables:
         select_objects = None if self.is_cached else self._measurements_sql(keys)
         self._check_parquet(con, annotations_only=self.is_cached)
         annotated = self._annotated()
-        if annotated:  # see query.annotate: the latest version of each table joins its objects
-            every = [(self.stores[i], v) for i, _, versions in annotated for v in versions]
+        if annotated and select_objects is not None:  # see query.annotate: each table's latest version joins
             latest = [(self.stores[i], max(versions, key=lambda v: v["version"])) for i, _, versions in annotated]
-            con.execute(f"CREATE VIEW annotations AS SELECT * FROM "
-                        f"{self._read_parquet(self._files(every), keys + ', ' + repr('version') + ': INTEGER')}")
-            if select_objects is not None:
-                last = self._read_parquet(self._files(latest), keys + ", 'version': INTEGER")
-                con.execute(f"CREATE VIEW measurements AS {select_objects}")
-                select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
-                                  f"LEFT JOIN {last} a USING (image, label_image, label_id)")
-        else:
-            con.execute("CREATE VIEW annotations AS SELECT NULL::VARCHAR AS image, NULL::VARCHAR AS label_image, "
-                        "NULL::UBIGINT AS label_id, NULL::INTEGER AS version WHERE false")
+            con.execute(f"CREATE VIEW measurements AS {select_objects}")
+            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
+                              f"LEFT JOIN ({self._annotations_sql(latest)}) a USING (image, label_image, label_id)")
         if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
             self._register_cached()
         else:
@@ -774,7 +781,7 @@ class Tables:
             raise self.error(exc) from None
 
     def _create_lazy_view(self, name: str) -> None:
-        """Make the `channels` or `columns` view, once. They are made on first mention: DuckDB binds a view
+        """Make the `channels`, `columns` or `annotations` view, once. They are made on first mention: DuckDB binds a view
         when it is created (at 40 channels `channels` takes 57 ms; as a union of one SELECT per channel it took
         530 ms), which queries that do not use them need not pay. Made on the calling thread's connection (they
         bind `objects` or registered tables, which belong to a connection)."""
@@ -783,6 +790,9 @@ class Tables:
                 return
             if name == "channels":
                 self.con.execute(f"CREATE VIEW channels AS {self._channels_sql()}")
+            elif name == "annotations":  # every version of every covered table
+                every = [(self.stores[i], v) for i, _, versions in self._annotated() for v in versions]
+                self.con.execute(f"CREATE VIEW annotations AS {self._annotations_sql(every)}")
             else:
                 self._create_columns_view()
             self._lazy_views.add(name)
@@ -927,15 +937,17 @@ def _scan(store: Path, rels: Sequence[str], columns: list[dict], row_index: dict
     return frame
 
 
-def _polars_schema(columns: list[dict]):
-    """The polars schema of Parquet files from the log's column list (partition keys apart), or None where a
+def _polars_schema(columns: list[dict]) -> dict | None:
+    """The polars schema of Parquet files from the log's column list (partition keys apart), as a dict of name ->
+    polars type (scan_parquet takes one; a pl.Schema of 330 columns costs 0.7 ms to build), or None where a
     column's type is not one `_TYPES` knows."""
     import polars as pl
 
     listed = [c for c in columns if c["name"] not in integrity.PARTITION_KEYS]
     if not all(c["dtype"] in _TYPES for c in listed):
         return None
-    return pl.Schema({c["name"]: _polars_type(c["dtype"]) for c in listed})
+    types = {dtype: getattr(pl, names[1]) for dtype, names in _TYPES.items()}
+    return {c["name"]: types[c["dtype"]] for c in listed}
 
 
 def _HIVE_SCHEMA():

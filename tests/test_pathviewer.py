@@ -281,6 +281,11 @@ def test_annotations_are_versioned_and_joined(case):
     assert "score" not in objs.column_names  # the latest version only has klass
     versions = objs.sql("SELECT version, count(*) FROM annotations GROUP BY version ORDER BY version").fetchall()
     assert versions == [(1, 10), (2, 4)]
+    # the versions' column lists differ (klass, score / klass): one scan each, unioned by name
+    scored = "SELECT version, count(score), count(klass) FROM annotations GROUP BY version ORDER BY version"
+    assert objs.sql(scored).fetchall() == [(1, 10, 10), (2, 0, 4)]
+    assert _ok(run_cli("sql", str(store), scored, "--format", "csv")).stdout.split() == [
+        '"version","count(score)","count(klass)"', "1,10,10", "2,0,4"]
     assert objs.sql("SELECT description FROM columns WHERE name = 'klass'").fetchall()[0][0].startswith("annotation (version 2")
     assert len(read_table(store)[1]) == len(df)  # measurements untouched
     assert query.open(store, cache=True).where("klass = 'b'").count() == 4
