@@ -664,8 +664,7 @@ class Tables:
         annotated = self._annotated()
         if annotated and select_objects is not None:  # see query.annotate: each table's latest version joins
             latest = [(self.stores[i], max(versions, key=lambda v: v["version"])) for i, _, versions in annotated]
-            con.execute(f"CREATE VIEW measurements AS {select_objects}")
-            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM measurements m "
+            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM ({select_objects}) m "
                               f"LEFT JOIN ({self._annotations_sql(latest)}) a USING (image, label_image, label_id)")
         if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
             self._register_cached()
