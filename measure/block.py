@@ -30,6 +30,7 @@ class KernelPlan:
 
     ndim: int
     shape: bool = False  # whole-object morphology
+    feret: bool = True  # with it, the Feret diameters (2D; `shape_kernels.FERET`)
     intensity_crop: bool = False  # whole-object intensity distributions
     touching: bool = False  # face-sharing pairs
     texture: bool = False  # grey-level co-occurrence features (2D)
@@ -74,7 +75,7 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np
     parts = []
     if plan.shape:
         if plan.ndim == 2:
-            parts.append(shape_kernels.morphology_2d(idx, sel, bmin, bmax, *plan.spacing))
+            parts.append(shape_kernels.morphology_2d(idx, sel, bmin, bmax, *plan.spacing, plan.feret))
         else:
             parts.append(shape_kernels.morphology_3d(idx, sel, bmin, bmax, np.asarray(plan.surface_lut),
                                                      np.asarray(plan.surface_lut_um)))

@@ -38,7 +38,7 @@ from .. import ngff
 from . import store_write
 from .accumulate import Merger, Stats
 from .block import BlockResult, KernelPlan, measure_block, measure_object
-from .shape_kernels import INTENSITY_STATS, surface_lut
+from .shape_kernels import FERET, INTENSITY_STATS, surface_lut
 from ..schemas import store as layout
 from ..schemas.errors import InvalidImageError, StoreError, UsageError
 
@@ -587,7 +587,8 @@ def _kernel_plan(target: TableTarget, geo: registry.Geometry) -> KernelPlan:
         luts = {"surface_lut": tuple(surface_lut((1.0, 1.0, 1.0))),
                 "surface_lut_um": tuple(surface_lut(tuple(geo.spacing.tolist())))}
     return KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
-                      touching="touching" in needed, texture="texture" in needed,
+                      feret=any(f.name in FERET for f in target.features), touching="touching" in needed,
+                      texture="texture" in needed,
                       texture_levels=target.texture_levels, spacing=tuple(geo.spacing[-2:].tolist()), **luts)
 
 
