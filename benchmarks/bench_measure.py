@@ -58,6 +58,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+import installed  # noqa: I001 - benchmarks/ is the script's folder, first on sys.path
+
 REGIONPROPS_SCRIPT = """
 import sys, time, numpy as np
 from scipy import ndimage as ndi
@@ -191,15 +193,17 @@ def like_for_like(args, work: Path, zarr_path: Path, n_objects: int) -> None:
     cellar_bin = str(Path(sys.executable).with_name("cellar"))
     times: dict[str, list[float]] = {}
 
+    env = installed.bytecode_env()  # as after `pip install` (see benchmarks/installed.py)
+
     def timed(key: str, cmd: list[str], parse=None) -> None:
-        elapsed, _, out = run_tracked(cmd)
+        elapsed, _, out = run_tracked(cmd, env)
         times.setdefault(key, []).append(parse(out) if parse else elapsed)
         print(f"  {key}: {times[key][-1]:.2f} s", flush=True)
 
     for name, features in (("basic", BASIC), ("cheap", CHEAP)):
         cmd = [cellar_bin, "measure", str(zarr_path), "--labels", "nuclei", "--out", str(work / f"{name}.cellar"),
                "--overwrite", "--quiet", "--features", features]
-        subprocess.run(cmd, check=True)  # numba's cache filled, as after any first use
+        subprocess.run(cmd, check=True, env=env)  # numba's cache filled, as after any first use
         for _ in range(args.repeat):
             timed(f"cellar {name}", cmd)
         props = ",".join(regionprops_properties(features))
@@ -222,7 +226,7 @@ def like_for_like(args, work: Path, zarr_path: Path, n_objects: int) -> None:
     write_image(tiny, tiny_image, "cyx", chunks=(1, 64, 64), labels={"nuclei": tiny_labels}, overwrite=True)
     start = [cellar_bin, "measure", str(tiny), "--labels", "nuclei", "--out", str(work / "tiny.cellar"),
              "--overwrite", "--quiet"]
-    subprocess.run(start, check=True)
+    subprocess.run(start, check=True, env=env)
     for _ in range(5):
         timed("start-up", start)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -320,9 +324,9 @@ class PeakRSS:
         self._thread.join()
 
 
-def run_tracked(cmd: list[str]) -> tuple[float, int, str]:
+def run_tracked(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     with PeakRSS(proc.pid) as rss:
         out, err = proc.communicate()
     elapsed = time.perf_counter() - t0

@@ -59,6 +59,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import installed  # noqa: I001 - benchmarks/ is the script's folder, first on sys.path
+
 STATS = ("mean", "std", "min", "max", "median", "q05", "q95", "sum")
 SLIDE_PX = 200_000
 PIXEL_UM = 0.25
@@ -577,9 +579,6 @@ def warm_runs(params: dict, repeat: int) -> dict:
     return result
 
 
-PACKAGE_DIRS = ("cellar", "schemas", "ngff", "measure", "query", "viewer")  # cellar's modules (pyproject's package-dir)
-
-
 def cli_runs(params: dict, work: Path, repeat: int) -> dict:
     """Whole-process times (median, in turns) of `cellar sql`, `cellar filter` and `cellar export` against
     polars and DuckDB one-liners that write the same result."""
@@ -613,13 +612,7 @@ def cli_runs(params: dict, work: Path, repeat: int) -> dict:
                              f"(pl.col('area') > {params['area_mid']}) & (pl.col('{params['mean']}') > "
                              f"{params['mean_hi']})).collect().write_csv('{work / 'b-export.csv'}')"]}),
     }
-    # Python's bytecode cache on, as after `pip install` (which compiles the packages it installs): a shell
-    # with PYTHONDONTWRITEBYTECODE set would recompile cellar's modules from source in every run (~40 ms)
-    # while the peers' modules, compiled at install, load from their caches
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    root = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(root / part) for part in PACKAGE_DIRS)],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
+    env = installed.bytecode_env()  # as after `pip install` (see benchmarks/installed.py)
     out = {}
     for name, (cellar_cmd, peers) in pairs.items():
         commands = {"cellar": cellar_cmd, **peers}
