@@ -500,10 +500,10 @@ class Tables:
     def _files(self, entries: list[tuple[Path, dict]] | None = None) -> list[str]:
         """The Parquet files of these table entries or annotation versions (all tables for None), each checked
         to exist and to look like Parquet (`schemas.integrity.parquet_file`)."""
-        roots: dict[Path, Path] = {}  # each store resolved once (a path inside a store is one of its folders)
-        return [str(roots.setdefault(store, store.resolve()) / integrity.parquet_file(store, f"{table['dir']}/{name}")
-                    .relative_to(store))
-                for store, table in (self.tables if entries is None else entries) for name in table["files"]]
+        entries = self.tables if entries is None else entries
+        roots = {store: store.resolve() for store in {store for store, _ in entries}}  # inside a store: its folders
+        return [str(roots[store] / integrity.parquet_file(store, f"{table['dir']}/{name}").relative_to(store))
+                for store, table in entries for name in table["files"]]
 
     def data_files(self) -> list[str]:
         """The absolute paths of the Parquet files that hold the covered tables' measurements in this snapshot,
