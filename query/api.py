@@ -31,7 +31,7 @@ from ..schemas.integrity import PARTITION_KEYS
 from .arrow import plain_strings
 from .backends import ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, simple_terms, suggest
-from .store import Tables
+from .store import Tables, duck_type, polars_type
 
 if TYPE_CHECKING:
     import pandas
@@ -553,7 +553,7 @@ class Grouped:
             exprs = [getattr(pl.col(c), f)().alias(n) for (f, c), n in zip(wanted, names)]
             frame = scan.group_by(list(self.keys)).agg(exprs).sort(list(self.keys), nulls_last=True)
         if frame is not None:
-            return _arrow(q._collect(frame.with_columns(pl.col(n).cast(_POLARS_INTEGERS[t]) for n, t in casts.items())))
+            return _arrow(q._collect(frame.with_columns(pl.col(n).cast(polars_type(t)) for n, t in casts.items())))
         sql_of = {"mean": "avg({})", "std": "stddev_samp({})", "var": "var_samp({})"}
         items = ", ".join(f"{_duck_cast(sql_of.get(f, f + '({})').format(quote(c)), casts.get(n))} AS {quote(n)}"
                           for (f, c), n in zip(wanted, names))
@@ -576,12 +576,9 @@ class Grouped:
         if files is None:
             return None
         parts = sorted({(part, c) for f, c in wanted for part in _PARTS[f]})
-        partial = [pl.len().alias(_ROWS), *(_PARTIAL[part](c).alias(f"{part}:{c}") for part, c in parts)]
+        partial = [pl.len().alias(_ROWS), *(getattr(pl.col(c), part)().alias(f"{part}:{c}") for part, c in parts)]
         return [q._planned(frame, ordered=False).select(partial).with_columns(
                 pl.lit(keys[k], pl.String).alias(k) for k in self.keys) for keys, frame in files]
-
-
-_POLARS_INTEGERS = {"int64": pl.Int64, "uint64": pl.UInt64}
 
 
 def _result_type(aggregate: str, dtype: str) -> str | None:
@@ -595,13 +592,11 @@ def _result_type(aggregate: str, dtype: str) -> str | None:
 
 
 def _duck_cast(expr: str, dtype: str | None) -> str:
-    return expr if dtype is None else f"CAST({expr} AS {'UBIGINT' if dtype == 'uint64' else 'BIGINT'})"
+    return expr if dtype is None else f"CAST({expr} AS {duck_type(dtype)})"
 
 
 # The aggregates that combine from each file's partial ones, and those partial ones (`Grouped._file_parts`).
 _PARTS = {"count": ("count",), "sum": ("sum",), "mean": ("sum", "count"), "min": ("min",), "max": ("max",)}
-_PARTIAL = {"count": lambda c: pl.col(c).count(), "sum": lambda c: pl.col(c).sum(),
-            "min": lambda c: pl.col(c).min(), "max": lambda c: pl.col(c).max()}
 _ROWS = "__cellar_rows"
 
 

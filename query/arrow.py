@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import lazy_loader as lazy
 
-from ..schemas.arrays import chunk_values
+from ..schemas.arrays import chunk_values, number_dtype
 
 np = lazy.load("numpy")
 
@@ -129,10 +129,3 @@ def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int)
     return taken.take(pa.array(np.argsort(where, kind="stable")))  # back to the rows' order
 
 
-def number_dtype(kind) -> np.dtype | None:
-    """The numpy dtype of an Arrow integer or float type (whose values numpy can view in place), else None."""
-    import pyarrow as pa
-
-    if kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
-        return np.dtype(kind.to_pandas_dtype())
-    return None

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import lazy_loader as lazy
 
 from . import hotcache
-from .arrow import number_dtype, take_rows
-from ..schemas.arrays import chunk_values
+from .arrow import take_rows
+from ..schemas.arrays import chunk_values, number_dtype
 from ..schemas.errors import QueryError
 
 np = lazy.load("numpy")

@@ -38,8 +38,9 @@ import lazy_loader as lazy
 
 from ..schemas import integrity, log
 from ..schemas import store as layout
+from ..schemas.arrays import number_dtype
 from ..schemas.errors import StoreError
-from .arrow import number_dtype, take_rows
+from .arrow import take_rows
 
 np = lazy.load("numpy")
 pa = lazy.load("pyarrow")

@@ -318,7 +318,7 @@ class Tables:
             # list's, the keys, the annotations' where joined
             have = {c["name"] for i, columns_id in self._group_ids for c in self._specs(i, columns_id)}
             have |= set(integrity.PARTITION_KEYS) | (self.annotation_only_columns() if annotated else set())
-            frame = frame.select([pl.col(n) if n in have else pl.lit(None, _polars_type(t)).alias(n)
+            frame = frame.select([pl.col(n) if n in have else pl.lit(None, polars_type(t)).alias(n)
                                   for n, t in shape.items()] + ([pl.col(ROW_COLUMN)] if located else []))
         return frame
 
@@ -342,7 +342,7 @@ class Tables:
                 frame = _scan(store, [f"{table['dir']}/{name}"], table["columns"], trust_log=True)
                 frames.append((keys, frame.select([
                     pl.lit(keys[n], pl.String).alias(n) if n in keys else pl.col(n) if n in have else
-                    pl.lit(None, _polars_type(types[n])).alias(n) for n in columns])))
+                    pl.lit(None, polars_type(types[n])).alias(n) for n in columns])))
         return frames
 
     def _scans(self, files: list[tuple[Path, dict, str]], located: bool) -> list:
@@ -893,7 +893,12 @@ def _duck_null(dtype: str) -> str:
     return f"NULL::{_TYPES[dtype][0]}" if dtype in _TYPES else "NULL"
 
 
-def _polars_type(dtype: str):
+def duck_type(dtype: str) -> str:
+    """The DuckDB type of a dtype the log records (`_TYPES`)."""
+    return _TYPES[dtype][0]
+
+
+def polars_type(dtype: str):
     import polars as pl
 
     return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
@@ -1033,11 +1038,9 @@ class DuckColumns:
         try:
             result = con.execute(f"SELECT * FROM read_parquet({literal(str(path))})")
             described, rows = result.description, result.fetchall()
-        except duckdb.IOException:
+        except duckdb.Error as exc:
             if not path.exists():  # removed meanwhile (a compaction)
                 raise FileNotFoundError(path) from None
-            raise ValueError(f"{path}: unreadable") from None
-        except duckdb.Error as exc:
             raise ValueError(one_line(exc)) from None
         finally:
             con.close()

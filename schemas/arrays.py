@@ -30,9 +30,9 @@ def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A column of numbers without nulls as a numpy array (a view of a single chunk, else the chunks joined),
     read from its buffers as `from_numpy` writes them; other columns through pyarrow's `to_numpy`."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if not pa.types.is_integer(column.type) and not pa.types.is_floating(column.type) or column.null_count:
+    dtype = number_dtype(column.type)
+    if dtype is None or column.null_count:
         return column.to_numpy()
-    dtype = np.dtype(column.type.to_pandas_dtype())
     views = [chunk_values(c, dtype) for c in chunks]
     return views[0] if len(views) == 1 else np.concatenate(views) if views else np.empty(0, dtype)
 
@@ -40,3 +40,10 @@ def to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 def chunk_values(chunk, dtype: np.dtype) -> np.ndarray:
     """The values of a fixed-width Arrow array without nulls as a numpy view (no copy)."""
     return np.frombuffer(chunk.buffers()[1], dtype, count=len(chunk), offset=chunk.offset * dtype.itemsize)
+
+
+def number_dtype(kind) -> np.dtype | None:
+    """The numpy dtype of an Arrow integer or float type (whose values numpy can view in place), else None."""
+    if kind is not None and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        return np.dtype(kind.to_pandas_dtype())
+    return None
