@@ -133,8 +133,10 @@ def pytables_query(name: str, p: dict):
     return out
 
 
-ENGINES = {"cellar": (cellar_query, "from cellar.query import api"), "polars": (polars_query, "import polars"),
-           "duckdb": (duckdb_query, "import duckdb"), "pytables": (pytables_query, "import tables")}
+# The imports an engine's answer needs: cellar's and DuckDB's answers are Arrow tables, so pyarrow is loaded with
+# them (both load it on first use; polars answers in its own frames)
+ENGINES = {"cellar": (cellar_query, "from cellar.query import api; import pyarrow"), "polars": (polars_query, "import polars"),
+           "duckdb": (duckdb_query, "import duckdb, pyarrow"), "pytables": (pytables_query, "import tables")}
 
 
 def _count(result) -> int:

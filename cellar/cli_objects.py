@@ -51,12 +51,12 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
     objs = query.open(args.store)
     q, entry = pathviewer.table_query(objs, args.image, args.labels)
-    ids = q.where(args.where).label_ids()
+    ids = q.where(args.where).label_id_series()  # polars: numpy stays unloaded (see label_id_series)
     if args.mask:
         from .ngff import labels as ngff_labels  # loads zarr: only masks need it
 
         image = pathviewer.source_image(entry, args.source)
-        target = ngff_labels.write_mask(image, entry["label_image"], args.mask, ids, overwrite=args.overwrite)
+        target = ngff_labels.write_mask(image, entry["label_image"], args.mask, ids.to_numpy(), overwrite=args.overwrite)
         print(f"wrote {target} with {len(ids):,} of {entry['n_objects']:,} objects ({args.where})", file=sys.stderr)
         return 0
     fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "text")
@@ -66,18 +66,14 @@ def cmd_filter(args: argparse.Namespace) -> int:
         raise UsageError("--format parquet needs --output FILE (Parquet is binary)")
     if fmt == "json":
         text = json.dumps({"image": entry["image"], "label_image": entry["label_image"], "where": args.where,
-                           "label_ids": ids.tolist()}) + "\n"
+                           "label_ids": ids.to_list()}) + "\n"
     else:
-        text = "".join(f"{i}\n" for i in ids.tolist())
+        text = "".join(f"{i}\n" for i in ids.to_list())
     if args.output:
         out = Path(args.output)
         if fmt == "parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            table = pa.table({"label_id": pa.array(ids, pa.uint64())})
             with atomic_write(out, overwrite=args.overwrite) as tmp:
-                pq.write_table(table, tmp)
+                ids.to_frame().write_parquet(tmp)
         else:
             with atomic_write(out, overwrite=args.overwrite) as tmp:
                 tmp.write_text(text)

@@ -12,20 +12,18 @@ statistics skip most of a store that is sorted in space (see `schemas.store`).
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import duckdb
-import numpy as np
 import polars as pl  # with the module: most queries run on it (see `_polars`)
-import pyarrow.parquet  # noqa: F401 - loaded whole here, not on first use as in query.store: the API answers in
-# Arrow and reads the log's checkpoints with pyarrow.parquet, and a module that several threads load lazily at
-# once may be seen half made (importlib's LazyLoader)
 
-from ..schemas.arrays import chunk_values, from_numpy, repeated_string
+from ..schemas import lazy
+from ..schemas.arrays import from_numpy, repeated_string
 from ..schemas.errors import QueryError
 from ..schemas.integrity import PARTITION_KEYS
 from .arrow import plain_strings
@@ -33,11 +31,18 @@ from .backends import ROW_COLUMN
 from .sql import partition_terms, polars_parses, quote, reads_alike, referenced, simple_terms, suggest
 from .store import Tables, duck_type, polars_type
 
+duckdb = lazy.module("duckdb")  # loaded by the queries polars does not run (`Query._polars`)
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
+
 if TYPE_CHECKING:
     import pandas
     import polars
     import pyarrow
 
+# what polars raises on data it cannot read or compute, cellar errors (`Query._collect`); the last two: a file
+# of a scan with other columns (`Tables._scans`)
+POLARS_ERRORS = (pl.exceptions.ComputeError, pl.exceptions.SchemaError, pl.exceptions.ColumnNotFoundError, OSError)
 _QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _KEYS = ("image", "label_image")
 WHOLE_ROWS = 16  # result columns from which a filter's or top-k's whole rows come from the row files
@@ -122,7 +127,7 @@ class Query:
 
     def limit(self, n: int) -> Query:
         """At most `n` rows."""
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
             raise QueryError(f"limit: {n!r}; expected a whole number >= 0")
         return replace(self, limit_rows=int(n))
 
@@ -184,6 +189,22 @@ class Query:
             return _arrow(self._collect(frame))
         return self._run(self.to_sql(), "to_arrow_table")
 
+    def polars_frame(self) -> polars.LazyFrame | None:
+        """This query as a polars LazyFrame over the Parquet files or the session cache (its columns, in order),
+        or None where DuckDB runs it (the rule of `_polars`). Run it with `run_polars`, which reports an error
+        polars meets as cellar's error."""
+        pruned = self._pruned()
+        frame = pruned._polars(needs=pruned.columns)
+        return frame.select(list(pruned.columns)) if frame is not None and pruned.columns else frame
+
+    def run_polars(self, run: Callable[[], Any]) -> Any:
+        """`run()` (which runs this query's `polars_frame`: collects it, sinks it to a file), an error polars
+        meets while running it reported as `_collect` reports it."""
+        try:
+            return run()
+        except POLARS_ERRORS as exc:
+            raise self.objects.polars_error(exc) from None
+
     def from_row_files(self) -> pyarrow.Table | None:
         """The query's result from the tables' row files where the rule of `_from_row_files` takes it from there,
         else None (the exports ask first, then stream from DuckDB)."""
@@ -210,7 +231,7 @@ class Query:
         sources = objects.row_files
         if sources is None:
             return None
-        stored = sources[0][0].columns
+        stored = sources[0][0].names  # (the dtypes would load numpy)
         if self.ranges:
             boxed = self._in_box(sources, names)
             if boxed is not None:
@@ -224,9 +245,7 @@ class Query:
         column is not in the index, a filter needs an annotation, or the box holds more than ROW_FILE_SHARE).
         Boxes alone (and conditions on images and label images that all these tables meet) are answered by the
         index itself; other filters, order and limit then run in polars on the rows inside."""
-        import pyarrow as pa
-
-        stored = sources[0][0].columns
+        stored = sources[0][0].names  # (the dtypes would load numpy)
         needed = [*names, *(c for c, _ in self.order),
                   *(n for f in self.filters for n in referenced(f, self.objects.column_names))]
         needed = list(dict.fromkeys(needed))
@@ -252,9 +271,7 @@ class Query:
     @staticmethod
     def _box_columns(rf, image: str, label_image: str, rows: np.ndarray, names: list[str]) -> pyarrow.Table:
         """Columns `names` of these rows of one row file's table, as Arrow."""
-        import pyarrow as pa
-
-        values = rf.arrays(rows, [n for n in names if n in rf.columns])
+        values = rf.arrays(rows, [n for n in names if n in rf.names])
         keys = {"image": image, "label_image": label_image}
         return pa.table([from_numpy(values[n]) if n in values else repeated_string(keys[n], len(rows)) for n in names],
                         names=names)
@@ -262,16 +279,14 @@ class Query:
     def _located(self, sources, names: list[str]) -> pyarrow.Table | None:
         """Whole rows: polars finds the matching rows' files and row numbers (and the columns the row files do
         not hold: image, label image, annotations), the row files give the rest, in the query's order."""
-        import pyarrow as pa
-
-        stored = sources[0][0].columns
-        rest = [n for n in names if n not in stored]
+        rest = [n for n in names if n not in sources[0][0].names]
         frame = self._polars(needs=tuple(rest), located=True)
         if frame is None:
             return None
         where = self._collect(frame.select(ROW_COLUMN, *rest))
         if where.height > ROW_FILE_SHARE * sum(rf.n_rows for rf, _, _ in sources):
             return None
+        stored = sources[0][0].columns
         starts = np.cumsum([0, *(rf.n_rows for rf, _, _ in sources)])
         rows = where.get_column(ROW_COLUMN).to_numpy().astype(np.int64)  # numbered across the files, in order
         files = np.searchsorted(starts, rows, side="right") - 1
@@ -381,11 +396,7 @@ class Query:
         (data that do not decode, a value polars cannot compute) or an OSError (a file gone) is a cellar error
         (`Tables.polars_error`: a StoreError naming the file, else a one-line QueryError); any other error is
         a bug (of polars, or of the rule in `_polars`) and surfaces as it is."""
-        try:
-            return frame.collect()
-        except (pl.exceptions.ComputeError, pl.exceptions.SchemaError, pl.exceptions.ColumnNotFoundError,
-                OSError) as exc:  # the last two: a file of a scan with other columns (`Tables._scans`)
-            raise self.objects.polars_error(exc) from None
+        return self.run_polars(frame.collect)
 
     def _run(self, sql: str, how: str = "fetchall"):
         """Run a statement and materialise it (`how`: a relation method); errors found while running it (a
@@ -398,9 +409,14 @@ class Query:
         The result must come from one (image, label image) table; restrict several with
         `.where("image = '...' AND label_image = '...'")`.
         """
+        return self.label_id_series().to_numpy(writable=True)
+
+    def label_id_series(self) -> polars.Series:
+        """`label_ids` as a polars Series (UInt64, named label_id). Where polars answers the query, numpy is not
+        loaded: `cellar filter` writes the ids without it (100 ms of a fresh process)."""
         pruned = self._pruned()
         if pruned is not self:
-            return pruned.label_ids()
+            return pruned.label_id_series()
         images, label_images, _ = partition_terms(self.filters)
         one = self.objects.n_tables == 1 or (images is not None or label_images is not None) and len(
             self.objects.keys_matching(images, label_images)) <= 1  # the filters name one table (a session cache)
@@ -415,13 +431,13 @@ class Query:
         boxed = self._from_row_files(["label_id"]) if self.objects.n_tables == 1 and not self.objects.is_cached else None
         frame = self._polars(needs=("label_id",)) if one and boxed is None else None
         if boxed is not None:
-            ids = np.concatenate([chunk_values(c, np.dtype(np.uint64)) for c in boxed.column(0).chunks] or [np.zeros(0, np.uint64)])
+            ids = pl.from_arrow(boxed.column(0))
         elif frame is not None:
-            ids = self._collect(frame.select("label_id")).get_column("label_id").to_numpy()
+            ids = self._collect(frame.select("label_id")).get_column("label_id")
         else:
-            ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
-        ids = np.asarray(ids, dtype=np.uint64)
-        return ids if self.order else np.sort(ids)
+            ids = pl.from_arrow(self._run(replace(self, columns=("label_id",)).to_sql(), "to_arrow_table").column(0))
+        ids = ids.cast(pl.UInt64).alias("label_id")
+        return ids if self.order else ids.sort()
 
     def group_by(self, *keys: str) -> Grouped:
         """Group this query's rows by these columns: `.agg(mean=["area"], max=["intensity_max__CD8"])`."""
@@ -512,7 +528,7 @@ def _number(value: Any, what: str) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise QueryError(f"{what} = {value!r}; expected a number") from None
-    if not np.isfinite(out):
+    if not math.isfinite(out):
         raise QueryError(f"{what} = {value!r}; expected a finite number")
     return out
 
@@ -653,6 +669,9 @@ class Objects(Tables):
 
     def label_ids(self) -> np.ndarray:
         return Query(self).label_ids()
+
+    def label_id_series(self) -> polars.Series:
+        return Query(self).label_id_series()
 
     def describe(self, column: str) -> dict[str, Any]:
         return Query(self).describe(column)

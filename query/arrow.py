@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-import lazy_loader as lazy
-
+from ..schemas import lazy
 from ..schemas.arrays import chunk_values, number_dtype
 
-np = lazy.load("numpy")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
 
 if TYPE_CHECKING:
     import pyarrow
@@ -19,8 +19,6 @@ if TYPE_CHECKING:
 def plain_strings(table: pyarrow.Table) -> pyarrow.Table:
     """polars hands strings over as large strings (`to_arrow(compat_level=CompatLevel.oldest())`); DuckDB and the
     store use plain ones. Their offsets are narrowed with numpy: a cast would load pyarrow.compute (80-120 ms)."""
-    pa = lazy.load("pyarrow")
-
     for i, field in enumerate(table.schema):
         if pa.types.is_large_string(field.type):
             chunks = [_plain_string_array(chunk) for chunk in table.column(i).chunks]
@@ -32,8 +30,6 @@ def plain_strings(table: pyarrow.Table) -> pyarrow.Table:
 
 
 def _plain_string_array(array: pyarrow.Array) -> pyarrow.Array | None:
-    import pyarrow as pa
-
     validity, offsets, data = array.buffers()
     wide = np.frombuffer(offsets, np.int64, array.offset + len(array) + 1)
     if wide[-1] >= 2**31:
@@ -54,8 +50,6 @@ def take_rows(table: pyarrow.Table, rows: np.ndarray) -> pyarrow.Table:
     and a core waits for each; the columns are shared among threads (pyarrow's take and numpy's gather run
     without the GIL), which at 5M x 200 in RAM took 15.5 ms where one thread took 25.4 ms.
     """
-    import pyarrow as pa
-
     rows = np.asarray(rows, dtype=np.int64)
     if table.num_columns == 0 or len(rows) == 0:
         return table.take(pa.array(rows))
@@ -112,8 +106,6 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _take_column(column, plan: list[tuple[int, np.ndarray, np.ndarray]], n: int):
-    import pyarrow as pa
-
     kind = column.type
     dtype = number_dtype(kind) if column.null_count == 0 else None
     if dtype is not None:

@@ -21,15 +21,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import lazy_loader as lazy
-
 from . import hotcache
 from .arrow import take_rows
+from ..schemas import lazy
 from ..schemas.arrays import chunk_values, number_dtype
 from ..schemas.errors import QueryError
 
-np = lazy.load("numpy")
-pa = lazy.load("pyarrow")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
 
 if TYPE_CHECKING:
     import polars

@@ -31,26 +31,30 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import duckdb
-import numpy as np
-import pyarrow as pa
+import polars as pl
 
+from ..schemas import lazy
 from ..schemas import store as layout
 from ..schemas.atomic import atomic_write
-from ..schemas.errors import UsageError
+from ..schemas.errors import CellarError, UsageError
 from .formats import FORMATS, MAX_CELLS, MAX_STRING
 from .sql import quote
 
 if TYPE_CHECKING:
     from .api import Query
 
+# loaded by the formats and routes that need them: a CSV export of rows polars finds runs without DuckDB
+duckdb = lazy.module("duckdb")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
+
 BATCH_ROWS = 65_536
 OMERO_TITLE = "OMERO HDF Measurement Storage"
-_INT64_MAX = np.iinfo(np.int64).max
+_INT64_MAX = 2**63 - 1
 
 
 def _provenance(q: Query) -> dict[str, str]:
-    tables = [t for _, t in q.objects.tables]
+    tables = [t for _, t in q._pruned().objects.tables]  # the tables the query reads (its filters' images)
     return {
         "cellar_version": str(tables[0].get("cellar_version", "")) if tables else "",
         "source": ", ".join(sorted({str(t.get("source", {}).get("url", "")) for t in tables})),
@@ -63,9 +67,14 @@ def _provenance(q: Query) -> dict[str, str]:
 def _reader(q: Query) -> pa.RecordBatchReader:
     """The query's rows in batches: from the row files where the query's rule takes them from there (a filter's
     or top-k's whole rows, at most `api.ROW_FILE_SHARE` of the rows: in memory at once, as small as that), else
-    streamed from DuckDB. An error DuckDB meets while the batches stream (a Parquet file whose data do not
-    decode) reaches pyarrow's reader as an OSError: it is the store's error, not one writing the output."""
-    fetched = q.from_row_files()
+    streamed from DuckDB (`_batches`)."""
+    return _batches(q, q.from_row_files())
+
+
+def _batches(q: Query, fetched: pa.Table | None) -> pa.RecordBatchReader:
+    """The rows `fetched` from the row files in batches, or where None, the query's rows streamed from DuckDB.
+    An error DuckDB meets while the batches stream (a Parquet file whose data do not decode) reaches pyarrow's
+    reader as an OSError: it is the store's error, not one writing the output."""
     if fetched is not None:
         return pa.RecordBatchReader.from_batches(fetched.schema, fetched.to_batches(max_chunksize=BATCH_ROWS))
     source = q.relation().arrow(batch_size=BATCH_ROWS)
@@ -208,20 +217,50 @@ def _units(q: Query, names: list[str]) -> list[str]:
 
 
 def _csv(q: Query, path: Path) -> dict:
-    import pyarrow.csv as pcsv
-
-    reader = _reader(q)
-    names = reader.schema.names
-    n = 0
+    """Written by polars' CSV writer (2.5x faster than pyarrow's on measurements), the same text whichever way the
+    rows come: whole rows from the row files (`Query.from_row_files`), else streamed by polars' engine where it
+    runs the query (`Query.polars_frame`, written by `sink_csv` as it reads), else DuckDB's Arrow batches."""
+    fetched = q.from_row_files()
+    frame = q.polars_frame() if fetched is None else None
+    reader = _batches(q, fetched) if fetched is not None or frame is None else None
+    names = reader.schema.names if reader is not None else frame.collect_schema().names()
     with open(path, "wb") as fh:
         prov = _provenance(q)
         fh.write(("# cellar export: " + "; ".join(f"{k}={v}" for k, v in prov.items() if v) + "\n").encode())
         fh.write(("# units: " + ", ".join(f"{c}={u}" for c, u in zip(names, _units(q, names)) if u) + "\n").encode())
-        with pcsv.CSVWriter(fh, reader.schema) as writer:
-            for batch in reader:
-                writer.write_batch(batch)
-                n += batch.num_rows
+        if reader is None:
+            out = _Output(fh)
+            try:
+                q.run_polars(lambda: frame.sink_csv(out))
+            except CellarError:
+                if out.failed is None:
+                    raise
+                raise out.failed from None  # writing failed (disk full): not the store's error
+            return {"rows": q.count(), "columns": len(names), "renamed": {}}
+        n, header = 0, True
+        for batch in reader:
+            if batch.num_rows or header:
+                pl.from_arrow(batch).write_csv(fh, include_header=header)
+                header = False
+            n += batch.num_rows
+        if header:  # no batch at all: the header alone
+            pl.from_arrow(reader.schema.empty_table()).write_csv(fh)
     return {"rows": n, "columns": len(names), "renamed": {}}
+
+
+class _Output:
+    """The output file as polars writes to it, keeping the error of a write that failed (a full disk): polars
+    raises it as the OSError it raises for a store file it cannot read, and `_csv` tells the two apart."""
+
+    def __init__(self, file):
+        self.file, self.failed = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.failed = exc
+            raise
 
 
 def _parquet(q: Query, path: Path) -> dict:

@@ -34,16 +34,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import lazy_loader as lazy
-
-from ..schemas import integrity, log
+from ..schemas import integrity, lazy, log
 from ..schemas import store as layout
 from ..schemas.arrays import number_dtype
 from ..schemas.errors import StoreError
 from .arrow import take_rows
 
-np = lazy.load("numpy")
-pa = lazy.load("pyarrow")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
 
 BATCH_ROWS = 128 * 1024  # the store's row-group size: one record batch per row group
 BLOCK_ROWS = 16 * 1024  # the centroid ranges are kept per block: a box reads about an eighth of a batch's rows

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
+from ..schemas import lazy
 from ..schemas import store as layout
 from ..schemas.errors import QueryError, UsageError
 from .sql import literal, quote
+
+np = lazy.module("numpy")  # `cellar filter` runs without it (`Query.label_id_series`)
 
 if TYPE_CHECKING:
     from .. import ngff

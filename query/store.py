@@ -24,6 +24,8 @@ that filter the same store again and again. A narrowed `Tables` always reads the
 
 from __future__ import annotations
 
+import io
+import itertools
 import re
 import threading
 import uuid
@@ -34,18 +36,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Self
 
-import duckdb
-import lazy_loader as lazy
 
 from . import hotcache
 from .backends import ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
 from .sql import MISSING_COLUMN, literal, quote, suggest
-from ..schemas import integrity, log, rowfile
+from ..schemas import integrity, lazy, log, rowfile
 from ..schemas import store as layout
 from ..schemas.errors import CellarError, QueryError, StoreError
 
-np = lazy.load("numpy")
-pa = lazy.load("pyarrow")
+duckdb = lazy.module("duckdb")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
+pl = lazy.module("polars")
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
@@ -71,9 +73,10 @@ class Tables:
             raise QueryError(f"engine={engine!r}; expected 'auto' or 'duckdb'")
         self.engine = engine
         self.stores = tuple(stores)
-        # engine="duckdb" reads the log's checkpoints with DuckDB too (`DuckColumns`): `cellar sql` loads neither
-        # pyarrow nor numpy unless a query's result needs them
-        reader = DuckColumns if engine == "duckdb" else None
+        # the log's checkpoints are read by the engine that runs most queries: DuckDB for engine="duckdb"
+        # (`DuckColumns`: `cellar sql` loads neither pyarrow nor numpy unless a result needs them), else polars
+        # (`PolarsColumns`: `cellar filter` loads neither pyarrow nor DuckDB)
+        reader = DuckColumns if engine == "duckdb" else PolarsColumns
         self.snapshots = list(snapshots) if snapshots is not None else [log.snapshot(s, reader) for s in self.stores]
         # the tables this Objects covers, as (store index, (image, label image)): all (listed on first use of
         # `_keys`: the snapshots answer for them), or those `narrow` chose
@@ -299,8 +302,6 @@ class Tables:
         `located`: with each row's number across the files in `row_files`' order (ROW_COLUMN)."""
         if not self.n_tables:
             return None
-        import polars as pl
-
         files = [(store, table, name) for store, table in self.tables for name in table["files"]]
         frames = self._scans(files, located)
         frame = frames[0] if len(frames) == 1 else pl.concat(frames, how="diagonal_relaxed")
@@ -331,8 +332,6 @@ class Tables:
         if not isinstance(self._backend, ParquetFiles) or not self.n_tables or \
                 not self.annotation_only_columns().isdisjoint(columns):
             return None
-        import polars as pl
-
         types = self.column_types
         frames = []
         for store, table in self.tables:
@@ -353,9 +352,7 @@ class Tables:
         checked against the log first (`_scan`). The files of one scan are checked when it fails
         (`polars_error`): polars names a file with columns the others lack, and a missing column is found then.
         """
-        import polars as pl
-
-        starts = np.cumsum([0, *(rf.n_rows for rf, _, _ in self.row_files)]) if located else None
+        starts = list(itertools.accumulate((rf.n_rows for rf, _, _ in self.row_files), initial=0)) if located else None
         frames, k = [], 0
         while k < len(files):
             store, table, _ = files[k]
@@ -398,8 +395,6 @@ class Tables:
     def _annotation_frame(self):
         """polars' scan of the latest annotation version of every annotated table, with the partition keys: one
         scan per store (keys from the Hive paths), or a file at a time where the store's path holds a `=`."""
-        import polars as pl
-
         latest: dict[int, list[tuple[tuple[str, str], str]]] = {}
         listed: dict[int, list[dict]] = {}  # a store's annotation columns, where all its versions list the same
         for i, key, versions in self._annotated():
@@ -899,8 +894,6 @@ def duck_type(dtype: str) -> str:
 
 
 def polars_type(dtype: str):
-    import polars as pl
-
     return getattr(pl, _TYPES.get(dtype, ("VARCHAR", "String"))[1])
 
 
@@ -915,8 +908,6 @@ def _scan(store: Path, rels: Sequence[str], columns: list[dict], row_index: dict
     the files and reads the footers, as below.
     Without it, or where a type has no polars equivalent here, the first file's footer is read now: a footer that
     does not parse, or columns other than the log lists, are a StoreError naming the file."""
-    import polars as pl
-
     schema = _polars_schema(columns) if trust_log else None
     # missing, truncated: named first (trusting the log, when the query fails: `Tables.polars_error`)
     paths = [store / rel if schema is not None else integrity.parquet_file(store, rel) for rel in rels]
@@ -945,8 +936,6 @@ def _polars_schema(columns: list[dict]) -> dict | None:
     """The polars schema of Parquet files from the log's column list (partition keys apart), as a dict of name ->
     polars type (scan_parquet takes one; a pl.Schema of 330 columns costs 0.7 ms to build), or None where a
     column's type is not one `_TYPES` knows."""
-    import polars as pl
-
     listed = [c for c in columns if c["name"] not in integrity.PARTITION_KEYS]
     if not all(c["dtype"] in _TYPES for c in listed):
         return None
@@ -955,8 +944,6 @@ def _polars_schema(columns: list[dict]) -> dict | None:
 
 
 def _HIVE_SCHEMA():
-    import polars as pl
-
     return {key: pl.String for key in integrity.PARTITION_KEYS}
 
 
@@ -1061,6 +1048,46 @@ class DuckColumns:
 
     def read_group(self, group: int, name: str) -> list:
         return self._columns[name]
+
+
+class PolarsColumns:
+    """A log checkpoint file read by polars (a `schemas.log.ParquetColumns`), for Tables with engine="auto": the
+    queries polars runs (filters, boxes, label ids; `cellar filter`) then load neither pyarrow nor DuckDB. The
+    bytes are read when opened (a compaction may remove the name later), the columns decoded when asked for.
+    polars does not report row groups: the entries are read CHECKPOINT_ROW_GROUP rows at a time, as the log
+    writes its groups (a slice polars reads from the groups that hold it), and there are no null counts."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as file:
+            self._bytes = file.read()
+        try:
+            self._scan = pl.scan_parquet(io.BytesIO(self._bytes))
+            schema = self._scan.collect_schema()
+            self.num_rows = int(self._scan.select(pl.len()).collect().item())
+            self.metadata = pl.read_parquet_metadata(io.BytesIO(self._bytes))
+        except (pl.exceptions.PolarsError, OSError) as exc:  # a file that does not parse
+            raise ValueError(_polars_line(exc)) from None
+        self.names = list(schema.names())
+        self.kinds = {name: "string" if dtype == pl.String else "integer" if dtype.is_integer() else str(dtype)
+                      for name, dtype in schema.items()}
+        size = log.CHECKPOINT_ROW_GROUP
+        self.group_rows = [min(size, self.num_rows - start) for start in range(0, self.num_rows, size)] or [0]
+
+    def null_count(self, name: str) -> int | None:
+        return None
+
+    def read(self, names: list[str]) -> list[list]:
+        return self._read(self._scan.select(names))
+
+    def read_group(self, group: int, name: str) -> list:
+        size = log.CHECKPOINT_ROW_GROUP
+        return self._read(self._scan.select(name).slice(group * size, size))[0]
+
+    def _read(self, frame) -> list[list]:
+        try:
+            return [column.to_list() for column in frame.collect().get_columns()]
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise ValueError(_polars_line(exc)) from None
 
 
 _DUCK_INTEGERS = frozenset({"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER",

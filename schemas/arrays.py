@@ -4,10 +4,10 @@
 
 from __future__ import annotations
 
-import lazy_loader as lazy
+from . import lazy
 
-np = lazy.load("numpy")
-pa = lazy.load("pyarrow")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
 
 
 def from_numpy(values: np.ndarray) -> pa.Array:

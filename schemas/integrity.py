@@ -15,8 +15,12 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import lazy
 from . import store as layout
 from .errors import StoreError
+
+pa = lazy.module("pyarrow")
+pq = lazy.module("pyarrow.parquet")
 
 if TYPE_CHECKING:
     from .log import Snapshot
@@ -82,9 +86,6 @@ def column_problem(store: Path, rel: str, found: Iterable[str], expected: set[st
 def check_entry_files(snap: Snapshot, entry: dict) -> None:
     """Every Parquet file of the table `entry` (see `files`) is there, parses, and holds its columns; a
     StoreError names the first that does not. Writers run it on the table they add to."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     for rel, expected in files(snap, [entry]):
         path = parquet_file(snap.store, rel)
         try:

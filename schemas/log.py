@@ -42,9 +42,13 @@ from functools import cache, cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import lazy
 from . import store as layout
 from .atomic import atomic_write, fsync_dir, temp_path
 from .errors import StoreError
+
+pa = lazy.module("pyarrow")
+pq = lazy.module("pyarrow.parquet")
 
 FORMAT = "cellar-store"
 FORMAT_VERSION = 2
@@ -60,7 +64,7 @@ _DIGITS = 20
 _READ_ATTEMPTS = 8  # a reader restarts when a checkpoint it was sent to is compacted away meanwhile
 CHECKPOINT_ROW_GROUP = 64  # rows: reading one table's entry decompresses this many entries
 CHECKPOINT_COLUMNS = ("image", "label_image", "n_objects", "columns_id", "annotations")
-DISTINCT_KEY = b"cellar.columns_ids"  # the checkpoint's metadata: its column-list ids, each once, in order
+DISTINCT_KEY = "cellar.columns_ids"  # the checkpoint's metadata: its column-list ids, each once, in order
 
 
 def commit_path(store: Path, version: int) -> Path:
@@ -627,9 +631,6 @@ class ArrowColumns:
     decoded when asked for. The bytes stay in memory: a compaction may remove the file's name meanwhile."""
 
     def __init__(self, path: Path):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         with open(path, "rb") as file:
             self._file = pq.ParquetFile(pa.BufferReader(file.read()))
         schema, footer = self._file.schema_arrow, self._file.metadata
@@ -767,8 +768,6 @@ def _check_actions(store: Path, actions: list[dict]) -> None:
 def write_checkpoint(snap: Snapshot) -> None:
     """Write the state at `snap.version` as a checkpoint, point readers at it, and remove the commits and
     checkpoints that no reader needs any more (those more than LOG_KEPT versions old)."""
-    import pyarrow as pa
-
     store, version = snap.store, snap.version
     rows = list(snap._stored())
     keys, counts, columns_ids, texts, annotations = (list(c) for c in zip(*rows)) if rows else ([],) * 5
@@ -790,8 +789,6 @@ def write_checkpoint(snap: Snapshot) -> None:
 
 
 def _write_parquet(final: Path, table: Any, row_group_size: int, **options: Any) -> None:
-    import pyarrow.parquet as pq
-
     with atomic_write(final) as tmp:  # the same state whoever writes it: replacing is harmless
         pq.write_table(table, tmp, row_group_size=row_group_size, **({"compression": "zstd"} | options))
 

@@ -23,16 +23,17 @@ import json
 import mmap
 import os
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
-import lazy_loader as lazy
 
+from . import lazy
 from .arrays import to_numpy
 from .errors import StoreError
 from .store import CENTROID_COLUMNS
 
-np = lazy.load("numpy")
-pa = lazy.load("pyarrow")
+np = lazy.module("numpy")
+pa = lazy.module("pyarrow")
 
 MAGIC = b"CELLROWS"
 VERSION = 1
@@ -149,28 +150,57 @@ class RowFile:
         except (OSError, ValueError) as exc:
             raise StoreError(f"{label}: cannot read ({exc})") from None
         m = self._map
-        try:
+        try:  # the footer is read without numpy: a query that reads no rows from the file does not load it
             if m[:8] != MAGIC or m[-8:] != MAGIC:
                 raise ValueError("not a cellar row file")
-            length = int(np.frombuffer(m, np.uint64, 1, len(m) - 16)[0])
+            length = int.from_bytes(m[len(m) - 16:len(m) - 8], "little")
             footer = json.loads(bytes(m[len(m) - 16 - length:len(m) - 16]))
             self.n_rows, self.width = int(footer["rows"]), int(footer["width"])
             if footer["version"] != VERSION or self.n_rows != n_rows:
                 raise ValueError(f"{self.n_rows} rows where the table has {n_rows}")
-            self.columns = {name: (np.dtype(dtype), int(start)) for name, dtype, start in footer["columns"]}
-            self.offsets = np.frombuffer(m, np.uint64, self.n_rows + 1, int(footer["offsets"]))
-            self.keys = {name: np.frombuffer(m, np.dtype(dtype), self.n_rows, int(at))
-                         for name, (at, dtype) in footer["keys"].items()}
+            self._columns = [(str(name), str(dtype), int(start)) for name, dtype, start in footer["columns"]]
+            self.names = frozenset(name for name, _, _ in self._columns)  # the columns the rows hold
+            self._offsets_at = int(footer["offsets"])
+            self._keys = {name: (int(at), str(dtype)) for name, (at, dtype) in footer["keys"].items()}
             bounds = footer["bounds"]
             self.bounds_columns = bounds["columns"] if bounds else []
-            blocks = -(-self.n_rows // int(footer["block"]))
-            self.bounds = (np.frombuffer(m, np.float64, blocks * 2 * len(self.bounds_columns), int(bounds["at"]))
-                           .reshape(blocks, -1) if bounds else None)
+            self._bounds_at = int(bounds["at"]) if bounds else None
             self.block = int(footer["block"])
-            if self.n_rows and int(self.offsets[-1]) + 8 > int(footer["offsets"]):
+            last = self._offsets_at + 8 * self.n_rows
+            if self.n_rows and int.from_bytes(m[last:last + 8], "little") + 8 > self._offsets_at:
                 raise ValueError("its frames run past their index")
+            # every region the arrays map lies inside the file (numpy dtype strings: order, kind, itemsize)
+            blocks = -(-self.n_rows // self.block)
+            regions = [(self._offsets_at, 8 * (self.n_rows + 1)),
+                       *((at, self.n_rows * int(dtype[2:])) for at, dtype in self._keys.values())]
+            if self._bounds_at is not None:
+                regions.append((self._bounds_at, 8 * blocks * 2 * len(self.bounds_columns)))
+            if any(at < 0 or at + size > len(m) - 16 - length for at, size in regions):
+                raise ValueError("an index runs past the end of the file")
         except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
             raise StoreError(f"{label}: damaged row file ({exc})") from None
+
+    @cached_property
+    def columns(self) -> dict[str, tuple[np.dtype, int]]:
+        """Column name -> (dtype, start within a row)."""
+        return {name: (np.dtype(dtype), start) for name, dtype, start in self._columns}
+
+    @cached_property
+    def offsets(self) -> np.ndarray:
+        return np.frombuffer(self._map, np.uint64, self.n_rows + 1, self._offsets_at)
+
+    @cached_property
+    def keys(self) -> dict[str, np.ndarray]:
+        """The key columns (label id, centroids), uncompressed."""
+        return {name: np.frombuffer(self._map, np.dtype(dtype), self.n_rows, at) for name, (at, dtype) in self._keys.items()}
+
+    @cached_property
+    def bounds(self) -> np.ndarray | None:
+        """The centroid columns' (min, max) in every block of `block` rows."""
+        if self._bounds_at is None:
+            return None
+        blocks = -(-self.n_rows // self.block)
+        return np.frombuffer(self._map, np.float64, blocks * 2 * len(self.bounds_columns), self._bounds_at).reshape(blocks, -1)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """The rows at `index` (in that order) as (len(index), width) bytes."""

@@ -33,12 +33,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lazy_loader as lazy
 
+from . import lazy
 from .atomic import TMP_PREFIX, atomic_write
 from .errors import StoreError
 
-np = lazy.load("numpy")
+np = lazy.module("numpy")
 
 SCHEMA = "schema.json"
 OBJECTS_DIR = "objects"

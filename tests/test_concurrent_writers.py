@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
@@ -251,7 +252,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_no_write_goes_on(image, 
     if name.startswith("entries"):
         path = log.entries_path(store, 3)
     before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
-    # `cellar sql` reads the log with DuckDB (`query.store.DuckColumns`), the API with pyarrow (the default)
+    # `cellar sql` reads the log with DuckDB (`query.store.DuckColumns`), the API with polars (`PolarsColumns`),
+    # `cellar measure` (a writer) with pyarrow (the default, `schemas.log.ArrowColumns`)
     r = run_cli("sql", str(store), "SELECT count(*) FROM objects WHERE image = 't0' AND area > 0")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(path) in r.stderr, r.stderr
     with pytest.raises(StoreError) as raised:
@@ -266,12 +268,16 @@ def test_a_damaged_checkpoint_is_one_line_naming_it_and_no_write_goes_on(image, 
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == before
 
 
-def test_the_log_read_by_duckdb_is_the_log_read_by_pyarrow(image, tmp_path, monkeypatch):
-    """`cellar sql` reads the checkpoints with DuckDB (`query.store.DuckColumns`), everything else with pyarrow
-    (`schemas.log.ArrowColumns`): the same columns, kinds, counts and the same state, annotations included."""
-    from cellar.query.store import DuckColumns  # noqa: I001
+@pytest.mark.parametrize("engine", ["duckdb", "polars"])
+def test_the_log_read_by_the_query_engines_is_the_log_read_by_pyarrow(image, tmp_path, monkeypatch, engine):
+    """`cellar sql` reads the checkpoints with DuckDB (`query.store.DuckColumns`), the query API with polars
+    (`PolarsColumns`), the writers with pyarrow (`schemas.log.ArrowColumns`): the same columns, kinds, counts,
+    entries and the same state, annotations included."""
+    from cellar.query.store import DuckColumns, PolarsColumns  # noqa: I001
 
+    reader = {"duckdb": DuckColumns, "polars": PolarsColumns}[engine]
     monkeypatch.setattr(log, "CHECKPOINT_EVERY", 3)
+    monkeypatch.setattr(log, "CHECKPOINT_ROW_GROUP", 2)  # the entries in several row groups
     store = tmp_path / "c.cellar"
     for k in range(4):
         measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
@@ -284,28 +290,58 @@ def test_the_log_read_by_duckdb_is_the_log_read_by_pyarrow(image, tmp_path, monk
         measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
     version = max(int(p.name[:20]) for p in (store / "log").glob("*.checkpoint.parquet"))
     for path in (log.checkpoint_path(store, version), log.entries_path(store, version)):
-        arrow, duck = log.ArrowColumns(path), DuckColumns(path)
-        assert (duck.names, duck.kinds, duck.num_rows) == (arrow.names, arrow.kinds, arrow.num_rows)
-        assert duck.read(duck.names) == arrow.read(arrow.names)
-        assert [duck.null_count(n) for n in duck.names] == [arrow.null_count(n) for n in arrow.names]
-    assert log.snapshot(store, DuckColumns).keys == log.snapshot(store).keys
-    assert list(log.snapshot(store, DuckColumns).entries()) == list(log.snapshot(store).entries())
+        arrow, other = log.ArrowColumns(path), reader(path)
+        assert (other.names, other.kinds, other.num_rows) == (arrow.names, arrow.kinds, arrow.num_rows)
+        assert other.read(other.names) == arrow.read(arrow.names)
+        assert all(other.null_count(n) in (None, arrow.null_count(n)) for n in arrow.names)  # None: not known
+        assert sum(other.group_rows) == arrow.num_rows
+        groups = [other.read_group(g, other.names[0]) for g in range(len(other.group_rows))]
+        assert list(map(len, groups)) == other.group_rows and sum(groups, []) == arrow.read(arrow.names[:1])[0]
+    assert log.snapshot(store, reader).keys == log.snapshot(store).keys
+    assert list(log.snapshot(store, reader).entries()) == list(log.snapshot(store).entries())
     sql = "SELECT image, label_id, cls FROM objects ORDER BY ALL"
     assert query.open(store, engine="duckdb").sql(sql).fetchall() == query.open(store).sql(sql).fetchall()
     assert any(row[2] for row in query.open(store, engine="duckdb").sql(sql).fetchall())
 
 
-def test_cellar_sql_loads_neither_numpy_nor_pyarrow(image, tmp_path):
-    """`cellar sql` to a file runs on DuckDB alone: its log is read by DuckDB and the store's modules load numpy
-    and pyarrow on first use (120 ms of a 250 ms command)."""
+_ENGINES = ("duckdb", "numpy", "polars", "pyarrow")
+_EXPORT = ["export", "{store}", "--image", "t1", "--labels", "nuclei", "--where", "label_id = 3", "--to", "csv", "{out}"]
+
+
+@pytest.mark.parametrize("command, loaded, share", [
+    # DuckDB alone: its log read by DuckDB, the store's modules load numpy and pyarrow on first use
+    (["sql", "{store}", "SELECT label_id FROM objects WHERE image = 't1' ORDER BY label_id", "--output", "{out}"],
+     ["duckdb"], None),
+    # polars alone: the log read by polars, the ids written from a polars Series (`Query.label_id_series`)
+    (["filter", "{store}", "--where", "area > 0", "--image", "t1", "--labels", "nuclei", "--output", "{out}"],
+     ["polars"], None),
+    # polars alone: it streams the rows into its CSV writer (the row files are opened without numpy to find that
+    # they do not answer: one of 12 objects is more than ROW_FILE_SHARE)
+    (_EXPORT, ["polars"], None),
+    # whole rows from the row files (numpy, pyarrow), written by polars' CSV writer
+    (_EXPORT, ["numpy", "polars", "pyarrow"], 1.0),
+], ids=["sql", "filter", "export", "export-row-files"])
+def test_commands_load_only_the_engines_they_use(image, tmp_path, command, loaded, share):
+    """A command loads the engines its work needs and no other (each costs 80-150 ms of a fresh process; the
+    CLI's whole-process time is the benchmark's), and answers as the API does."""
     store = tmp_path / "c.cellar"
     for k in range(2):
         measure.measure(str(image), "nuclei", store, image_name=f"t{k}", workers=1, progress=False)
     log.write_checkpoint(log.snapshot(store))
     out = tmp_path / "out.csv"
-    code = ("import sys; from cellar.cli import main; code = main(sys.argv[1:]); "
-            "print(sorted(m for m in ('numpy', 'pyarrow', 'polars') if type(sys.modules.get(m)).__name__ == 'module'))")
-    r = subprocess.run([sys.executable, "-c", code, "sql", str(store), "SELECT label_id FROM objects WHERE image = 't1' "
-                        "ORDER BY label_id", "--output", str(out)], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
-    assert out.read_text().split() == ["label_id", *map(str, query.open(store).where("image = 't1'").label_ids())]
+    code = ("import sys; from cellar.cli import main; "
+            + (f"from cellar.query import api; api.ROW_FILE_SHARE = {share}; " if share else "")
+            + "code = main(sys.argv[1:]); "
+            f"print(sorted(m for m in {_ENGINES!r} if type(sys.modules.get(m)).__name__ == 'module'))")
+    args = [a.format(store=store, out=out) for a in command]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == str(loaded), (r.stdout, r.stderr)
+    t1 = query.open(store).where("image = 't1'")
+    if command[0] == "export":
+        got = pl.read_csv(out, comment_prefix="#")
+        want = pl.from_arrow(t1.where("label_id = 3").to_arrow())
+        assert got.columns == want.columns and got.height == 1
+        assert got.cast(dict(want.schema)).equals(want)
+    else:
+        ids = out.read_text().split()
+        assert ids[ids[0] == "label_id":] == [str(i) for i in t1.label_ids()]

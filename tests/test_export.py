@@ -257,10 +257,29 @@ def test_bad_exports_fail_cleanly(case, monkeypatch):
 
         return pa.RecordBatchReader.from_batches(real.schema, batches())
 
-    monkeypatch.setattr(export_mod, "_reader", failing)
+    class Full:  # a file on a disk that fills after 2,000 bytes
+        def __init__(self, *args):
+            self.file, self.written = open(*args), 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 2000:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+    monkeypatch.setattr(export_mod, "open", Full, raising=False)  # the CSV's rows: polars streams them
     with pytest.raises(UsageError, match="cannot write \\(No space left on device\\)"):
         query.open(store).export("csv", str(case / "full.csv"))
-    assert not (case / "full.csv").exists()
+    monkeypatch.setattr(export_mod, "_reader", failing)  # the Parquet's: DuckDB's batches
+    with pytest.raises(UsageError, match="cannot write \\(No space left on device\\)"):
+        query.open(store).export("parquet", str(case / "full.parquet"))
+    assert not (case / "full.csv").exists() and not (case / "full.parquet").exists()
     assert not [p for p in case.iterdir() if p.name.startswith(".tmp")]
     with pytest.raises(QueryError):
         query.open(store).where("nope > 1").export("csv", str(case / "q.csv"))

@@ -225,18 +225,25 @@ def test_a_file_with_other_columns_inside_a_scan_is_named(store, tmp_path, image
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
-def test_exports_from_the_row_files_equal_those_streamed_from_duckdb(store, tmp_path, monkeypatch, fmt):
-    monkeypatch.setattr(api, "ROW_FILE_SHARE", 1.0)
-    used = []
-    original = api.Query.from_row_files
-    monkeypatch.setattr(api.Query, "from_row_files", lambda self: (lambda t: used.append(t is not None) or t)(original(self)))
+def test_exports_from_the_row_files_and_polars_equal_those_streamed_from_duckdb(store, tmp_path, monkeypatch, fmt):
+    """An export's rows come from the row files, from polars' engine (CSV) or from DuckDB: the same file."""
+    used = {"rows": [], "polars": []}
+    for name in ("from_row_files", "polars_frame"):
+        original = getattr(api.Query, name)
+        monkeypatch.setattr(api.Query, name, lambda self, _o=original, _k=name[:4]: (
+            lambda t: used["rows" if _k == "from" else "polars"].append(t is not None) or t)(_o(self)))
     where = "image = 'img1' AND label_image = 'nuclei' AND area > 40"
+    monkeypatch.setattr(api, "ROW_FILE_SHARE", 1.0)
     query.open(store).where(where).export(fmt, str(tmp_path / f"rows.{fmt}"))
+    monkeypatch.setattr(api, "ROW_FILE_SHARE", 0.0)
+    query.open(store).where(where).export(fmt, str(tmp_path / f"polars.{fmt}"))
     query.open(store, engine="duckdb").where(where).export(fmt, str(tmp_path / f"duck.{fmt}"))
-    assert used[0] and not used[1]  # DuckDB's engine streams
+    assert used["rows"] == [True, False, False]  # DuckDB's engine streams
+    assert used["polars"] == ([True, False] if fmt == "csv" else [])  # polars writes CSV; Parquet: DuckDB's batches
     if fmt == "csv":
-        rows = [(tmp_path / f"{k}.csv").read_text().splitlines() for k in ("rows", "duck")]
-        assert rows[0][1:] == rows[1][1:] and len(rows[0]) > 10  # the first line: provenance, with the time
+        rows = [(tmp_path / f"{k}.csv").read_text().splitlines() for k in ("rows", "polars", "duck")]
+        # the first line: provenance, with the time
+        assert rows[0][1:] == rows[1][1:] == rows[2][1:] and len(rows[0]) > 10
     else:
         got, want = pq.read_table(tmp_path / "rows.parquet"), pq.read_table(tmp_path / "duck.parquet")
-        assert got.equals(want) and got.num_rows > 10
+        assert got.equals(want) and pq.read_table(tmp_path / "polars.parquet").equals(want) and got.num_rows > 10
