@@ -500,7 +500,8 @@ class Query:
     def _check_condition(self, condition: str) -> None:
         """Bind the condition now (no rows are read), so that a wrong name fails where it was written."""
         try:  # DuckDB binds a relation when it is built and runs it only when asked
-            self.objects.con.sql(f"SELECT 1 FROM objects WHERE {condition}")
+            statement = f"SELECT 1 FROM objects WHERE {condition}"
+            self.objects.con_for(statement).sql(statement)
         except duckdb.Error as exc:
             raise QueryError(f"where {condition!r}: {self.objects.explain(exc)}") from None
 

@@ -56,7 +56,7 @@ def build(store: Path, *, rows: bool = False, progress: bool = False,
         bar.start()
         task = bar.add_task("cache", total=len(objs))
     try:
-        reader = objs.con.sql("SELECT * FROM objects").to_arrow_reader(hotcache.BATCH_ROWS)
+        reader = objs.con_for("SELECT *").sql("SELECT * FROM objects").to_arrow_reader(hotcache.BATCH_ROWS)
         names = [f.name for f in reader.schema if f.name in hotcache.RANGE_COLUMNS]
         record = _record_dtype(reader.schema) if rows else None
         row_sink = open(tmps["rows"], "wb") if record is not None else None

@@ -413,3 +413,80 @@ def _simple_term(term: list[tuple[str, str]], types: dict[str, str]) -> tuple[st
             if lo is not None and hi is not None and fits(name, lo, hi):
                 return name, "between", (lo, hi)
     return None
+
+
+# -- which columns a statement may read ------------------------------------------------------------------------
+_WORDS = frozenset("""
+    select from where and or not between in is null true false as order by group having limit offset asc desc nulls
+    first last distinct case when then else end like ilike join inner left right outer full cross on using with
+    union all intersect except exists cast filter over partition rows range preceding following unbounded current
+    row any some escape interval qualify window natural semi anti asof
+    boolean bool tinyint smallint integer int bigint hugeint utinyint usmallint uinteger ubigint float real double
+    decimal numeric varchar text date time timestamp
+""".split())
+_SET_OPERATORS = frozenset({"union", "intersect", "except"})
+_STARS = frozenset({"columns", "unpack"})  # DuckDB's star expressions (`COLUMNS('re')`, `*COLUMNS(...)`)
+
+
+def may_read(statement: str, names: set[str], columns: set[str], views: set[str]) -> bool:
+    """Whether the SELECT `statement` may read any of the columns `names` (lower case) of cellar's views: False
+    only where its words show it cannot, so that a view without those columns answers it alike (the `objects`
+    view without its annotation join, `Tables.sql`). The words are read one at a time, and any word or sign the
+    rules do not know makes it True:
+    - a star (bar `count(*)`), COLUMNS(...), a name in `names`, text that is not one SELECT or WITH statement;
+    - a table after FROM or JOIN that is not one of `views` or a name the statement defines (WITH q AS ...);
+      a FROM without a SELECT before it at its depth (DuckDB's FROM-first syntax: `FROM objects` reads `*`);
+    - any other word that is not a SQL keyword or type, a function called, a column of `columns` (lower case),
+      a qualifier (`o.` in `o.area`), a name defined (after AS, or a table's alias).
+    The columns named as `"quoted"` identifiers count too: DuckDB matches names without regard to case."""
+    tokens = _tokens(statement.strip().rstrip(";"))
+    if not tokens or tokens[0][0] != "name" or tokens[0][1].lower() not in ("select", "with"):
+        return True
+    defined: set[str] = set()
+    depth, selects = 0, {0: 0}  # the SELECTs at each parenthesis depth not yet matched by a FROM
+    table = False  # the previous word named a table: a word that follows is its alias
+    for i, (kind, text) in enumerate(tokens):
+        prev = tokens[i - 1] if i else ("", "")
+        nxt = tokens[i + 1] if i + 1 < len(tokens) else ("", "")
+        if kind == "op" and text == "(":
+            depth += 1
+            selects[depth] = 0
+        elif kind == "op" and text == ")":
+            depth -= 1
+        elif kind == "op" and text == "*":
+            if not (prev == ("op", "(") and nxt == ("op", ")") and i > 1 and tokens[i - 2][1].lower() == "count"):
+                return True
+        elif kind == "other" and text != ".":
+            return True
+        if kind not in ("name", "quoted"):
+            table = False
+            continue
+        word = (text[1:-1] if kind == "quoted" else text).lower()
+        was_table, table = table, False
+        if word in names or (word in _STARS and nxt == ("op", "(")):
+            return True
+        if kind == "name" and word == "select":
+            selects[depth] += 1
+        elif kind == "name" and word in _SET_OPERATORS:
+            selects[depth] = 0
+        elif kind == "name" and word == "from":
+            if not selects[depth]:
+                return True
+            selects[depth] -= 1
+        if prev[0] == "name" and prev[1].lower() in ("from", "join"):
+            if word not in views and word not in defined:
+                return True
+            table = True
+        elif nxt == ("other", ".") or prev == ("other", "."):
+            continue  # a qualifier, or a column it qualifies (checked against `names` above)
+        elif kind == "name" and word in _WORDS:
+            continue
+        elif word in columns:
+            continue
+        elif was_table or (prev[0] == "name" and prev[1].lower() == "as") or nxt[1].lower() == "as":
+            defined.add(word)  # an alias, or a name WITH defines
+        elif kind == "name" and nxt == ("op", "("):
+            continue  # a function
+        else:
+            return True
+    return depth != 0

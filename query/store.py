@@ -39,7 +39,7 @@ from typing import Any, Self
 
 from . import hotcache
 from .backends import ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
-from .sql import MISSING_COLUMN, literal, quote, suggest
+from .sql import MISSING_COLUMN, literal, may_read, quote, suggest
 from ..schemas import integrity, lazy, log, rowfile
 from ..schemas import store as layout
 from ..schemas.errors import CellarError, QueryError, StoreError
@@ -51,6 +51,7 @@ pl = lazy.module("polars")
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
+_VIEW_NAMES = frozenset({"objects", "channels", "columns", "annotations"})
 _LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns", "annotations")}
 CACHED_VIEW = "objects_cached"  # the session cache, with its row numbers (`backends.ROW_COLUMN`)
 NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
@@ -101,6 +102,7 @@ class Tables:
         self._lock = threading.RLock()
         self._closed = False
         self._lazy_views: set[str] = set()  # `channels`, `columns`, `annotations`: made on first mention (`sql`)
+        self._joined = False  # whether `objects` has the annotations joined (`con_for`)
         self._backend: Backend = ParquetFiles(self._parquet_frame, self.annotation_only_columns)  # see `backend`
         if cache is not False and self.n_tables and keys is None:
             found = [hotcache.find(s, snap) for s, snap in zip(self.stores, self.snapshots) if len(snap)]
@@ -433,7 +435,7 @@ class Tables:
             return self
         # DuckDB reads the Parquet files (all threads) straight into Arrow, annotations joined.
         try:
-            table = self.con.sql("SELECT * FROM objects").to_arrow_table()
+            table = self.con_for("SELECT *").sql("SELECT * FROM objects").to_arrow_table()
         except duckdb.Error as exc:  # a Parquet file whose data do not decode
             raise self.error(exc) from None
         self._backend.close()
@@ -482,6 +484,7 @@ class Tables:
         # Registered under the view's own name (a temporary view, found before this Objects' schema): a view
         # over a registered name binds the 200-column Arrow scan once more (3.5 ms at 5M x 200).
         self._register("objects", self.cached)
+        self._joined = True  # the cache holds the annotations
         self.__dict__.pop("schema", None)
 
     def numbered_view(self) -> str:
@@ -507,15 +510,17 @@ class Tables:
         too. Their paths carry the partition keys (`objects/image=.../label_image=.../part-*.parquet`)."""
         return self._files()
 
-    def _check_parquet(self, con: duckdb.DuckDBPyConnection, annotations_only: bool = False) -> None:
+    def _check_parquet(self, con: duckdb.DuckDBPyConnection, annotations: bool = False) -> None:
         """Check, once, that the footer of the first Parquet file of every column list (the one DuckDB binds the
         list's scan to) parses and holds the columns the log lists (a file of another table would otherwise join
-        the views unnoticed), and every annotation file's. DuckDB checks the list's other files against the
-        first when it reads them, and names a file that differs (`error`). It parses the footers here and keeps
-        them in its metadata cache, so the views' binding that follows does not parse them again."""
-        if self.__dict__.get("_parquet_checked"):
+        the views unnoticed), or (`annotations`) every annotation file's, before a view reads them. DuckDB checks
+        the list's other files against the first when it reads them, and names a file that differs (`error`). It
+        parses the footers here and keeps them in its metadata cache, so the views' binding that follows does
+        not parse them again."""
+        flag = "_annotations_checked" if annotations else "_parquet_checked"
+        if self.__dict__.get(flag):
             return
-        files = self._annotation_files() if annotations_only else self._first_parquet_files()
+        files = self._annotation_files() if annotations else self._first_parquet_files()
         expected = {str((store / rel).resolve()): (store, rel, names) for store, rel, names in files}
         if expected:
             con.execute("SET parquet_metadata_cache = true")
@@ -529,7 +534,7 @@ class Tables:
                 problem = integrity.column_problem(store, rel, names, want)
                 if problem is not None:
                     raise problem
-        self._parquet_checked = True
+        self.__dict__[flag] = True
 
     def error(self, exc: duckdb.Error | OSError) -> CellarError:
         """DuckDB's error as a cellar error: a StoreError naming the store file it could not read, else a
@@ -594,14 +599,13 @@ class Tables:
                 yield self.stores[i], rel, names
 
     def _first_parquet_files(self):
-        """(store, store-relative path, expected column names) of the first Parquet file of every column list,
-        and of every annotation file, of the covered tables."""
+        """(store, store-relative path, expected column names) of the first Parquet file of every column list of
+        the covered tables."""
         for (i, _), members in self._groups.items():
             entry = self.snapshots[i].entry(*members[0])
             entry = {**entry, "columns": self._specs(i, entry["columns_id"])}
             names = {c["name"] for c in entry["columns"]} - set(integrity.PARTITION_KEYS)
             yield self.stores[i], f"{entry['dir']}/{entry['files'][0]}", names
-        yield from self._annotation_files()
 
     def _parquet_files(self):
         """(store, store-relative path, expected column names) of the covered tables' Parquet files."""
@@ -652,23 +656,60 @@ class Tables:
         return " UNION ALL BY NAME ".join(f"({part})" for part in parts) if len(parts) > 1 else parts[0]
 
     def _create_views(self, con: duckdb.DuckDBPyConnection) -> None:
-        """The views, in this Objects' schema of the database (`con`: the connection that holds it)."""
-        keys = "'image': VARCHAR, 'label_image': VARCHAR"
-        select_objects = None if self.is_cached else self._measurements_sql(keys)
-        self._check_parquet(con, annotations_only=self.is_cached)
-        annotated = self._annotated()
-        if annotated and select_objects is not None:  # see query.annotate: each table's latest version joins
-            latest = [(self.stores[i], max(versions, key=lambda v: v["version"])) for i, _, versions in annotated]
-            select_objects = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM ({select_objects}) m "
-                              f"LEFT JOIN ({self._annotations_sql(latest)}) a USING (image, label_image, label_id)")
+        """The views, in this Objects' schema of the database (`con`: the connection that holds it): `objects`
+        over the session cache (annotations joined), or over the Parquet files without the annotations, which
+        join when a statement may read them (`con_for`)."""
         if self.is_cached:  # the session cache holds the same rows (annotations joined): no Parquet to bind
+            self._check_parquet(con, annotations=True)
             self._register_cached()
-        else:
-            shape = self._reshaped()
-            if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
-                nulls = ", ".join(f"{_duck_null(t)} AS {quote(n)}" for n, t in shape.items())
-                select_objects = f"(SELECT {nulls} WHERE false) UNION ALL BY NAME ({select_objects})"
-            con.execute(f"CREATE VIEW objects AS {select_objects}")
+            return
+        select = self._objects_sql(joined=False)  # (each file checked to be there and look like Parquet first)
+        self._check_parquet(con)
+        self._joined = not self._annotated()
+        con.execute(f"CREATE VIEW objects AS {select}")
+
+    def _objects_sql(self, joined: bool) -> str:
+        """The objects of the Parquet files, with each table's latest annotation version joined (`joined`, see
+        query.annotate) or without the annotations' columns."""
+        select = self._measurements_sql("'image': VARCHAR, 'label_image': VARCHAR")
+        annotated = self._annotated() if joined else []
+        if annotated:
+            latest = [(self.stores[i], max(versions, key=lambda v: v["version"])) for i, _, versions in annotated]
+            select = (f"SELECT m.*, a.* EXCLUDE (image, label_image, label_id, version) FROM ({select}) m "
+                      f"LEFT JOIN ({self._annotations_sql(latest)}) a USING (image, label_image, label_id)")
+        shape = self._reshaped()
+        if shape is not None:  # every column of the store (see `narrow`), in `column_types`' order
+            notes = set() if joined else self.annotation_only_columns()
+            nulls = ", ".join(f"{_duck_null(t)} AS {quote(n)}" for n, t in shape.items() if n not in notes)
+            select = f"(SELECT {nulls} WHERE false) UNION ALL BY NAME ({select})"
+        return select
+
+    def con_for(self, statement: str) -> duckdb.DuckDBPyConnection:
+        """`con`, its `objects` view with the annotations joined if `statement` may read their columns.
+
+        The view is made without them: DuckDB does not drop a LEFT JOIN whose columns a query leaves unused (it
+        scans every annotation file and joins, 10-25 ms of a box query), and one annotation row per object at
+        most (query.annotate) makes the join keep every row as it is, so the view without it answers alike the
+        statements that read none of their columns. `sql.may_read` tells those apart on the statement's words,
+        erring towards the join; the view is then replaced by the joined one, once, for every later statement
+        (a statement bound meanwhile reads none of the annotations: either view answers it)."""
+        con = self.con
+        if not self._joined and may_read(statement, self._annotation_words, self._column_words, _VIEW_NAMES):
+            with self._lock:
+                if not self._joined:
+                    select = self._objects_sql(joined=True)
+                    self._check_parquet(con, annotations=True)
+                    con.execute(f"CREATE OR REPLACE VIEW objects AS {select}")
+                    self._joined = True
+        return con
+
+    @cached_property
+    def _annotation_words(self) -> set[str]:
+        return {n.lower() for n in self.annotation_only_columns()}
+
+    @cached_property
+    def _column_words(self) -> set[str]:
+        return {n.lower() for n in self.column_types} - self._annotation_words
 
     def _channels_sql(self) -> str:
         per_channel: dict[str, list[str]] = {}  # channel column suffix -> feature names present
@@ -747,7 +788,7 @@ class Tables:
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL over the views; returns a DuckDB relation (`.to_arrow_table()`, `.pl()`, `.df()`,
         `.fetchall()`)."""
-        con = self.con
+        con = self.con_for(query)
         for name, pattern in _LAZY_VIEWS.items():
             if name not in self._lazy_views and pattern.search(query):
                 self._create_lazy_view(name)
@@ -811,7 +852,7 @@ class Tables:
     @cached_property
     def schema(self) -> dict[str, str]:
         """Column name -> DuckDB type of the objects view."""
-        return {name: str(dtype) for name, dtype, *_ in self.con.sql("DESCRIBE objects").fetchall()}
+        return {name: str(dtype) for name, dtype, *_ in self.con_for("DESCRIBE").sql("DESCRIBE objects").fetchall()}
 
     @cached_property
     def column_names(self) -> list[str]:

@@ -291,6 +291,51 @@ def test_annotations_are_versioned_and_joined(case):
     assert query.open(store, cache=True).where("klass = 'b'").count() == 4
 
 
+# (statement, whether it may read an annotation column: `sql.may_read`, which errs towards True)
+_STATEMENTS = [
+    ("SELECT label_id FROM objects WHERE area > 40 ORDER BY label_id", False),
+    ("SELECT image, avg(area) AS m, count(*) AS n FROM objects GROUP BY image ORDER BY image", False),
+    ("SELECT o.label_id FROM objects o WHERE o.area > 40 ORDER BY 1", False),
+    ("WITH q AS (SELECT label_id, area FROM objects) SELECT label_id FROM q WHERE area > 40 ORDER BY label_id", False),
+    ('select "Label_ID" from objects order by 1', False),
+    ("SELECT count(*) FROM objects JOIN annotations a USING (image, label_image, label_id)", False),
+    ("SELECT * FROM objects ORDER BY label_id", True),
+    ("SELECT label_id, klass FROM objects ORDER BY label_id", True),
+    ('SELECT label_id, "KLASS" FROM objects ORDER BY label_id', True),
+    ("SELECT o FROM objects o ORDER BY o.label_id", True),
+    ("SELECT COLUMNS('k.*') FROM objects ORDER BY 1", True),
+    ("FROM objects ORDER BY label_id", True),
+    ("SELECT count(*) FROM (FROM objects)", True),
+    ("SELECT count(*) FROM objects UNION ALL SELECT count(*) FROM objects", False),
+    ("DESCRIBE objects", True),
+    ("SELECT count(*) FROM information_schema.columns WHERE table_name = 'objects'", True),
+    ("SELECT label_id FROM objects -- klass\nORDER BY 1", True),
+]
+
+
+@pytest.mark.parametrize("statement, reads", _STATEMENTS, ids=[str(k) for k in range(len(_STATEMENTS))])
+def test_the_annotation_join_is_left_out_only_where_no_statement_can_tell(case, statement, reads):
+    """`objects` is made without the annotations' LEFT JOIN, which joins (once, for good) when a statement may
+    read their columns (`Tables.con_for`); every statement answers as over the joined view."""
+    from cellar.query.sql import may_read
+    from cellar.query.store import _VIEW_NAMES
+
+    tmp, _ = case
+    store = tmp / "s.cellar"
+    ids = read_table(store)[1].label_id.to_numpy()
+    (tmp / "v1.csv").write_text("label_id,klass\n" + "".join(f"{i},{'ab'[k % 2]}\n" for k, i in enumerate(ids[:9])))
+    _ok(run_cli("annotate", str(store), "--from", str(tmp / "v1.csv")))
+    fresh, joined = query.open(store, engine="duckdb"), query.open(store, engine="duckdb")
+    joined.con_for("SELECT *")
+    notes, words = fresh._annotation_words, fresh._column_words
+    assert notes == {"klass"} and may_read(statement, notes, words, _VIEW_NAMES) is reads
+    assert fresh.sql(statement).fetchall() == joined.sql(statement).fetchall()
+    assert fresh._joined is reads
+    assert (fresh.sql("SELECT klass FROM objects WHERE klass = 'a'").fetchall()
+            == joined.sql("SELECT klass FROM objects WHERE klass = 'a'").fetchall() == [("a",)] * 5)
+    assert fresh._joined  # and stays so
+
+
 def test_annotation_errors_are_reported(case):
     tmp, _ = case
     store = tmp / "s.cellar"
