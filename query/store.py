@@ -1094,17 +1094,25 @@ class DuckColumns:
 class PolarsColumns:
     """A log checkpoint file read by polars (a `schemas.log.ParquetColumns`), for Tables with engine="auto": the
     queries polars runs (filters, boxes, label ids; `cellar filter`) then load neither pyarrow nor DuckDB. The
-    bytes are read when opened (a compaction may remove the name later), the columns decoded when asked for.
-    polars does not report row groups: the entries are read CHECKPOINT_ROW_GROUP rows at a time, as the log
-    writes its groups (a slice polars reads from the groups that hold it), and there are no null counts."""
+    bytes are read when opened (a compaction may remove the name later). A file of up to WHOLE_BYTES is decoded
+    whole at once (each call into polars costs about a millisecond); a larger one (an entries file of thousands
+    of tables) a column or CHECKPOINT_ROW_GROUP rows at a time, as the log writes its groups (polars does not
+    report row groups: a slice is read from the groups that hold it). polars reports no null counts."""
+
+    WHOLE_BYTES = 1 << 20
 
     def __init__(self, path: Path):
         with open(path, "rb") as file:
             self._bytes = file.read()
+        self._frame = None
         try:
-            self._scan = pl.scan_parquet(io.BytesIO(self._bytes))
-            schema = self._scan.collect_schema()
-            self.num_rows = int(self._scan.select(pl.len()).collect().item())
+            if len(self._bytes) <= self.WHOLE_BYTES:
+                self._frame = pl.read_parquet(io.BytesIO(self._bytes))
+                schema, self.num_rows = self._frame.schema, self._frame.height
+            else:
+                self._scan = pl.scan_parquet(io.BytesIO(self._bytes))
+                schema = self._scan.collect_schema()
+                self.num_rows = int(self._scan.select(pl.len()).collect().item())
             self.metadata = pl.read_parquet_metadata(io.BytesIO(self._bytes))
         except (pl.exceptions.PolarsError, OSError) as exc:  # a file that does not parse
             raise ValueError(_polars_line(exc)) from None
@@ -1118,10 +1126,14 @@ class PolarsColumns:
         return None
 
     def read(self, names: list[str]) -> list[list]:
+        if self._frame is not None:
+            return [self._frame.get_column(name).to_list() for name in names]
         return self._read(self._scan.select(names))
 
     def read_group(self, group: int, name: str) -> list:
         size = log.CHECKPOINT_ROW_GROUP
+        if self._frame is not None:
+            return self._frame.get_column(name).slice(group * size, size).to_list()
         return self._read(self._scan.select(name).slice(group * size, size))[0]
 
     def _read(self, frame) -> list[list]:
