@@ -23,7 +23,7 @@ from pathlib import Path
 import polars as pl  # with the module: most queries run on it (see `_polars`)
 
 from ..schemas import lazy
-from ..schemas.arrays import from_numpy, repeated_string
+from ..schemas.arrays import chunk_values, from_numpy, repeated_string
 from ..schemas.errors import QueryError
 from ..schemas.integrity import PARTITION_KEYS
 from .arrow import plain_strings
@@ -409,14 +409,24 @@ class Query:
         The result must come from one (image, label image) table; restrict several with
         `.where("image = '...' AND label_image = '...'")`.
         """
-        return self.label_id_series().to_numpy(writable=True)
+        ids = self._label_ids()
+        return ids.to_numpy(writable=True) if isinstance(ids, pl.Series) else ids
 
     def label_id_series(self) -> polars.Series:
         """`label_ids` as a polars Series (UInt64, named label_id). Where polars answers the query, numpy is not
         loaded: `cellar filter` writes the ids without it (100 ms of a fresh process)."""
+        ids = self._label_ids()
+        if isinstance(ids, pl.Series):
+            return ids
+        # (a table, not a column, to polars: its Series from Arrow loads pyarrow.compute, 70 ms of a fresh process)
+        return pl.from_arrow(pa.table([from_numpy(ids)], names=["label_id"])).to_series()
+
+    def _label_ids(self) -> np.ndarray | polars.Series:
+        """`label_ids` as numpy where the row files' index or DuckDB give them (numbers, no polars call: its first
+        costs a fresh process 3-5 ms), as a polars Series where polars finds them."""
         pruned = self._pruned()
         if pruned is not self:
-            return pruned.label_id_series()
+            return pruned._label_ids()
         images, label_images, _ = partition_terms(self.filters)
         one = self.objects.n_tables == 1 or (images is not None or label_images is not None) and len(
             self.objects.keys_matching(images, label_images)) <= 1  # the filters name one table (a session cache)
@@ -430,15 +440,15 @@ class Query:
             )
         boxed = self._from_row_files(["label_id"]) if self.objects.n_tables == 1 and not self.objects.is_cached else None
         frame = self._polars(needs=("label_id",)) if one and boxed is None else None
-        # (tables, not columns, to polars: its Series from Arrow loads pyarrow.compute, 70 ms of a fresh process)
+        if frame is not None:
+            ids = self._collect(frame.select("label_id")).get_column("label_id").cast(pl.UInt64)
+            return ids if self.order else ids.sort()
         if boxed is not None:
-            ids = pl.from_arrow(boxed).to_series()
-        elif frame is not None:
-            ids = self._collect(frame.select("label_id")).get_column("label_id")
+            ids = np.concatenate([chunk_values(c, np.dtype(np.uint64)) for c in boxed.column(0).chunks] or [np.zeros(0, np.uint64)])
         else:
-            ids = pl.from_arrow(self._run(replace(self, columns=("label_id",)).to_sql(), "to_arrow_table")).to_series()
-        ids = ids.cast(pl.UInt64).alias("label_id")
-        return ids if self.order else ids.sort()
+            ids = self._run(replace(self, columns=("label_id",)).to_sql(), "fetchnumpy")["label_id"]
+        ids = np.asarray(ids, dtype=np.uint64)
+        return ids if self.order else np.sort(ids)
 
     def group_by(self, *keys: str) -> Grouped:
         """Group this query's rows by these columns: `.agg(mean=["area"], max=["intensity_max__CD8"])`."""

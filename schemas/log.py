@@ -48,7 +48,8 @@ from .atomic import atomic_write, fsync_dir, temp_path
 from .errors import StoreError
 
 pa = lazy.module("pyarrow")
-pq = lazy.module("pyarrow.parquet")
+pq = lazy.module("pyarrow.parquet")  # (writing)
+_parquet = lazy.module("pyarrow._parquet")  # (reading: see ArrowColumns)
 
 FORMAT = "cellar-store"
 FORMAT_VERSION = 2
@@ -625,14 +626,17 @@ Reader = Callable[[Path], ParquetColumns]
 
 
 class ArrowColumns:
-    """A checkpoint file read with pyarrow (the default `Reader`): not pq.read_table, which imports
-    pyarrow.dataset and pandas. Its bytes are read at once and parsed from memory (a first read through
-    pyarrow's file readers costs a fresh process a few milliseconds more than the file does); the columns are
-    decoded when asked for. The bytes stay in memory: a compaction may remove the file's name meanwhile."""
+    """A checkpoint file read with pyarrow (the default `Reader`). Its bytes are read at once and parsed from
+    memory (a first read through pyarrow's file readers costs a fresh process a few milliseconds more than the
+    file does); the columns are decoded when asked for. The bytes stay in memory: a compaction may remove the
+    file's name meanwhile. Read with the Parquet reader that `pyarrow.parquet.ParquetFile` wraps: importing
+    `pyarrow.parquet` loads pyarrow's filesystems too (20 ms of a fresh process), which a file read from memory
+    never uses; its reader module alone loads in 1 ms (pq.read_table would load pyarrow.dataset and pandas)."""
 
     def __init__(self, path: Path):
+        self._file = _parquet.ParquetReader()
         with open(path, "rb") as file:
-            self._file = pq.ParquetFile(pa.BufferReader(file.read()))
+            self._file.open(pa.BufferReader(file.read()))
         schema, footer = self._file.schema_arrow, self._file.metadata
         self.names = schema.names
         self.kinds = {f.name: "string" if pa.types.is_string(f.type) else "integer" if pa.types.is_integer(f.type)
@@ -652,10 +656,12 @@ class ArrowColumns:
         return nulls
 
     def read(self, names: list[str]) -> list[list]:
-        return [column.to_pylist() for column in self._file.read(columns=names, use_threads=False).columns]
+        indices = [self.names.index(name) for name in names]
+        return [column.to_pylist() for column in self._file.read_all(column_indices=indices, use_threads=False).columns]
 
     def read_group(self, group: int, name: str) -> list:
-        return self._file.read_row_group(group, columns=[name], use_threads=False).column(0).to_pylist()
+        indices = [self.names.index(name)]
+        return self._file.read_row_group(group, column_indices=indices, use_threads=False).column(0).to_pylist()
 
 
 @cache

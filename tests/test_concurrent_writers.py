@@ -347,3 +347,17 @@ def test_commands_load_only_the_engines_they_use(image, tmp_path, command, loade
     else:
         ids = out.read_text().split()
         assert ids[ids[0] == "label_id":] == [str(i) for i in t1.label_ids()]
+
+
+def test_the_api_reads_the_log_with_pyarrow_where_it_is_loaded_else_with_polars(image, tmp_path):
+    """The readers agree (above): the API takes pyarrow's where the process has it (1 ms a checkpoint), else
+    polars' (`cellar filter` loads no pyarrow), and loads neither engine for it."""
+    store = tmp_path / "c.cellar"
+    measure.measure(str(image), "nuclei", store, image_name="t0", workers=1, progress=False)
+    log.write_checkpoint(log.snapshot(store))
+    code = ("import sys; {pre}from cellar import query; objs = query.open(sys.argv[1]); "
+            "print(objs.snapshots[0].reader.__name__, 'pyarrow' in sys.modules, objs.count())")
+    for pre, want in (("", f"PolarsColumns False {N_LABELS}"), ("import pyarrow; ", f"ArrowColumns True {N_LABELS}")):
+        r = subprocess.run([sys.executable, "-c", code.format(pre=pre), str(store)], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == want, (r.stdout, r.stderr)
