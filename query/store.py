@@ -37,7 +37,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Self
 
-
 from . import hotcache
 from .backends import ROW_COLUMN, Backend, InRam, MappedCache, ParquetFiles
 from .sql import MISSING_COLUMN, literal, may_read, quote, suggest
