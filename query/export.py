@@ -217,7 +217,7 @@ def _units(q: Query, names: list[str]) -> list[str]:
 
 
 def _csv(q: Query, path: Path) -> dict:
-    """Written by polars' CSV writer (2.5x faster than pyarrow's on measurements), the same text whichever way the
+    """Written by polars' CSV writer (1.5-2.5x faster than pyarrow's on measurements), the same text whichever way the
     rows come: whole rows from the row files (`Query.from_row_files`), else streamed by polars' engine where it
     runs the query (`Query.polars_frame`, written by `sink_csv` as it reads), else DuckDB's Arrow batches."""
     fetched = q.from_row_files()

@@ -434,15 +434,18 @@ def may_read(statement: str, names: set[str], columns: set[str], views: set[str]
     view without its annotation join, `Tables.sql`). The words are read one at a time, and any word or sign the
     rules do not know makes it True:
     - a star (bar `count(*)`), COLUMNS(...), a name in `names`, text that is not one SELECT or WITH statement;
-    - a table after FROM or JOIN that is not one of `views` or a name the statement defines (WITH q AS ...);
-      a FROM without a SELECT before it at its depth (DuckDB's FROM-first syntax: `FROM objects` reads `*`);
+    - a table after FROM or JOIN that is not one of `views` or a name WITH defines (`WITH q AS (...)`); a FROM
+      without a SELECT before it at its depth (DuckDB's FROM-first syntax: `FROM objects` reads `*`);
     - any other word that is not a SQL keyword or type, a function called, a column of `columns` (lower case),
-      a qualifier (`o.` in `o.area`), a name defined (after AS, or a table's alias).
+      a qualifier (`o.` in `o.area`), a table's alias where it is defined, or a name defined after AS that is
+      not a table's alias (a column's: `ORDER BY n` after `count(*) AS n`). A table's alias used on its own
+      (`SELECT o FROM objects o`) is the whole row, annotations included.
     The columns named as `"quoted"` identifiers count too: DuckDB matches names without regard to case."""
     tokens = _tokens(statement.strip().rstrip(";"))
     if not tokens or tokens[0][0] != "name" or tokens[0][1].lower() not in ("select", "with"):
         return True
-    defined: set[str] = set()
+    ctes: set[str] = set()  # the names WITH defines
+    aliases: set[str] = set()  # the names AS gives expressions
     depth, selects = 0, {0: 0}  # the SELECTs at each parenthesis depth not yet matched by a FROM
     table = False  # the previous word named a table: a word that follows is its alias
     for i, (kind, text) in enumerate(tokens):
@@ -473,18 +476,23 @@ def may_read(statement: str, names: set[str], columns: set[str], views: set[str]
             if not selects[depth]:
                 return True
             selects[depth] -= 1
+        after = tokens[i + 2] if i + 2 < len(tokens) else ("", "")
         if prev[0] == "name" and prev[1].lower() in ("from", "join"):
-            if word not in views and word not in defined:
+            if word not in views and word not in ctes:
                 return True
             table = True
         elif nxt == ("other", ".") or prev == ("other", "."):
             continue  # a qualifier, or a column it qualifies (checked against `names` above)
         elif kind == "name" and word in _WORDS:
+            table = was_table and word == "as"  # `objects AS o`: o is the table's alias
+        elif word in columns or word in aliases:
             continue
-        elif word in columns:
-            continue
-        elif was_table or (prev[0] == "name" and prev[1].lower() == "as") or nxt[1].lower() == "as":
-            defined.add(word)  # an alias, or a name WITH defines
+        elif was_table:
+            continue  # a table's alias, defined here (used on its own later, it is not a known word)
+        elif prev[0] == "name" and prev[1].lower() == "as":
+            aliases.add(word)  # an expression's alias (or a type: `CAST(x AS DOUBLE)`)
+        elif prev[1].lower() in ("with", "recursive", ",") and nxt[1].lower() == "as" and after == ("op", "("):
+            ctes.add(word)  # `WITH q AS (...)`
         elif kind == "name" and nxt == ("op", "("):
             continue  # a function
         else:
