@@ -330,6 +330,7 @@ def test_the_annotation_join_is_left_out_only_where_no_statement_can_tell(case, 
     _ok(run_cli("annotate", str(store), "--from", str(tmp / "v1.csv")))
     fresh, joined = query.open(store, engine="duckdb"), query.open(store, engine="duckdb")
     joined.con_for("SELECT *")
+    early = fresh.sql("SELECT label_id FROM objects ORDER BY label_id")  # bound before any join
     notes, words = fresh._annotation_words, fresh._column_words
     assert notes == {"klass"} and may_read(statement, notes, words, _VIEW_NAMES) is reads
     assert fresh.sql(statement).fetchall() == joined.sql(statement).fetchall()
@@ -337,6 +338,7 @@ def test_the_annotation_join_is_left_out_only_where_no_statement_can_tell(case, 
     assert (fresh.sql("SELECT klass FROM objects WHERE klass = 'a'").fetchall()
             == joined.sql("SELECT klass FROM objects WHERE klass = 'a'").fetchall() == [("a",)] * 5)
     assert fresh._joined  # and stays so
+    assert early.fetchall() == joined.sql("SELECT label_id FROM objects ORDER BY label_id").fetchall()
 
 
 def test_annotation_errors_are_reported(case):
