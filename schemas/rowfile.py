@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-
 
 from . import lazy
 from .arrays import to_numpy
@@ -41,6 +41,7 @@ SUFFIX = ".rows"
 BLOCK = 512  # rows per block of the spatial index
 KEY_COLUMNS = ("label_id", *CENTROID_COLUMNS)
 LEVEL = 1  # zstd's level: 3 compresses 2% smaller and takes twice as long
+_NUMBER_DTYPE = re.compile(r"[<>|=][iuf][1248]")
 
 
 def path_of(parquet_name: str) -> str:
@@ -169,7 +170,11 @@ class RowFile:
             last = self._offsets_at + 8 * self.n_rows
             if self.n_rows and int.from_bytes(m[last:last + 8], "little") + 8 > self._offsets_at:
                 raise ValueError("its frames run past their index")
-            # every region the arrays map lies inside the file (numpy dtype strings: order, kind, itemsize)
+            # fixed-width numbers only (as `storable` allows), as numpy writes their dtypes: order, kind, itemsize
+            dtypes = [dtype for _, dtype, _ in self._columns] + [dtype for _, dtype in self._keys.values()]
+            if not all(_NUMBER_DTYPE.fullmatch(dtype) for dtype in dtypes):
+                raise ValueError(f"a column of dtype {next(d for d in dtypes if not _NUMBER_DTYPE.fullmatch(d))!r}")
+            # every region the arrays map lies inside the file
             blocks = -(-self.n_rows // self.block)
             regions = [(self._offsets_at, 8 * (self.n_rows + 1)),
                        *((at, self.n_rows * int(dtype[2:])) for at, dtype in self._keys.values())]

@@ -121,7 +121,19 @@ def test_tables_with_nulls_or_text_get_no_row_file_and_still_answer(tmp_path):
     assert query.open(out).where("area > 0").order_by("area").to_arrow().column("area").to_pylist() == [1.0, 1.0, 3.0, 3.0]
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not a row file", "other row count"])
+def _with_footer(data: bytes, change) -> bytes:
+    """A row file's bytes with its JSON footer changed by `change` (the layout: ..., footer, its length, MAGIC)."""
+    import json
+
+    length = int.from_bytes(data[-16:-8], "little")
+    footer = json.loads(data[-16 - length:-16])
+    change(footer)
+    text = json.dumps(footer).encode()
+    return data[:-16 - length] + text + len(text).to_bytes(8, "little") + data[-8:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not a row file", "other row count", "an index past the end",
+                                    "a column of text"])
 def test_a_damaged_row_file_is_one_line_naming_it(store, tmp_path, damage):
     import shutil
 
@@ -133,6 +145,10 @@ def test_a_damaged_row_file_is_one_line_naming_it(store, tmp_path, damage):
         path.write_bytes(data[: len(data) // 2])
     elif damage == "not a row file":
         path.write_bytes(b"x" * len(data))
+    elif damage == "an index past the end":  # the file opens without numpy: its regions are checked as it opens
+        path.write_bytes(_with_footer(data, lambda f: f["keys"]["label_id"].__setitem__(0, len(data))))
+    elif damage == "a column of text":
+        path.write_bytes(_with_footer(data, lambda f: f["columns"][1].__setitem__(1, "|O")))
     else:
         other = next((copy / "objects" / "image=img1").rglob("*.rows"))
         shutil.copy(other, path)
