@@ -18,7 +18,8 @@ the filter in the SQL sandbox, tiles from the pyramid), medians of `--repeat` ru
    overlay tiles with the labels read (cold) and from the label-tile cache (warm: what a filter change
    needs).
 
-`--browser` also times the filter change in the page, in headless Chromium (Playwright, /usr/bin/chromium):
+`--browser` also times the filter change in the page, in headless Chromium (Playwright; $CELLAR_CHROMIUM, else
+/usr/bin/chromium, as the tests):
 from pressing Enter in the filter box to the new overlay fully drawn (measured by the page), at the page's
 first view (the whole slide), and zoomed in to full resolution.
 
@@ -29,9 +30,9 @@ Run: `python benchmarks/bench_viewer.py` (generation and measurement take a few 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -275,7 +276,7 @@ def browser_times(session, filters: list[str], repeat: int) -> list[tuple[str, f
             "--disable-component-update", "--disable-sync", "--no-first-run"]
     out = []
     with running(session) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=args)
+        browser = p.chromium.launch(executable_path=os.environ.get("CELLAR_CHROMIUM", "/usr/bin/chromium"), args=args)
         page = browser.new_page(viewport={"width": 1280 + 410, "height": 860 + 250})
         page.goto(url)
         page.wait_for_selector("body[data-overlay=loaded][data-image=loaded]", timeout=60_000)
