@@ -341,6 +341,34 @@ def test_the_annotation_join_is_left_out_only_where_no_statement_can_tell(case, 
     assert early.fetchall() == joined.sql("SELECT label_id FROM objects ORDER BY label_id").fetchall()
 
 
+def test_threads_meeting_the_annotation_join_all_answer_alike(case):
+    """Threads querying one Objects at once, some statements reading the annotations (the join is made while the
+    others run), all get the joined view's answers."""
+    import threading
+
+    tmp, _ = case
+    store = tmp / "s.cellar"
+    ids = read_table(store)[1].label_id.to_numpy()
+    (tmp / "v1.csv").write_text("label_id,klass\n" + "".join(f"{i},{'ab'[k % 2]}\n" for k, i in enumerate(ids[:9])))
+    _ok(run_cli("annotate", str(store), "--from", str(tmp / "v1.csv")))
+    statements = ["SELECT label_id FROM objects ORDER BY label_id", "SELECT label_id, klass FROM objects ORDER BY 1",
+                  "SELECT count(*) FROM objects WHERE area > 20"]
+    joined = query.open(store, engine="duckdb")
+    want = {s: joined.sql(s).fetchall() for s in statements}
+    for trial in range(5):
+        objs, start, got = query.open(store, engine="duckdb"), threading.Barrier(6), []
+
+        def work(k):
+            start.wait()
+            for s in statements[k % 3:] + statements[:k % 3]:
+                got.append(objs.sql(s).fetchall() == want[s])
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert got == [True] * 18 and objs._joined
+
+
 def test_annotation_errors_are_reported(case):
     tmp, _ = case
     store = tmp / "s.cellar"
