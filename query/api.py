@@ -182,10 +182,8 @@ class Query:
         fetched = self._from_row_files(list(self.columns or self.objects.column_names))
         if fetched is not None:
             return fetched
-        frame = self._polars(needs=self.columns)
+        frame = self._selected_frame()
         if frame is not None:
-            if self.columns:
-                frame = frame.select(list(self.columns))
             return _arrow(self._collect(frame))
         return self._run(self.to_sql(), "to_arrow_table")
 
@@ -193,9 +191,12 @@ class Query:
         """This query as a polars LazyFrame over the Parquet files or the session cache (its columns, in order),
         or None where DuckDB runs it (the rule of `_polars`). Run it with `run_polars`, which reports an error
         polars meets as cellar's error."""
-        pruned = self._pruned()
-        frame = pruned._polars(needs=pruned.columns)
-        return frame.select(list(pruned.columns)) if frame is not None and pruned.columns else frame
+        return self._pruned()._selected_frame()
+
+    def _selected_frame(self):
+        """`_polars` with this query's columns, in order (None where DuckDB runs it)."""
+        frame = self._polars(needs=self.columns)
+        return frame.select(list(self.columns)) if frame is not None and self.columns else frame
 
     def run_polars(self, run: Callable[[], Any]) -> Any:
         """`run()` (which runs this query's `polars_frame`: collects it, sinks it to a file), an error polars

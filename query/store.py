@@ -51,8 +51,8 @@ pl = lazy.module("polars")
 
 _CHANNEL_SEP = "__"
 _PARTITION_KEYS = ("image", "label_image")
-_VIEW_NAMES = frozenset({"objects", "channels", "columns", "annotations"})
 _LAZY_VIEWS = {name: re.compile(rf"\b{name}\b", re.IGNORECASE) for name in ("channels", "columns", "annotations")}
+_VIEW_NAMES = frozenset({"objects", *_LAZY_VIEWS})  # every view a statement may name (`sql.may_read`)
 CACHED_VIEW = "objects_cached"  # the session cache, with its row numbers (`backends.ROW_COLUMN`)
 NARROWED_KEPT = 64  # the narrowed Objects (each with its DuckDB schema) an Objects keeps for reuse, newest first
 
