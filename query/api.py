@@ -319,6 +319,11 @@ class Query:
     def to_pandas(self) -> pandas.DataFrame:
         return self.to_arrow().to_pandas()
 
+    def covered_rows(self) -> int:
+        """The number of objects in the tables this query reads (its filters' images and label images), as the
+        log records it: no file is read."""
+        return self._pruned().objects.count_from_log()
+
     def count(self) -> int:
         """Number of matching objects: from the log's object counts where the filters name only images and
         label images (no file is read), else from the files or the session cache."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -49,6 +50,11 @@ np = lazy.module("numpy")
 pa = lazy.module("pyarrow")
 
 BATCH_ROWS = 65_536
+# Whole rows come from the row files with numpy and pyarrow, which cost a process that has not loaded them
+# 110 ms (`cellar export`): about what polars takes to decode whole rows of a 100,000-row table from its
+# Parquet file. Such a process takes a CSV export's rows from the row files only where the query covers more
+# rows than this (benchmarks/bench_query.py --measured, `cellar export` of one table against polars).
+ROW_FILES_UNLOADED = 150_000
 OMERO_TITLE = "OMERO HDF Measurement Storage"
 _INT64_MAX = 2**63 - 1
 
@@ -220,7 +226,7 @@ def _csv(q: Query, path: Path) -> dict:
     """Written by polars' CSV writer (1.5-2.5x faster than pyarrow's on measurements), the same text whichever way the
     rows come: whole rows from the row files (`Query.from_row_files`), else streamed by polars' engine where it
     runs the query (`Query.polars_frame`, written by `sink_csv` as it reads), else DuckDB's Arrow batches."""
-    fetched = q.from_row_files()
+    fetched = q.from_row_files() if _row_files_pay(q) else None
     frame = q.polars_frame() if fetched is None else None
     reader = _batches(q, fetched) if fetched is not None or frame is None else None
     names = reader.schema.names if reader is not None else frame.collect_schema().names()
@@ -246,6 +252,12 @@ def _csv(q: Query, path: Path) -> dict:
         if header:  # no batch at all: the header alone
             pl.from_arrow(reader.schema.empty_table()).write_csv(fh)
     return {"rows": n, "columns": len(names), "renamed": {}}
+
+
+def _row_files_pay(q: Query) -> bool:
+    """Whether a CSV export asks the row files for whole rows (`Query.from_row_files`): where numpy and pyarrow
+    are loaded, or the query covers more than ROW_FILES_UNLOADED rows (the log counts them)."""
+    return "numpy" in sys.modules and "pyarrow" in sys.modules or q.covered_rows() > ROW_FILES_UNLOADED
 
 
 class _Output:

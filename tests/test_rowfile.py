@@ -263,3 +263,26 @@ def test_exports_from_the_row_files_and_polars_equal_those_streamed_from_duckdb(
     else:
         got, want = pq.read_table(tmp_path / "rows.parquet"), pq.read_table(tmp_path / "duck.parquet")
         assert got.equals(want) and pq.read_table(tmp_path / "polars.parquet").equals(want) and got.num_rows > 10
+
+
+def test_a_process_without_numpy_exports_a_small_query_from_parquet_as_the_row_files_would(store, tmp_path):
+    """A CSV export in a process that has not loaded numpy and pyarrow takes whole rows from the row files only
+    for queries covering more than ROW_FILES_UNLOADED rows (loading them costs more than polars' Parquet scan of
+    a table): the same file either way, and below the limit numpy is never loaded."""
+    import subprocess
+    import sys
+
+    where = "image = 'img1' AND label_image = 'nuclei' AND area > 40"
+    script = ("import sys; from cellar import query; from cellar.query import api, export; "
+              "export.ROW_FILES_UNLOADED = int(sys.argv[2]); api.ROW_FILE_SHARE = 1.0; "
+              f"query.open(sys.argv[1]).where({where!r}).export('csv', sys.argv[3]); "
+              "print('numpy' in sys.modules, 'pyarrow' in sys.modules)")
+    loaded = []
+    for limit, name in ((10**9, "parquet"), (0, "rows")):
+        out = subprocess.run([sys.executable, "-c", script, str(store), str(limit), str(tmp_path / f"{name}.csv")],
+                             capture_output=True, text=True, check=True)
+        assert out.stderr == ""
+        loaded.append(out.stdout.split())
+    assert loaded == [["False", "False"], ["True", "True"]]
+    rows = [(tmp_path / f"{k}.csv").read_text().splitlines() for k in ("parquet", "rows")]
+    assert rows[0][1:] == rows[1][1:] and len(rows[0]) > 10  # the first line: provenance, with the time
