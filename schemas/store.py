@@ -264,6 +264,9 @@ def _passes(spec: Any) -> Callable[[Any], bool]:
             return True
         return check_object
     if isinstance(spec, list):
+        if isinstance(spec[0], (type, tuple)) and not any(isinstance(s, (list, dict)) for s in _tuple(spec[0])):
+            types = frozenset(_tuple(spec[0]))  # a list of plain values: their types in one pass in C
+            return lambda value: type(value) is list and types.issuperset(map(type, value))
         item = _passes(spec[0])
         return lambda value: type(value) is list and all(map(item, value))
     if spec is _DIR or spec is _FILE:
@@ -273,6 +276,10 @@ def _passes(spec: Any) -> Callable[[Any], bool]:
         return lambda value: (value is None and type(None) in spec) or inner(value)
     exact = frozenset(spec if isinstance(spec, tuple) else (spec,))
     return lambda value: type(value) in exact
+
+
+def _tuple(spec: Any) -> tuple:
+    return spec if isinstance(spec, tuple) else (spec,)
 
 
 _TABLE_OK, _VERSION_OK, _COLUMNS_OK = _passes(TABLE_SPEC), _passes(_VERSION), _passes([_COLUMN])
