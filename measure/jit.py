@@ -17,6 +17,15 @@ an `np.argsort` compiled in this process, which sorts a copy of the indices and 
 median came out wrong (or, with another pair, the process crashed). numba issue 10486, open. Importing this module
 gives every function a random 64-bit number instead, drawn from the operating system's generator at each compile,
 so that names agree only where two processes compile the same function by chance one in 2**64.
+
+Loading a kernel from the cache is also made cheaper. Before it loads one, numba refreshes its target context:
+it imports and installs every lowering registry it has (numba.np.arraymath and its check for BLAS through
+scipy.linalg, the typed containers, the random generators, ...) and initialises its runtime (NRT), 0.4-0.55 s
+of a process's start; and before any call is typed it loads the numba extensions of every installed package
+(about 50 ms). The registries serve the compiler alone: code loaded from the cache is machine code, linked
+against the runtime and numba's C helpers, and the modules its environments name are imported as it is
+unpickled. So a load here initialises the runtime only, and the extension hook is left out (no kernel uses an
+extension). A compile (a cache miss) still refreshes everything first, in numba's compiler.
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ from collections.abc import Callable, Iterator
 from numba import njit
 from numba.core.bytecode import FunctionIdentity
 from numba.core.caching import FunctionCache, IndexDataCacheFile
+from numba.core.runtime import rtsys
 
 try:
     import fcntl
@@ -69,6 +79,12 @@ class _LockedCache(FunctionCache):
         super().__init__(py_func)
         self._cache_file.__class__ = _LockedIndex
 
+    def load_overload(self, sig, target_context):
+        """numba's `load_overload` with the runtime initialised in place of the whole target context (see the
+        module's docstring); None where the cache has no entry for `sig`."""
+        rtsys.initialize(target_context)
+        return self._load_overload(sig, target_context)
+
 
 class _RandomIds:
     """The numbers numba puts in function names: random, and different in each forked child too."""
@@ -83,8 +99,14 @@ class _RandomIds:
 FunctionIdentity._unique_ids = _RandomIds()
 
 
+def _no_extensions() -> None:
+    """In place of numba's hook that loads the installed packages' numba extensions before typing a call."""
+
+
 def kernel(func: Callable) -> Callable:
-    """`numba.njit(cache=True, nogil=True)` with the process-safe cache above."""
+    """`numba.njit(cache=True, nogil=True)` with the process-safe cache above, loaded without the compiler's
+    registries and typed without numba's extension hook (see the module's docstring)."""
     dispatcher = njit(nogil=True)(func)
     dispatcher._cache = _LockedCache(dispatcher.py_func)
+    dispatcher._compilation_chain_init_hook = _no_extensions
     return dispatcher

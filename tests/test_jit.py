@@ -168,3 +168,37 @@ def test_cached_code_never_runs_a_function_compiled_here(tmp_path):
 
 def test_without_random_ids_numba_runs_the_argsorts_quicksort(tmp_path):
     assert _sorter_loaded_beside_an_argsort(tmp_path, "numba") == (False, 1)
+
+
+LOADED = """
+@decorate
+def summary(a):
+    out = np.empty(3, np.float64)  # the runtime allocates it
+    b = np.sort(a)  # numba.np.arraymath's code, its environment imported as it loads
+    out[0], out[1], out[2] = b[0], b[b.size // 2], b[-1]
+    return out, b.size
+"""
+
+LOAD_RUN = """
+import sys, numpy as np, kernels
+out, n = kernels.summary(np.array([5.0, 1.0, 3.0, 4.0, 2.0]))
+hits = sum(kernels.summary.stats.cache_hits.values())
+print(out.tolist(), n, hits, "numba.typed.typeddict" in sys.modules, "numba.core.entrypoints" in sys.modules and
+      __import__("numba.core.entrypoints").core.entrypoints._already_initialized)
+"""
+
+
+def test_a_kernel_loads_from_the_cache_without_the_compilers_registries(tmp_path):
+    """A compile refreshes numba's registries (and loads the extensions); a load from the cache initialises the
+    runtime only (no typed dictionaries, no extension entry points), and the code it loads allocates, sorts and
+    returns as compiled."""
+    (tmp_path / "kernels.py").write_text("import numpy as np\n" + MODULE["cellar"] + textwrap.dedent(LOADED))
+    runs = []
+    for _ in range(2):
+        proc = _python(LOAD_RUN, [], tmp_path)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        runs.append(out.split("]")[1].split() + [out.split("]")[0] + "]"])
+    compiled, loaded = runs
+    assert compiled == ["5", "0", "True", "True", "[1.0, 3.0, 5.0]"]
+    assert loaded == ["5", "1", "False", "False", "[1.0, 3.0, 5.0]"]
