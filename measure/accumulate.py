@@ -27,8 +27,8 @@ class Stats:
     isum: np.ndarray  # (n, C) float64
     imin: np.ndarray  # (n, C) float64
     imax: np.ndarray  # (n, C) float64
-    m2: np.ndarray  # (n, C) float64
-    wcoord: np.ndarray  # (n, C, 3) float64: sum of intensity x z, y, x (for intensity-weighted centroids)
+    m2: np.ndarray  # (n, C) float64 (NaN unless the features ask: `KernelPlan.spread`)
+    wcoord: np.ndarray  # (n, C, 3) float64: sum of intensity x z, y, x (intensity-weighted centroids; NaN unless asked)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -45,11 +45,13 @@ class Stats:
         return Stats(**{f: getattr(self, f)[rows] for f in self.__dataclass_fields__})
 
 
-def region_stats(idx: np.ndarray, ids: np.ndarray, channels: np.ndarray, origin: tuple[int, int, int]) -> Stats:
+def region_stats(idx: np.ndarray, ids: np.ndarray, channels: np.ndarray, origin: tuple[int, int, int],
+                 spread: bool = True, weighted: bool = True) -> Stats:
     """Statistics of the labelled pixels of a (Z, Y, X) region of compact label indices.
 
     `ids` maps compact indices to label values, `channels` holds the (C, Z, Y, X) intensities and `origin`
-    is the region's global (z, y, x) start. Labels with no pixel in the region are left out.
+    is the region's global (z, y, x) start. Labels with no pixel in the region are left out. `spread` and
+    `weighted` ask for `m2` and `wcoord` (NaN without: the features that read them are not selected).
     """
     n = len(ids)
     count, coord_sum, bmin, bmax = kernels.geometry(idx, n)
@@ -57,12 +59,9 @@ def region_stats(idx: np.ndarray, ids: np.ndarray, channels: np.ndarray, origin:
     coord_sum += count[:, None] * off
     bmin += off
     bmax += off
-    nc = channels.shape[0]
-    isum, imin, imax, m2 = (np.empty((n, nc), np.float64) for _ in range(4))
-    wcoord = np.empty((n, nc, 3), np.float64)
-    for c in range(nc):
-        isum[:, c], imin[:, c], imax[:, c], m2[:, c], wcoord[:, c] = kernels.intensity(idx, n, channels[c], count)
-    wcoord += isum[:, :, None] * off  # sum(I * (local + origin)) = sum(I * local) + origin * sum(I)
+    isum, imin, imax, m2, wcoord = kernels.intensities(idx, n, channels, count, spread, weighted)
+    if weighted:
+        wcoord += isum[:, :, None] * off  # sum(I * (local + origin)) = sum(I * local) + origin * sum(I)
     stats = Stats(ids, count, coord_sum, bmin, bmax, isum, imin, imax, m2, wcoord)
     return stats if count.all() else stats.take(count > 0)
 

@@ -34,6 +34,8 @@ class KernelPlan:
     intensity_crop: bool = False  # whole-object intensity distributions
     touching: bool = False  # face-sharing pairs
     texture: bool = False  # grey-level co-occurrence features (2D)
+    spread: bool = True  # the streamed intensities' squared deviations (`Feature.streams`)
+    weighted: bool = True  # the streamed intensity-weighted coordinate sums
     texture_levels: int = 16
     spacing: tuple[float, float] = (1.0, 1.0)  # (y, x) pixel size for the scaled Feret diameter
     surface_lut: tuple[float, ...] = ()  # 3D: marching-cubes area per cube configuration, voxel units
@@ -105,7 +107,7 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
     # With the intensity crop kernel, every object's intensity statistics come from its whole-object row
     # (`shape_kernels.INTENSITY_STATS`): the streaming pass then only counts pixels and bounds objects.
     streamed = chans[:0] if plan.intensity_crop else chans
-    stats = region_stats(idx[core], ids, streamed[(slice(None), *core)], origin)
+    stats = region_stats(idx[core], ids, streamed[(slice(None), *core)], origin, plan.spread, plan.weighted)
     crop_ids, crop_counts = np.empty(0, np.uint64), np.empty(0, np.int64)
     crop, pairs = np.empty((0, n_cols)), np.empty((0, 2), np.uint64)
     if plan.crop and len(stats):

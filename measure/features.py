@@ -134,6 +134,10 @@ class Feature:
     isotropic: bool = False
     skimage: str | None = None
     key: bool = False
+    # the streamed statistics it reads beyond counts, coordinates, bounds and intensity sum/min/max, which the
+    # streaming pass computes only where a selected feature asks (`streams_needed`): "spread" (the sum of
+    # squared deviations, a second pass) and "weighted" (intensity-weighted coordinate sums)
+    streams: tuple[str, ...] = ()
 
     @property
     def short(self) -> str:
@@ -466,7 +470,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("intensity_std__{channel}", "intensity",
             "Population standard deviation (ddof=0) of channel {channel} over the object's pixels.", "float64",
             "a.u.", lambda r, g: np.sqrt(r.stats.m2 / r.stats.count[:, None]), per_channel=True,
-            skimage="intensity_std"),
+            skimage="intensity_std", streams=("spread",)),
     Feature("intensity_min__{channel}", "intensity", "Minimum of channel {channel} over the object's pixels.",
             "float64", "a.u.", lambda r, g: r.stats.imin, per_channel=True, skimage="intensity_min"),
     Feature("intensity_max__{channel}", "intensity", "Maximum of channel {channel} over the object's pixels.",
@@ -474,13 +478,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("centroid_weighted_{axis}__{channel}", "intensity",
             "Intensity-weighted centroid {axis} (weights: channel {channel}), in pixels; NaN if the object's "
             "intensities sum to 0.", "float64", "{px}",
-            _weighted_centroid, per_axis=True, per_channel=True, skimage="centroid_weighted-{i}"),
+            _weighted_centroid, per_axis=True, per_channel=True, skimage="centroid_weighted-{i}", streams=("weighted",)),
     Feature("centroid_weighted_{axis}_um__{channel}", "intensity",
             "Intensity-weighted centroid {axis} (weights: channel {channel}) in physical coordinates, with the "
             "NGFF translation.", "float64", "micrometer",
             lambda r, g: _weighted_centroid(r, g) * g.spacing[None, :, None]
             + np.asarray(g.origin_um)[None, :, None],
-            per_axis=True, per_channel=True, physical=True, skimage="centroid_weighted-{i}"),
+            per_axis=True, per_channel=True, physical=True, skimage="centroid_weighted-{i}", streams=("weighted",)),
     # --- intensity: whole-object kernels ------------------------------------------------------------------
     Feature("intensity_median__{channel}", "intensity", "Median of channel {channel} over the object's pixels.",
             "float64", "a.u.", _per_channel("median"), kernel="intensity_crop", per_channel=True,
@@ -580,6 +584,11 @@ def select(spec: str | None) -> tuple[Feature, ...]:
 def kernels_needed(features: tuple[Feature, ...], geo: Geometry) -> set[str]:
     """The kernels that feed the features which have columns for this geometry."""
     return {f.kernel for f in features if any(True for _ in f.columns(geo))}
+
+
+def streams_needed(features: tuple[Feature, ...], geo: Geometry) -> set[str]:
+    """The optional streamed statistics (`Feature.streams`) of the features which have columns for this geometry."""
+    return {name for f in features if any(True for _ in f.columns(geo)) for name in f.streams}
 
 
 def columns(geo: Geometry, features: tuple[Feature, ...] = FEATURES) -> list[Column]:

@@ -120,18 +120,22 @@ def geometry(idx, n):
 
 
 @kernel
-def intensity(idx, n, img, count):
-    """Sum, min, max, sum of squared deviations from the mean, and intensity-weighted coordinate sums of one
-    channel, per compact label.
+def intensities(idx, n, chans, count, spread, weighted):
+    """Per compact label and channel of (C, Z, Y, X) intensities: the sum, min and max, and where asked the sum
+    of squared deviations from the mean (`spread`) and the intensity-weighted coordinate sums (`weighted`);
+    NaN where not asked (so that no merge or feature mistakes them for values). One pass over the labels serves
+    every channel.
 
-    Two passes (sum, then squared deviations from this region's mean) keep the variance exact to
-    rounding; regions are merged later with Chan's formula. NaN propagates to sum, min and max, as in
-    numpy's reductions.
+    The squared deviations take a second pass, from this region's mean, which keeps the variance exact to
+    rounding; regions are merged later with Chan's formula. NaN propagates to sum, min and max, as in numpy's
+    reductions.
     """
-    s = np.zeros(n, np.float64)
-    w = np.zeros((n, 3), np.float64)
-    mn = np.full(n, np.inf)
-    mx = np.full(n, -np.inf)
+    nc = chans.shape[0]
+    s = np.zeros((n, nc), np.float64)
+    w = np.zeros((n, nc, 3), np.float64) if weighted else np.full((n, nc, 3), np.nan)
+    mn = np.full((n, nc), np.inf)
+    mx = np.full((n, nc), -np.inf)
+    m2 = np.zeros((n, nc), np.float64) if spread else np.full((n, nc), np.nan)
     nz, ny, nx = idx.shape
     for z in range(nz):
         for y in range(ny):
@@ -139,25 +143,28 @@ def intensity(idx, n, img, count):
                 k = idx[z, y, x]
                 if k < 0:
                     continue
-                v = np.float64(img[z, y, x])
-                s[k] += v
-                w[k, 0] += v * z
-                w[k, 1] += v * y
-                w[k, 2] += v * x
-                if v < mn[k] or v != v:
-                    mn[k] = v
-                if v > mx[k] or v != v:
-                    mx[k] = v
-    mean = s / np.maximum(count, 1)
-    m2 = np.zeros(n, np.float64)
-    for z in range(nz):
-        for y in range(ny):
-            for x in range(nx):
-                k = idx[z, y, x]
-                if k < 0:
-                    continue
-                d = np.float64(img[z, y, x]) - mean[k]
-                m2[k] += d * d
+                for c in range(nc):
+                    v = np.float64(chans[c, z, y, x])
+                    s[k, c] += v
+                    if v < mn[k, c] or v != v:
+                        mn[k, c] = v
+                    if v > mx[k, c] or v != v:
+                        mx[k, c] = v
+                    if weighted:
+                        w[k, c, 0] += v * z
+                        w[k, c, 1] += v * y
+                        w[k, c, 2] += v * x
+    if spread:
+        mean = s / np.maximum(count, 1).reshape(-1, 1)
+        for z in range(nz):
+            for y in range(ny):
+                for x in range(nx):
+                    k = idx[z, y, x]
+                    if k < 0:
+                        continue
+                    for c in range(nc):
+                        d = np.float64(chans[c, z, y, x]) - mean[k, c]
+                        m2[k, c] += d * d
     return s, mn, mx, m2, w
 
 

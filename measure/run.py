@@ -580,6 +580,7 @@ def plan_measurement(target: TableTarget, *, workers: int | None = None, region_
 def _kernel_plan(target: TableTarget, geo: registry.Geometry) -> KernelPlan:
     """The kernels the selected features need on this image, with what they need to know."""
     needed = registry.kernels_needed(target.features, geo)
+    streams = registry.streams_needed(target.features, geo)
     if not 2 <= target.texture_levels <= 256:
         raise UsageError(f"--texture-levels {target.texture_levels}: expected 2 to 256")
     luts: dict = {}
@@ -588,7 +589,7 @@ def _kernel_plan(target: TableTarget, geo: registry.Geometry) -> KernelPlan:
                 "surface_lut_um": tuple(surface_lut(tuple(geo.spacing.tolist())))}
     return KernelPlan(ndim=geo.ndim, shape="shape" in needed, intensity_crop="intensity_crop" in needed,
                       feret=any(f.name in FERET for f in target.features), touching="touching" in needed,
-                      texture="texture" in needed,
+                      texture="texture" in needed, spread="spread" in streams, weighted="weighted" in streams,
                       texture_levels=target.texture_levels, spacing=tuple(geo.spacing[-2:].tolist()), **luts)
 
 

@@ -80,7 +80,27 @@ def test_the_plan_decides_kernels_columns_and_halo_from_the_features(tmp_path):
         c["name"] for c in full.columns}
 
 
-@pytest.mark.parametrize("ndim, features", [(2, None), (2, "all"), (2, "area,intensity_mean"), (3, None)])
+def test_the_streaming_pass_computes_the_statistics_the_features_ask_for(tmp_path):
+    """Squared deviations and weighted coordinate sums are computed where a selected feature reads them
+    (`Feature.streams`), and their features then equal those of the default set (where the whole-object kernel
+    gives them)."""
+    image = _image(tmp_path / "img.ome.zarr", 2, (1, 16, 16))
+    asked = {features: _plan(image, tmp_path / f"{k}.cellar", features=features).read.kernels
+             for k, features in enumerate(["intensity_mean,intensity_max", "intensity_std", "centroid_weighted", None])}
+    assert [(k.spread, k.weighted) for k in asked.values()] == [(False, False), (True, False), (False, True),
+                                                                 (True, True)]
+    lean = _plan(image, tmp_path / "lean.cellar", features="intensity_std,centroid_weighted,intensity_min")
+    default = _plan(image, tmp_path / "default.cellar")
+    assert not lean.read.kernels.intensity_crop and default.read.kernels.intensity_crop
+    got, want = _table(lean, _finished(lean)[1]), _table(default, _finished(default)[1])
+    names = [n for n in got if n.startswith(("intensity_", "centroid_weighted"))]
+    assert len(names) == 8  # two channels: std, min, and weighted y and x
+    for name in names:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+@pytest.mark.parametrize("ndim, features", [(2, None), (2, "all"), (2, "area,intensity_mean"),
+                                           (2, "intensity_std,centroid_weighted"), (3, None)])
 def test_reducing_blocks_in_different_chunkings_gives_the_same_objects(tmp_path, ndim, features):
     """One chunk per region with a 2-pixel halo (objects cross regions and are measured on crops of their own,
     in two workers) against the whole image as one region: the same statistics and columns."""
@@ -97,6 +117,9 @@ def test_reducing_blocks_in_different_chunkings_gives_the_same_objects(tmp_path,
     for field in ("isum", "imin", "imax", "wcoord"):
         np.testing.assert_array_equal(getattr(a, field), getattr(b, field))  # integer intensities: exact
     np.testing.assert_allclose(a.m2, b.m2, rtol=1e-12)
+    kernels = many.read.kernels
+    assert np.isnan(a.m2).all() == (not kernels.spread) or kernels.intensity_crop  # computed where asked
+    assert np.isnan(a.wcoord).all() == (not kernels.weighted) or kernels.intensity_crop
     if many.read.kernels.crop:  # some objects were seen whole by no block: measured on crops of their own
         assert sum(len(ids) for ids, _, _ in many_reduced.crops) < len(b)
     one_table, many_table = _table(one, one_objects), _table(many, many_objects)
