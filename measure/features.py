@@ -581,14 +581,19 @@ def select(spec: str | None) -> tuple[Feature, ...]:
     return chosen
 
 
+def _present(features: tuple[Feature, ...], geo: Geometry) -> list[Feature]:
+    """The features which have columns for this geometry."""
+    return [f for f in features if any(True for _ in f.columns(geo))]
+
+
 def kernels_needed(features: tuple[Feature, ...], geo: Geometry) -> set[str]:
     """The kernels that feed the features which have columns for this geometry."""
-    return {f.kernel for f in features if any(True for _ in f.columns(geo))}
+    return {f.kernel for f in _present(features, geo)}
 
 
 def streams_needed(features: tuple[Feature, ...], geo: Geometry) -> set[str]:
     """The optional streamed statistics (`Feature.streams`) of the features which have columns for this geometry."""
-    return {name for f in features if any(True for _ in f.columns(geo)) for name in f.streams}
+    return {name for f in _present(features, geo) for name in f.streams}
 
 
 def columns(geo: Geometry, features: tuple[Feature, ...] = FEATURES) -> list[Column]:
