@@ -8,6 +8,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -294,7 +295,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _started() -> None:
+    """Collect garbage again, from now on, leaving out what start-up made. Start-up creates objects that live until
+    the process ends: `cellar measure` imports about 150,000 (numba, zarr, pydantic's models). The collector, run
+    again and again while they are made, walks them all each time, and once more at exit. So collection is off
+    until the command's modules are in (`main`), and these are then frozen: the pattern Python's gc docs give for
+    a process that forks, as `measure` does, whose workers' collections then leave the parent's pages alone.
+    `cellar measure` of a 64 x 64 image: 0.81 -> 0.61 s. Only for a whole process: a caller of `main` from Python
+    keeps its collector as it was."""
+    gc.freeze()
+    gc.enable()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: `argv`, or this process's own command line (as `cellar ...` does)."""
+    own_process = argv is None
+    if own_process:
+        gc.disable()  # see _started
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((arg for arg in argv if not arg.startswith("-")), None)
     args = build_parser(command if command in PARSERS else None).parse_args(argv)
@@ -303,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
 
         args.region_pixels = DEFAULT_REGION_PIXELS if args.region_pixels is None else args.region_pixels
         args.halo = DEFAULT_HALO if args.halo is None else args.halo
+    if own_process:
+        _started()
     try:
         return args.func(args)
     except CellarError as exc:

@@ -46,6 +46,12 @@ class KernelPlan:
         return self.shape or self.intensity_crop or self.texture
 
     @property
+    def crop_intensities(self) -> bool:
+        """Whether whole-object kernels read intensities. Without them a block's intensities are needed for its
+        core only, and its halo is read for the labels alone."""
+        return self.intensity_crop or self.texture
+
+    @property
     def halo_needed(self) -> bool:
         return self.crop or self.touching
 
@@ -93,11 +99,16 @@ def crop_features(idx: np.ndarray, sel: np.ndarray, counts: np.ndarray, bmin: np
 def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slice, slice],
                   origin: tuple[int, int, int], image_edges: tuple[tuple[bool, bool], ...],
                   plan: KernelPlan) -> BlockResult:
-    """Reduce a (Z, Y, X) label block and its (C, Z, Y, X) intensities.
+    """Reduce a (Z, Y, X) label block and its (C, Z, Y, X) intensities: those of the whole block, or of its
+    core alone where no whole-object kernel reads them (`plan.crop_intensities`).
 
     `core` selects the block's own region, `origin` is the core's global start, and `image_edges[a]` says
     whether the block's low and high edges along axis a are the image's edges.
     """
+    whole = chans.shape[1:] == labels.shape
+    core_chans = chans[(slice(None), *core)] if whole else chans
+    if core_chans.shape[1:] != labels[core].shape or (plan.crop_intensities and not whole):
+        raise ValueError(f"bug: intensities of shape {chans.shape} for a block of {labels.shape}, core {core}")
     ids, idx, smallest = kernels.compact_labels(labels)
     n_cols = len(plan.crop_columns(chans.shape[0]))
     if smallest < 0:  # not a label image: the caller reports it
@@ -106,8 +117,8 @@ def measure_block(labels: np.ndarray, chans: np.ndarray, core: tuple[slice, slic
     n = len(ids)
     # With the intensity crop kernel, every object's intensity statistics come from its whole-object row
     # (`shape_kernels.INTENSITY_STATS`): the streaming pass then only counts pixels and bounds objects.
-    streamed = chans[:0] if plan.intensity_crop else chans
-    stats = region_stats(idx[core], ids, streamed[(slice(None), *core)], origin, plan.spread, plan.weighted)
+    streamed = core_chans[:0] if plan.intensity_crop else core_chans
+    stats = region_stats(idx[core], ids, streamed, origin, plan.spread, plan.weighted)
     crop_ids, crop_counts = np.empty(0, np.uint64), np.empty(0, np.int64)
     crop, pairs = np.empty((0, n_cols)), np.empty((0, 2), np.uint64)
     if plan.crop and len(stats):

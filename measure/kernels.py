@@ -154,8 +154,11 @@ def intensities(idx, n, chans, count, spread, weighted):
                         w[k, c, 0] += v * z
                         w[k, c, 1] += v * y
                         w[k, c, 2] += v * x
-    if spread:
-        mean = s / np.maximum(count, 1).reshape(-1, 1)
+    if spread:  # the means divided out one by one: an array expression would load numba.np.npyimpl (25 ms)
+        mean = np.empty((n, nc), np.float64)
+        for k in range(n):
+            for c in range(nc):
+                mean[k, c] = s[k, c] / max(count[k], 1)
         for z in range(nz):
             for y in range(ny):
                 for x in range(nx):

@@ -99,20 +99,22 @@ class RegionReader:
         contiguous = len(ch) > 0 and list(ch) == list(range(ch[0], ch[0] + len(ch)))
         self._channel_sel = slice(ch[0], ch[0] + len(ch)) if contiguous else list(ch)
 
-    def read(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """(labels as (Z, Y, X), intensities as (C, Z, Y, X)) of a box given as spatial slices."""
+    def read(self, box: tuple[slice, ...], channel_box: tuple[slice, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(labels as (Z, Y, X), intensities as (C, Z, Y, X)) of a box given as spatial slices; the intensities of
+        `channel_box` instead where given."""
         p = self.plan
+        cbox = box if channel_box is None else channel_box
         try:
             labels = np.asarray(self.labels[_selection(p.label_roles, p.timepoint, 0, box)])
             if self.image is None:
-                chans = np.zeros((0, *labels.shape), np.float32)
+                chans = np.zeros((0, *(s.stop - s.start for s in cbox)), np.float32)
             elif "channel" in p.image_roles:
-                sel = _selection(p.image_roles, p.timepoint, self._channel_sel, box)
+                sel = _selection(p.image_roles, p.timepoint, self._channel_sel, cbox)
                 # basic indexing (a slice of channels) is about twice as fast in zarr as orthogonal indexing
                 get = self.image.oindex if isinstance(self._channel_sel, list) else self.image
                 chans = np.asarray(get[sel])
             else:
-                chans = np.asarray(self.image[_selection(p.image_roles, p.timepoint, 0, box)])[None]
+                chans = np.asarray(self.image[_selection(p.image_roles, p.timepoint, 0, cbox)])[None]
         except OSError as exc:
             where = ", ".join(f"{s.start}:{s.stop}" for s in box)
             raise InvalidImageError(
@@ -154,7 +156,9 @@ class RegionReader:
         """Reduce the region plus its halo (see `measure.block`)."""
         p = self.plan
         box = tuple(slice(max(0, r.start - p.halo), min(n, r.stop + p.halo)) for r, n in zip(region, p.shape))
-        labels, chans = self.read(box)
+        # Chunks are read whole: a 2048 x 2048 region with its halo meets 36 chunks of 512 x 512 where its core
+        # meets 16, so the intensities' halo is read only where a whole-object kernel reads intensities.
+        labels, chans = self.read(box, None if p.kernels.crop_intensities else region)
         core = _pad3(tuple(slice(r.start - b.start, r.stop - b.start) for r, b in zip(region, box)), slice(0, 1))
         edges = _pad3(tuple((b.start == 0, b.stop == n) for b, n in zip(box, p.shape)), (True, True))
         result = measure_block(labels, chans, core, _pad3(tuple(r.start for r in region), 0), edges, p.kernels)

@@ -734,11 +734,28 @@ def _radix_sort_u16(keys, lo, hi, out):
 
 
 @kernel
+def _first_not_below(v, x):
+    """`np.searchsorted(v, x)` of sorted v (NaN last, as numpy sorts it): the first i with v[i] >= x, or where x
+    is NaN the first NaN. Written out because numba's searchsorted lives in numba.np.arraymath, whose environment,
+    unpickled with a cached kernel, imports scipy.linalg: about 75 ms of every process's start."""
+    lo = 0
+    hi = v.shape[0]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        a = v[mid]
+        if a < x or (x != x and a == a):  # a before x in numpy's order, where NaN is largest
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@kernel
 def _mad_sorted(v, med):
     """median(|v - med|) of sorted v without a second sort: the deviations below the median, read right to
     left, and those above it, read left to right, are two sorted runs; merge them up to the middle."""
     n = v.shape[0]
-    split = np.searchsorted(v, med)  # v[:split] < med <= v[split:]
+    split = _first_not_below(v, med)  # v[:split] < med <= v[split:]
     want_lo = (n - 1) // 2
     want_hi = min(want_lo + 1, n - 1)
     i = split - 1  # next deviation from the left run: med - v[i]

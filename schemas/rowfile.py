@@ -40,7 +40,11 @@ VERSION = 1
 SUFFIX = ".rows"
 BLOCK = 512  # rows per block of the spatial index
 KEY_COLUMNS = ("label_id", *CENTROID_COLUMNS)
-LEVEL = 1  # zstd's level: 3 compresses 2% smaller and takes twice as long
+# zstd's level. Its fast mode (-1) gives these frames of a few hundred bytes the size level 1 gives them (to
+# 14 bytes in 12.5 MB) in a quarter to half the time: level 1 sets up tables sized for large inputs in every
+# frame. 100k rows, 4 channels: 160 bytes a row 199 -> 45 ms, 928 bytes (default features) 295 -> 120 ms, both
+# on 2 threads; decompressing costs the same. Level 3 is 3% smaller at level 1's time.
+LEVEL = -1
 _NUMBER_DTYPE = re.compile(r"[<>|=][iuf][1248]")
 
 

@@ -110,6 +110,24 @@ def test_building_the_parser_does_not_load_the_registry():
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
+GC_AFTER = ("import gc, sys; from cellar.cli import main; {call}; "
+            "print(gc.isenabled(), gc.get_freeze_count() > 0, 'cellar.measure.run' in sys.modules)")
+
+
+def test_a_command_run_as_its_process_freezes_what_start_up_made_and_collects_again(tmp_path):
+    """`cellar measure` (main() reading the process's command line) collects no garbage while its modules load,
+    then freezes them and collects again; main(argv) called from Python leaves the collector as it was."""
+    labels = nuclei_like((30, 30), 4, seed=1)
+    image = write_image(tmp_path / "img.ome.zarr", intensities((30, 30), 1, seed=2), "cyx", labels={"n": labels})
+    args = ["measure", str(image), "--labels", "n", "--out", str(tmp_path / "s.cellar"), "--quiet"]
+    own = f"sys.argv = ['cellar', *{args!r}]; main()"
+    called = f"main({[*args[:-2], str(tmp_path / 't.cellar'), '--quiet']!r})"
+    for call, want in ((own, "True True True"), (called, "True False True")):
+        proc = subprocess.run([sys.executable, "-c", GC_AFTER.format(call=call)], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0 and proc.stdout.strip() == want, proc.stdout + proc.stderr
+
+
 def test_demo_runs_with_no_arguments(tmp_path):
     proc = run_cli("demo", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -48,6 +48,24 @@ def test_2d_equals_regionprops_at_any_chunking(tmp_path, version, chunks):
     assert "perimeter" in df and "perimeter_um" not in df  # anisotropic pixels: no physical perimeter
 
 
+# Shape features with streamed intensity statistics only: no whole-object kernel reads intensities, so a block's
+# halo is read for its labels alone (`KernelPlan.crop_intensities`).
+SHAPE_AND_STREAMED = ("area,bbox_min,bbox_max,centroid,intensity_mean,intensity_min,intensity_max,eccentricity,"
+                      "orientation,axis_major_length,axis_minor_length,perimeter,solidity,extent,euler_number,"
+                      "intensity_std,centroid_weighted")
+
+
+@pytest.mark.parametrize("chunks", CHUNKS_2D, ids=lambda c: "x".join(map(str, c[1:])))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_shape_features_with_streamed_intensities_equal_regionprops_at_any_chunking(tmp_path, chunks, workers):
+    labels = nuclei_like((160, 200), 90, seed=1)
+    chans = intensities((160, 200), 2, seed=2)
+    store = _measure(tmp_path, labels, chans, "cyx", chunks, features=SHAPE_AND_STREAMED, halo=16, workers=workers)
+    compared = assert_matches_regionprops(store, labels, chans)
+    assert compared == feature_columns("yx", (1.0, 1.0), ["c0", "c1"], SHAPE_AND_STREAMED)
+    assert {"perimeter", "solidity", "intensity_mean__c0", "intensity_std__c1", "centroid_weighted_x__c0"} <= set(compared)
+
+
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 @pytest.mark.parametrize("chunks", CHUNKS_3D, ids=lambda c: "x".join(map(str, c[1:])))
 def test_3d_equals_regionprops_at_any_chunking(tmp_path, version, chunks):

@@ -100,7 +100,9 @@ def test_the_streaming_pass_computes_the_statistics_the_features_ask_for(tmp_pat
 
 
 @pytest.mark.parametrize("ndim, features", [(2, None), (2, "all"), (2, "area,intensity_mean"),
-                                           (2, "intensity_std,centroid_weighted"), (3, None)])
+                                           (2, "intensity_std,centroid_weighted"),
+                                           (2, "perimeter,solidity,intensity_mean,intensity_std,centroid_weighted"),
+                                           (3, None), (3, "solidity,intensity_mean,intensity_max")])
 def test_reducing_blocks_in_different_chunkings_gives_the_same_objects(tmp_path, ndim, features):
     """One chunk per region with a 2-pixel halo (objects cross regions and are measured on crops of their own,
     in two workers) against the whole image as one region: the same statistics and columns."""
